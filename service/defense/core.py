@@ -1,0 +1,157 @@
+"""The MagNet defense: detectors decide, the reformer rewrites what they accept.
+
+``Defense.screen`` runs the autoencoders and the reconstruction detectors; ``Defense.decide`` adds the
+divergence detectors, which need the classifier's logits on x and on ae(x). The gateway calls the two
+halves around its upstream call; ``Defense.inspect`` chains them for offline use (evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from service.defense import scores as S
+from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
+from service.defense.runtime import Device, OnnxModel, choose_providers
+from service.defense.thresholds import passes
+
+Classify = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Result of the first half: reconstructions and reconstruction-detector scores.
+
+    Attributes
+    ----------
+    x : ndarray (N, C, H, W) float32, the inputs
+    reformed : ndarray (N, C, H, W) float32, reformer output clipped to [0, 1]
+    scores : dict detector name -> ndarray (N,) for the reconstruction detectors
+    member : int, the pool member that screened the batch
+    """
+
+    x: np.ndarray
+    reformed: np.ndarray
+    scores: dict[str, np.ndarray]
+    member: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Final decision per input.
+
+    Attributes
+    ----------
+    accepted : ndarray (N,) bool, True iff no detector fired
+    reformed : ndarray (N, C, H, W) float32, what the classifier sees for accepted inputs
+    scores : dict detector name -> ndarray (N,) float64
+    fired : dict detector name -> ndarray (N,) bool
+    member : int
+    """
+
+    accepted: np.ndarray
+    reformed: np.ndarray
+    scores: dict[str, np.ndarray]
+    fired: dict[str, np.ndarray]
+    member: int
+
+    @property
+    def rejected(self) -> np.ndarray:
+        return ~self.accepted
+
+    def fired_by(self, i: int) -> list[str]:
+        return [name for name, mask in self.fired.items() if mask[i]]
+
+
+class Defense:
+    """A loaded, verified bundle with onnxruntime sessions for every autoencoder and the classifier."""
+
+    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest = read_manifest(self.bundle_dir)
+        verify_files(self.bundle_dir, self.manifest)
+        providers = choose_providers(device)
+        self.autoencoders = {f: OnnxModel(self.bundle_dir / f, providers, threads)
+                             for f in self.manifest.autoencoder_files()}
+        self._classifier_providers = providers
+        self._threads = threads
+        self._classifier: OnnxModel | None = None
+
+    @property
+    def providers(self) -> list[str]:
+        return next(iter(self.autoencoders.values())).providers
+
+    @property
+    def members(self) -> list[MemberSpec]:
+        return self.manifest.members
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.manifest.input.shape
+
+    @property
+    def classifier(self) -> OnnxModel:
+        """The bundle's own classifier (built on first use: a gateway with an upstream never needs it)."""
+        if self._classifier is None:
+            path = self.bundle_dir / self.manifest.classifier.file
+            self._classifier = OnnxModel(path, self._classifier_providers, self._threads)
+        return self._classifier
+
+    def needs_logits(self, member: int = 0) -> bool:
+        """Whether ``decide`` needs the classifier's logits on x and ae(x) for this member."""
+        return any(d.kind == "divergence" for d in self.members[member].detectors)
+
+    def screen(self, x: np.ndarray, member: int = 0) -> Screening:
+        """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1])."""
+        spec = self.members[member]
+        outputs: dict[str, np.ndarray] = {}
+
+        def ae(path: str) -> np.ndarray:
+            if path not in outputs:  # the reformer is usually also a detector: run it once
+                outputs[path] = self.autoencoders[path](x)
+            return outputs[path]
+
+        scores = {d.name: S.reconstruction_error(x, ae(d.autoencoder), d.p)
+                  for d in spec.detectors if d.kind == "reconstruction"}
+        reformed = np.clip(ae(spec.reformer), 0.0, 1.0).astype(np.float32, copy=False)
+        return Screening(x=x, reformed=reformed, scores=scores, member=member)
+
+    def screened_out(self, screening: Screening) -> np.ndarray:
+        """Rows already rejected by a reconstruction detector (no need to send them upstream)."""
+        spec = self.members[screening.member]
+        mask = np.zeros(len(screening.x), dtype=bool)
+        for d in spec.detectors:
+            if d.kind == "reconstruction":
+                mask |= ~passes(screening.scores[d.name], d.threshold)
+        return mask
+
+    def decide(self, screening: Screening, logits_x: np.ndarray | None = None,
+               logits_reformed: np.ndarray | None = None) -> Verdict:
+        """Apply every detector of the member. Divergence detectors need both logit arrays (N x K);
+        rows where they are NaN (not sent upstream) count as not fired by those detectors."""
+        spec = self.members[screening.member]
+        scores = dict(screening.scores)
+        fired = {}
+        for d in spec.detectors:
+            if d.kind == "divergence":
+                if logits_x is None or logits_reformed is None:
+                    raise ValueError(f"detector {d.name} needs logits on x and ae(x); call decide with both")
+                scores[d.name] = S.divergence_score(logits_x, logits_reformed, d.temperature)
+            s = scores[d.name]
+            fired[d.name] = ~passes(s, d.threshold) & ~np.isnan(s)
+        accepted = ~np.logical_or.reduce(list(fired.values())) if fired else np.ones(len(screening.x), bool)
+        return Verdict(accepted=accepted, reformed=screening.reformed, scores=scores, fired=fired,
+                       member=screening.member)
+
+    def inspect(self, x: np.ndarray, member: int = 0, classify: Classify | None = None) -> Verdict:
+        """Screen and decide in one call; ``classify`` (default: the bundle's classifier) maps
+        N x C x H x W to N x K logits and is only called when a divergence detector needs it."""
+        screening = self.screen(x, member)
+        if not self.needs_logits(member):
+            return self.decide(screening)
+        classify = classify or self.classifier
+        logits = classify(np.concatenate([x, screening.reformed]))
+        return self.decide(screening, logits[: len(x)], logits[len(x):])

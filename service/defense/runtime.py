@@ -1,0 +1,48 @@
+"""onnxruntime sessions: CUDA when asked for and available, CPU otherwise."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("magnet.runtime")
+
+Device = Literal["auto", "cpu", "cuda"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(device: Device) -> list[str]:
+    """Execution providers for ``device``; 'cuda' without a CUDA build falls back to CPU with a warning."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        log.warning("CUDA was asked for but onnxruntime has no CUDA provider (install the 'gpu' "
+                    "extra); using the CPU")
+    return [CPU]
+
+
+class OnnxModel:
+    """One ONNX graph with a single input and a single output, batch axis first."""
+
+    def __init__(self, path: Path, providers: list[str], threads: int = 0) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]

@@ -1,0 +1,75 @@
+"""Detector scores (MagNet section 3).
+
+All functions take batches: ``x`` and ``reconstruction`` are N x C x H x W float32 arrays, logits are
+N x K. They return one float64 score per row; a larger score means "further from the data manifold".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reconstruction_error(x: np.ndarray, reconstruction: np.ndarray, p: int) -> np.ndarray:
+    """Mean over pixels of ``|x - ae(x)|**p``, per row.
+
+    Parameters
+    ----------
+    x, reconstruction : ndarray, shape (N, C, H, W)
+    p : int
+        1 or 2 (the paper uses p=2 for MNIST detector I and p=1 elsewhere).
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+    """
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    diff = np.abs(x.astype(np.float64) - reconstruction.astype(np.float64)).reshape(len(x), -1)
+    return (diff**p).mean(axis=1)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / temperature)`` in float64, numerically stable.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, K)
+    temperature : float > 0
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def logits_from_probabilities(probabilities: np.ndarray, eps: float = 1e-30) -> np.ndarray:
+    """``log p``: equal to the logits up to a per-row constant, which softmax ignores."""
+    return np.log(np.clip(probabilities.astype(np.float64), eps, None))
+
+
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence (natural log) between rows of two distributions.
+
+    Parameters
+    ----------
+    p, q : ndarray, shape (N, K), rows summing to 1
+
+    Returns
+    -------
+    ndarray, shape (N,), values in [0, ln 2]
+    """
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)
+        return terms.sum(axis=1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def divergence_score(logits_x: np.ndarray, logits_ae: np.ndarray, temperature: float) -> np.ndarray:
+    """JSD(softmax(z(x)/T), softmax(z(ae(x))/T)) per row."""
+    return jensen_shannon(softmax(logits_x, temperature), softmax(logits_ae, temperature))
