@@ -1,0 +1,68 @@
+"""Application factory: builds the gateway from settings and (optionally) injected dependencies."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry
+
+from service.defense.core import Defense
+from service.errors import MagnetError, error_response, handle_magnet_error
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.routes import router
+from service.settings import Settings
+from service.upstream import Upstream, make_upstream
+
+log = logging.getLogger("magnet")
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, hung on ``app.state.gateway``."""
+
+    settings: Settings
+    defense: Defense
+    upstream: Upstream
+    metrics: Metrics
+    pipeline: Pipeline
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error; see the gateway's log")
+
+
+def create_app(settings: Settings | None = None, *, defense: Defense | None = None,
+               upstream: Upstream | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the gateway. The bundle is loaded (and verified) here, so a bad bundle fails at start."""
+    settings = settings or Settings()
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="magnet-infer")
+    defense = defense or Defense(settings.bundle, settings.device, settings.ort_threads)
+    upstream = upstream or make_upstream(settings, defense, executor)
+    metrics = Metrics(registry or CollectorRegistry())
+    metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))
+    gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await upstream.start()
+        log.info("serving bundle %s (%d member(s)) on %s; upstream: %s", defense.manifest.name,
+                 len(defense.members), ", ".join(defense.providers), upstream.describe())
+        try:
+            yield
+        finally:
+            await upstream.close()
+            executor.shutdown(wait=False)
+
+    app = FastAPI(title="MagNet gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+    app.include_router(router)
+    app.add_exception_handler(MagnetError, handle_magnet_error)
+    app.add_exception_handler(Exception, _unexpected)
+    return app

@@ -1,0 +1,71 @@
+"""``magnet``: ``serve`` runs the gateway; ``train`` (needs the 'train' extra) rebuilds a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.defense.bundle import BundleError
+from service.settings import Settings
+
+# CLI flag -> settings field; every flag also has an environment twin MAGNET_<FIELD>.
+SERVE_FLAGS = {
+    "--bundle": ("bundle", str, "bundle directory to serve (default: the shipped MNIST bundle)"),
+    "--upstream": ("upstream", str, "base URL of an OIP v2 model server; absent: embedded classifier"),
+    "--upstream-model": ("upstream_model", str, "model name on the upstream (default: the bundle's name)"),
+    "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
+    "--port": ("port", int, "port to listen on (default 8000)"),
+    "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),
+    "--log-level": ("log_level", str, "debug, info, warning or error"),
+}
+
+
+def serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="magnet serve", description="Run the MagNet gateway. Every flag "
+                                "also reads from MAGNET_<NAME> in the environment; flags win.")
+    for flag, (dest, kind, help_text) in SERVE_FLAGS.items():
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    p.add_argument("--explain", action="store_true", default=None,
+                   help="add detector scores to results (helps attackers: not for production)")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        app = create_app(settings)
+    except BundleError as e:
+        print(f"magnet serve: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                loop="auto", http="auto")
+    return 0
+
+
+def train(argv: list[str]) -> int:
+    try:
+        from training.cli import main as train_main
+    except ImportError as e:
+        print(f"magnet train needs the training extra (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    return train_main(argv)
+
+
+COMMANDS = {"serve": serve, "train": train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: magnet {serve,train} [--help]", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""One error base, one status per error kind, one handler that answers ``{"error": "..."}``."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+log = logging.getLogger("magnet.errors")
+
+
+class MagnetError(Exception):
+    """Base of every error the gateway answers; ``status`` is the HTTP status sent to the client."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(MagnetError):
+    status = 400
+
+
+class PayloadTooLarge(MagnetError):
+    status = 413
+
+
+class NotReady(MagnetError):
+    status = 503
+
+
+class UpstreamError(MagnetError):
+    """The model server answered with an error or something unreadable."""
+
+    status = 502
+
+
+class UpstreamUnavailable(MagnetError):
+    """The model server could not be reached."""
+
+    status = 503
+
+
+class UpstreamTimeout(MagnetError):
+    status = 504
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+async def handle_magnet_error(request: Request, exc: MagnetError) -> Response:
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc.status, exc.message)

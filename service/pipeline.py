@@ -1,0 +1,96 @@
+"""The classify pipeline: defense (off the event loop) -> one upstream call -> results in input order.
+
+Inputs rejected by a reconstruction detector never go upstream. When the member has divergence
+detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)): 2N rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.defense import scores as S
+from service.defense.core import Defense, Screening, Verdict
+from service.errors import MagnetError, UpstreamTimeout, UpstreamUnavailable
+from service.metrics import Metrics
+from service.upstream.base import Upstream
+
+
+UPSTREAM_ERROR_REASONS = {UpstreamTimeout: "timeout", UpstreamUnavailable: "unavailable"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the gateway answers for one batch: the verdict and, per accepted row, probabilities."""
+
+    verdict: Verdict
+    probabilities: np.ndarray  # N x K, NaN rows for rejected inputs
+
+
+class Pipeline:
+    def __init__(self, defense: Defense, upstream: Upstream, metrics: Metrics, executor: Executor) -> None:
+        self.defense = defense
+        self.upstream = upstream
+        self.metrics = metrics
+        self.executor = executor
+
+    async def _call_upstream(self, x: np.ndarray) -> np.ndarray:
+        """Upstream scores as logits (probabilities become log p, equal up to a per-row constant)."""
+        try:
+            with self.metrics.stage_seconds.labels("upstream").time():
+                out = await self.upstream.infer(x)
+        except MagnetError as e:
+            self.metrics.upstream_errors.labels(UPSTREAM_ERROR_REASONS.get(type(e), "bad_response")).inc()
+            raise
+        return S.logits_from_probabilities(out) if self.upstream.outputs == "probabilities" else out
+
+    async def _upstream_rows(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:  # everything rejected: nothing goes upstream
+            return np.empty((0, len(self.defense.manifest.classifier.classes)))
+        return await self._call_upstream(rows)
+
+    @staticmethod
+    def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+        full = np.full((n, values.shape[1]), np.nan)
+        full[idx] = values
+        return full
+
+    async def _decide(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
+        """Final verdict and the logits of the reformed rows (NaN where not classified)."""
+        n = len(screening.x)
+        if not self.defense.needs_logits(screening.member):
+            verdict = self.defense.decide(screening)
+            idx = np.flatnonzero(verdict.accepted)
+            return verdict, self._scatter(await self._upstream_rows(screening.reformed[idx]), idx, n)
+        idx = np.flatnonzero(~self.defense.screened_out(screening))
+        out = await self._upstream_rows(np.concatenate([screening.x[idx], screening.reformed[idx]]))
+        logits_x = self._scatter(out[: len(idx)], idx, n)
+        logits_reformed = self._scatter(out[len(idx):], idx, n)
+        return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
+
+    async def classify(self, x: np.ndarray, member: int = 0) -> Outcome:
+        """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1])."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        screening = await loop.run_in_executor(self.executor, self.defense.screen, x, member)
+        t_screen = time.perf_counter() - t0
+        verdict, logits = await self._decide(screening)
+        self.metrics.stage_seconds.labels("defense").observe(t_screen)
+        self._count(verdict)
+        probabilities = np.full(logits.shape, np.nan)
+        ok = verdict.accepted & ~np.isnan(logits).any(axis=1)
+        if ok.any():
+            probabilities[ok] = S.softmax(logits[ok])
+        return Outcome(verdict=verdict, probabilities=probabilities)
+
+    def _count(self, verdict: Verdict) -> None:
+        accepted = int(verdict.accepted.sum())
+        self.metrics.inputs.labels("accepted").inc(accepted)
+        self.metrics.inputs.labels("rejected").inc(len(verdict.accepted) - accepted)
+        for name, mask in verdict.fired.items():
+            if mask.any():
+                self.metrics.detector_rejections.labels(name).inc(int(mask.sum()))

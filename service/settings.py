@@ -1,0 +1,48 @@
+"""Gateway settings: one object, read from ``MAGNET_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "models" / "mnist"
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told. Each field is also ``MAGNET_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MAGNET_", extra="forbid")
+
+    bundle: Path = Field(DEFAULT_BUNDLE, description="Bundle directory (manifest.json + ONNX files) to serve.")
+    upstream: str | None = Field(
+        None, description="Base URL of the classifier's model server (e.g. http://triton:8000). "
+                          "Unset: the bundle's own classifier runs in-process (the embedded default).")
+    upstream_protocol: Literal["v2"] = Field(
+        "v2", description="Protocol the upstream speaks: 'v2' is the Open Inference Protocol "
+                          "(Triton, KServe, MLServer).")
+    upstream_model: str | None = Field(
+        None, description="Model name on the upstream server; defaults to the bundle's name.")
+    upstream_input: str = Field("input", description="Name of the upstream model's input tensor.")
+    upstream_output: str | None = Field(
+        None, description="Name of the upstream output tensor to read; unset: the first output.")
+    upstream_outputs: Literal["logits", "probabilities"] = Field(
+        "logits", description="Whether the upstream returns logits or probabilities (softmax outputs).")
+    upstream_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one upstream call, seconds.")
+    upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where onnxruntime runs the autoencoders (and the embedded classifier): "
+                            "'auto' uses CUDA when the CUDA provider is installed.")
+    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = all cores.")
+    inference_threads: int = Field(4, ge=1, description="Worker threads that run onnxruntime off the event loop.")
+    explain: bool = Field(
+        False, description="Add detector scores and the detectors that fired to each result. Scores help "
+                           "an attacker: leave off in production.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_batch: int = Field(256, ge=1, description="Most inputs accepted in one request (413 above).")
+    log_level: str = Field("info", description="Log level of the gateway and uvicorn.")

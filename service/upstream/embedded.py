@@ -1,0 +1,35 @@
+"""The embedded default: the bundle's own classifier, run in-process by onnxruntime."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Literal
+
+import numpy as np
+
+from service.defense.runtime import OnnxModel
+
+
+class EmbeddedUpstream:
+    def __init__(self, model: OnnxModel, executor: Executor,
+                 outputs: Literal["logits", "probabilities"] = "logits") -> None:
+        self.model = model
+        self.executor = executor
+        self.outputs = outputs
+
+    def describe(self) -> str:
+        return f"embedded onnxruntime classifier {self.model.path.name} on {self.model.providers[0]}"
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        # onnxruntime releases the GIL, so a worker thread keeps the event loop free
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.model, x)

@@ -1,0 +1,85 @@
+"""Tiny hand-made bundles: 1 x 4 x 4 inputs, affine 'autoencoders' and a linear classifier.
+
+Their outputs can be computed by hand, so tests can check the core's and the gateway's arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
+
+SHAPE = (1, 4, 4)
+PIXELS = 16
+
+
+def _save(path: Path, nodes: list, inits: list, out_name: str, out_shape: list) -> None:
+    graph = helper.make_graph(
+        nodes, path.stem,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *SHAPE])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", *out_shape])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def affine_autoencoder(path: Path, scale: float, shift: float) -> Path:
+    """ae(x) = scale * x + shift."""
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "scale"),
+             numpy_helper.from_array(np.array(shift, np.float32), "shift")]
+    nodes = [helper.make_node("Mul", ["input", "scale"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "shift"], ["output"])]
+    _save(path, nodes, inits, "output", list(SHAPE))
+    return path
+
+
+def brightness_classifier(path: Path) -> Path:
+    """Three classes; logits = [sum(x), 8 - sum(x), 0]: bright images -> 0, dark -> 1."""
+    w = np.zeros((PIXELS, 3), np.float32)
+    w[:, 0], w[:, 1] = 1.0, -1.0
+    b = np.array([0.0, 8.0, 0.0], np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+             numpy_helper.from_array(np.array([-1, PIXELS], np.int64), "flat")]
+    nodes = [helper.make_node("Reshape", ["input", "flat"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["logits"])]
+    _save(path, nodes, inits, "logits", [3])
+    return path
+
+
+def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
+                members: int = 1) -> Path:
+    """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
+
+    The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
+    and rejects all-black or all-white images (score 0.25).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    affine_autoencoder(directory / "half.onnx", 0.5, 0.25)
+    affine_autoencoder(directory / "steep.onnx", 2.0, -0.5)
+    brightness_classifier(directory / "classifier.onnx")
+    if detectors is None:
+        detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1,
+                      "fpr": 0.01, "threshold": 0.1}]
+    roles = {"half.onnx": "autoencoder", "steep.onnx": "autoencoder", "classifier.onnx": "classifier"}
+    manifest = Manifest(
+        name="toy", dataset="toy", input={"shape": SHAPE},
+        files=[FileEntry(path=f, sha256=sha256_of(directory / f), role=r) for f, r in roles.items()],
+        classifier={"file": "classifier.onnx", "classes": ["bright", "dark", "never"]},
+        members=[{"name": f"m{i}", "reformer": reformer, "detectors": detectors} for i in range(members)],
+    )
+    write_manifest(directory, manifest)
+    return directory
+
+
+def images(*values: float) -> np.ndarray:
+    """One constant 1 x 4 x 4 image per value."""
+    return np.stack([np.full(SHAPE, v, np.float32) for v in values])

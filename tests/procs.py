@@ -1,0 +1,138 @@
+"""Start real server processes for end-to-end tests and stop them again.
+
+Each process runs in its own session (so its own process group) and is stopped by signalling
+the whole group, which also reaches any workers it forked. Readiness is awaited by polling an
+HTTP URL until it answers 200, never by a fixed sleep. Output goes to a log file, so a chatty
+server can never block on a full pipe, and the log's tail is put into any startup error.
+
+    port = free_port()
+    proc = start_process([sys.executable, "server.py", "--port", str(port)],
+                         f"http://127.0.0.1:{port}/health", timeout=30)
+    try:
+        ...
+    finally:
+        proc.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import httpx
+
+__all__ = ["ManagedProcess", "free_port", "start_process"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on `host` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedProcess:
+    """A started process (its own process group) plus the file its output goes to."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.popen = popen
+        self.log_path = log_path
+        self.startup_s: Optional[float] = None  # process start -> ready URL answered 200
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_text(self, tail_chars: Optional[int] = None) -> str:
+        """The process's combined stdout/stderr so far (only the last `tail_chars` if given)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text if tail_chars is None else text[-tail_chars:]
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """SIGTERM the process group, SIGKILL it after `timeout` s; return the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.popen.pid, sig)  # pgid == pid thanks to start_new_session
+            except ProcessLookupError:
+                break  # the whole group is gone already
+            try:
+                self.popen.wait(timeout=timeout)
+                # The leader is gone; make sure no member of its group outlives it.
+                try:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return self.popen.wait(timeout=timeout)
+
+    def __enter__(self) -> "ManagedProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_ready(proc: ManagedProcess, ready_url: str, timeout: float = 30.0,
+               poll_interval: float = 0.1) -> float:
+    """Poll `ready_url` until it answers 200; return the seconds this took.
+
+    Raises RuntimeError (with the log's tail) if the process exits first or `timeout` passes.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    with httpx.Client(timeout=min(2.0, timeout)) as client:
+        while True:
+            code = proc.popen.poll()
+            if code is not None:
+                raise RuntimeError(f"process {proc.popen.args!r} exited with {code} before "
+                                   f"{ready_url} was ready; log tail:\n{proc.log_text(4000)}")
+            try:
+                if client.get(ready_url).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{ready_url} not ready after {timeout:.0f} s; log tail:\n"
+                                   f"{proc.log_text(4000)}")
+            time.sleep(poll_interval)  # polling pace, not synchronisation
+
+
+def start_process(cmd: Sequence[Union[str, os.PathLike[str]]], ready_url: str,
+                  timeout: float = 30.0, *, env: Optional[Mapping[str, str]] = None,
+                  cwd: Optional[Union[str, os.PathLike[str]]] = None,
+                  log_path: Optional[Union[str, os.PathLike[str]]] = None) -> ManagedProcess:
+    """Start `cmd` in a new session and return once `ready_url` answers 200.
+
+    `env` entries are added to the current environment. Output goes to `log_path` (a temp
+    file when omitted). On any startup failure the process group is stopped before raising.
+    """
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="proc-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    path = Path(log_path)
+    full_env = {**os.environ, **(env or {})}
+    started = time.monotonic()
+    with path.open("wb") as log:
+        popen = subprocess.Popen([os.fspath(c) for c in cmd], stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=full_env, cwd=cwd, start_new_session=True)
+    proc = ManagedProcess(popen, path)
+    try:
+        wait_ready(proc, ready_url, timeout)
+        proc.startup_s = time.monotonic() - started
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
