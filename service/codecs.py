@@ -56,7 +56,8 @@ def decode_array(value: object, spec: InputSpec) -> np.ndarray:
         raise BadInput("inputs must be a rectangular nested array of numbers (rows of unequal length found)")
     if raw.dtype.kind not in "iuf":
         raise BadInput(f"inputs must be numbers; got {'a ragged or mixed array' if raw.dtype == object else raw.dtype.name}")
-    batch = to_batch(raw.astype(np.float32, copy=False), spec)
+    with np.errstate(over="ignore"):  # overflow becomes Inf, which check_values reports
+        batch = to_batch(raw.astype(np.float32, copy=False), spec)
     check_values(batch, spec)
     return batch
 

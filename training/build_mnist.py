@@ -87,6 +87,7 @@ def _measure(bundle: Path, ds: D.Dataset) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # per-epoch lines show up at once in a log file
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     work, out = args.work_dir, args.out

@@ -1,0 +1,128 @@
+"""The gateway and a real KServe model server as separate processes on free ports.
+
+The gateway's decisions on MNIST test digits must equal the defense core's, computed in this process
+on the same bundle: the numbers we publish are the numbers the gateway serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.defense import Defense
+from tests.conftest import ROOT, SHIPPED_MNIST
+from tests.procs import free_port, start_process
+
+pytestmark = pytest.mark.skipif(not (SHIPPED_MNIST / "manifest.json").exists(),
+                                reason="the shipped MNIST bundle is not built")
+N_COMPARE = 1000
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    port = free_port()
+    proc = start_process([sys.executable, ROOT / "docker" / "kserve" / "serve_onnx.py", "--model-file",
+                          SHIPPED_MNIST / "classifier.onnx", "--model-name", "mnist", "--http-port", str(port)],
+                         f"http://127.0.0.1:{port}/v2/health/ready")
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+def start_gateway(*args: str):
+    port = free_port()
+    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+                         f"http://127.0.0.1:{port}/readyz", cwd=ROOT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def gateway(model_server):
+    proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", model_server)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+    proc.stop()
+
+
+def classify(client, payload):
+    r = client.post("/classify", json=payload)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def core_decisions(defense, x):
+    verdict = defense.inspect(x)
+    labels = defense.classifier(verdict.reformed).argmax(1)
+    return [(False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
+
+
+def test_gateway_decisions_equal_the_core_on_1000_test_digits(gateway, mnist):
+    defense = Defense(SHIPPED_MNIST, device="cpu")
+    x, y = mnist.test.x[:N_COMPARE], mnist.test.y[:N_COMPARE]
+    served = []
+    for i in range(0, N_COMPARE, 100):
+        served += [(r["rejected"], r["label"]) for r in classify(gateway, {"inputs": x[i : i + 100].tolist()})]
+    assert served == core_decisions(defense, x)
+    correct = np.mean([not rej and label == t for (rej, label), t in zip(served, y)])
+    assert correct >= 0.99
+
+
+def test_uniform_noise_is_rejected(gateway):
+    noise = np.random.default_rng(0).uniform(size=(20, 28, 28)).astype(np.float32)
+    assert all(r["rejected"] for r in classify(gateway, {"inputs": noise.tolist()}))
+
+
+def test_png_upload_gives_the_same_answer_as_floats(gateway, mnist):
+    digit = mnist.test.x[0, 0]
+    buf = io.BytesIO()
+    Image.fromarray(np.round(digit * 255).astype(np.uint8)).save(buf, format="PNG")
+    via_png = classify(gateway, {"images": [base64.b64encode(buf.getvalue()).decode()]})[0]
+    via_floats = classify(gateway, {"inputs": digit.tolist()})[0]
+    assert via_png == via_floats and via_png["label"] == mnist.test.y[0]
+
+
+def test_bad_input_keeps_the_gateway_serving(gateway, mnist):
+    assert gateway.post("/classify", content=b"[").status_code == 400
+    assert gateway.post("/classify", json={"inputs": [[2.0] * 28] * 28}).status_code == 400
+    assert classify(gateway, {"inputs": mnist.test.x[:1].tolist()})[0]["label"] == mnist.test.y[0]
+
+
+def test_metrics_count_what_was_served(gateway):
+    classify(gateway, {"inputs": np.ones((3, 28, 28)).tolist()})
+    text = gateway.get("/metrics").text
+    assert 'magnet_inputs_total{decision="rejected"}' in text
+    rejected = float(text.split('magnet_inputs_total{decision="rejected"} ')[1].split()[0])
+    assert rejected >= 3
+
+
+def test_embedded_default_serves_the_shipped_bundle(mnist):
+    proc, url = start_gateway()  # no bundle, no upstream: the shipped MNIST bundle, in-process
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            ready = client.get("/readyz").json()
+            assert ready["bundle"] == "mnist" and ready["upstream"].startswith("embedded")
+            results = classify(client, {"inputs": mnist.test.x[:50].tolist()})
+        labels = [r["label"] for r in results]
+        assert np.mean(np.array(labels, dtype=object) == mnist.test.y[:50]) >= 0.96
+    finally:
+        proc.stop()
+
+
+def test_upstream_down_gives_503_and_not_ready(mnist):
+    dead, gw_port = free_port(), free_port()  # nothing listens on `dead`
+    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(gw_port),
+                          "--upstream", f"http://127.0.0.1:{dead}"],
+                         f"http://127.0.0.1:{gw_port}/healthz", cwd=ROOT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{gw_port}", timeout=30) as client:
+            assert client.get("/readyz").status_code == 503
+            r = client.post("/classify", json={"inputs": mnist.test.x[:1].tolist()})  # accepted digit
+            assert r.status_code == 503 and "unreachable" in r.json()["error"]
+            assert client.get("/healthz").status_code == 200
+    finally:
+        proc.stop()

@@ -1,0 +1,210 @@
+"""The gateway in-process on a toy bundle: behaviour of /classify, health, metrics and errors."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.defense import Defense
+from service.errors import UpstreamTimeout, UpstreamUnavailable
+from service.settings import Settings
+from tests import fakes
+
+
+class RecordingUpstream:
+    """Wraps the toy classifier; records each batch and can be told to fail."""
+
+    outputs = "logits"
+
+    def __init__(self, defense, fail=None, outputs="logits"):
+        self.defense, self.fail, self.batches, self.outputs = defense, fail, [], outputs
+
+    def describe(self):
+        return "recording fake"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def ready(self):
+        return self.fail is None
+
+    async def infer(self, x):
+        self.batches.append(x.copy())
+        if self.fail:
+            raise self.fail
+        logits = self.defense.classifier(x)
+        if self.outputs == "probabilities":
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        return logits
+
+
+def make_client(bundle, fail=None, outputs="logits", **settings):
+    defense = Defense(bundle, device="cpu")
+    upstream = RecordingUpstream(defense, fail, outputs)
+    app = create_app(Settings(bundle=bundle, **settings), defense=defense, upstream=upstream,
+                     registry=CollectorRegistry())
+    return TestClient(app), upstream
+
+
+@pytest.fixture
+def client(toy_bundle):
+    c, upstream = make_client(toy_bundle)
+    with c:
+        c.upstream = upstream
+        yield c
+
+
+def post(client, payload):
+    return client.post("/classify", json=payload)
+
+
+def test_results_in_input_order_and_rejected_never_go_upstream(client):
+    x = fakes.images(0.5, 0.0, 0.3, 1.0)  # 0.0 and 1.0 are rejected by detector R
+    r = post(client, {"inputs": x.tolist()})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [res["rejected"] for res in results] == [False, True, False, True]
+    assert results[1] == {"rejected": True, "label": None, "probabilities": None}
+    # reformed 0.5 -> sum 8 -> logits (8, 0, 0) -> class 0; reformed 0.3 -> 0.4, sum 6.4 -> (6.4, 1.6, 0)
+    assert results[0]["label"] == 0 and results[2]["label"] == 0
+    p = np.exp([6.4, 1.6, 0.0]) / np.exp([6.4, 1.6, 0.0]).sum()
+    np.testing.assert_allclose(results[2]["probabilities"], p, rtol=1e-5)
+    # one upstream call holding only the two accepted inputs, reformed
+    assert len(client.upstream.batches) == 1
+    np.testing.assert_allclose(client.upstream.batches[0][:, 0, 0, 0], [0.5, 0.4], atol=1e-6)
+    assert "scores" not in results[0]
+
+
+def test_all_rejected_makes_no_upstream_call(client):
+    r = post(client, {"inputs": fakes.images(0.0, 1.0).tolist()})
+    assert [res["rejected"] for res in r.json()["results"]] == [True, True]
+    assert client.upstream.batches == []
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (1, 4, 4), (3, 4, 4), (2, 1, 4, 4)])
+def test_accepted_layouts(client, shape):
+    x = np.full(shape, 0.5)
+    r = post(client, {"inputs": x.tolist()})
+    assert r.status_code == 200
+    n = shape[0] if len(shape) == 4 or shape == (3, 4, 4) else 1
+    assert len(r.json()["results"]) == n
+
+
+def png_b64(value, size=(4, 4), mode="L", fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new(mode, size, color=value).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_base64_images(client):
+    r = post(client, {"images": [png_b64(128), png_b64(0, fmt="JPEG")]})
+    assert r.status_code == 200
+    assert [res["rejected"] for res in r.json()["results"]] == [False, True]
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ({"inputs": [[0.5, 0.5]]}, "expected H x W = 4x4"),
+    ({"inputs": "abc"}, "must be numbers"),
+    ({"inputs": [[0.5] * 4] * 3 + [[0.5] * 3]}, "rectangular"),
+    ({"inputs": np.full((4, 4), 1.5).tolist()}, "expected values in [0, 1]"),
+    ({"inputs": np.full((4, 4), -0.1).tolist()}, "expected values in [0, 1]"),
+    ({"images": ["not base64!"]}, "not valid base64"),
+    ({"images": [base64.b64encode(b"hello").decode()]}, "could not be decoded"),
+    ({"images": [png_b64(1, size=(5, 4))]}, "expected 4x4"),
+    ({"images": []}, "non-empty list"),
+    ({"something": 1}, 'exactly one of "inputs"'),
+    ({"inputs": [], }, "shape [0]"),
+])
+def test_bad_input_is_a_clear_400_and_the_server_keeps_serving(client, payload, fragment):
+    r = post(client, payload)
+    assert r.status_code == 400
+    assert fragment in r.json()["error"]
+    assert post(client, {"inputs": fakes.images(0.5).tolist()}).status_code == 200
+
+
+def test_nan_is_refused(client):
+    body = '{"inputs": [' + ",".join(["[NaN, 0.5, 0.5, 0.5]"] * 4) + "]}"
+    r = client.post("/classify", content=body)
+    assert r.status_code == 400  # NaN is not JSON: refused as such
+
+
+def test_value_overflowing_float32_is_refused(client):
+    body = '{"inputs": [' + ",".join(["[1e300, 0.5, 0.5, 0.5]"] * 4) + "]}"  # finite JSON, inf in float32
+    r = client.post("/classify", content=body)
+    assert r.status_code == 400 and "NaN or Inf" in r.json()["error"]
+
+
+def test_invalid_json_is_400(client):
+    r = client.post("/classify", content=b"{oops")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+def test_body_too_large_is_413(toy_bundle):
+    c, _ = make_client(toy_bundle, max_body_bytes=2048)
+    with c:
+        r = post(c, {"inputs": np.full((200, 4, 4), 0.5).tolist()})
+        assert r.status_code == 413 and "limit of 2048 bytes" in r.json()["error"]
+        assert post(c, {"inputs": fakes.images(0.5).tolist()}).status_code == 200
+
+
+def test_too_many_inputs_is_413(toy_bundle):
+    c, _ = make_client(toy_bundle, max_batch=2)
+    with c:
+        r = post(c, {"inputs": np.full((3, 4, 4), 0.5).tolist()})
+        assert r.status_code == 413 and "at most 2" in r.json()["error"]
+
+
+def test_explain_mode_adds_scores(toy_bundle):
+    c, _ = make_client(toy_bundle, explain=True)
+    with c:
+        results = post(c, {"inputs": fakes.images(0.5, 0.0).tolist()}).json()["results"]
+    assert results[0]["scores"]["R"] == pytest.approx(0.0, abs=1e-7) and results[0]["fired"] == []
+    assert results[1]["scores"]["R"] == pytest.approx(0.25) and results[1]["fired"] == ["R"]
+
+
+def test_upstream_returning_probabilities(toy_bundle):
+    c, _ = make_client(toy_bundle, outputs="probabilities")
+    with c:
+        results = post(c, {"inputs": fakes.images(0.3).tolist()}).json()["results"]
+    p = np.exp([6.4, 1.6, 0.0]) / np.exp([6.4, 1.6, 0.0]).sum()
+    np.testing.assert_allclose(results[0]["probabilities"], p, rtol=1e-5)
+
+
+@pytest.mark.parametrize("error, status, reason", [
+    (UpstreamTimeout("slow"), 504, "timeout"),
+    (UpstreamUnavailable("down"), 503, "unavailable"),
+])
+def test_upstream_failures_map_to_5xx_and_are_counted(toy_bundle, error, status, reason):
+    c, _ = make_client(toy_bundle, fail=error)
+    with c:
+        r = post(c, {"inputs": fakes.images(0.5).tolist()})
+        assert r.status_code == status and r.json()["error"]
+        assert c.get("/readyz").status_code == 503
+        metrics = c.get("/metrics").text
+    assert f'magnet_upstream_errors_total{{reason="{reason}"}} 1.0' in metrics
+    assert 'magnet_requests_total{outcome="upstream_error"} 1.0' in metrics
+
+
+def test_health_ready_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "live"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["providers"] == ["CPUExecutionProvider"]
+    post(client, {"inputs": fakes.images(0.5, 0.0, 1.0).tolist()})
+    post(client, {"inputs": [[1]]})
+    text = client.get("/metrics").text
+    assert 'magnet_inputs_total{decision="accepted"} 1.0' in text
+    assert 'magnet_inputs_total{decision="rejected"} 2.0' in text
+    assert 'magnet_detector_rejections_total{detector="R"} 2.0' in text
+    assert 'magnet_requests_total{outcome="ok"} 1.0' in text
+    assert 'magnet_requests_total{outcome="bad_request"} 1.0' in text
+    assert 'magnet_stage_seconds_count{stage="upstream"} 1.0' in text
+    assert 'magnet_stage_seconds_count{stage="defense"} 1.0' in text
