@@ -16,13 +16,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
 from service.defense.core import Defense
 from training import data as D
-from training.calibrate import calibrate_reconstruction, run_batched
+from training.bundle_report import clean_figures
+from training.calibrate import calibrate_reconstruction
 from training.export import export_onnx, parity
 from training.loops import (AutoencoderConfig, ClassifierConfig, accuracy, reconstruction_mse,
                             train_autoencoder, train_classifier)
@@ -62,27 +62,6 @@ def _stage(work: Path, name: str, model: torch.nn.Module, fresh: bool, train_fn)
     record = {"best_epoch": hist.best_epoch, "seconds": hist.seconds, "epochs": hist.epochs}
     hist_path.write_text(json.dumps(record, indent=1))
     return record
-
-
-def _measure(bundle: Path, ds: D.Dataset) -> dict:
-    """Figures of the served defense, computed through the gateway's core on the test set."""
-    defense = Defense(bundle, device="cpu")
-    test = ds.test
-    logits = run_batched(defense.classifier, test.x)
-    verdicts = [defense.inspect(test.x[i : i + 1000]) for i in range(0, len(test), 1000)]
-    accepted = np.concatenate([v.accepted for v in verdicts])
-    reformed = np.concatenate([v.reformed for v in verdicts])
-    label_reformed = run_batched(defense.classifier, reformed).argmax(1)
-    fpr = {name: float(np.mean(np.concatenate([v.fired[name] for v in verdicts])))
-           for name in verdicts[0].fired}
-    return {
-        "classifier_test_accuracy": float((logits.argmax(1) == test.y).mean()),
-        "detector_test_fpr": fpr,
-        "defense_test_rejected": float(1 - accepted.mean()),
-        # accepted and classified correctly after reforming, over all test images
-        "defense_clean_test_accuracy": float(((label_reformed == test.y) & accepted).mean()),
-        "reformer_only_test_accuracy": float((label_reformed == test.y).mean()),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed),
     )
     write_manifest(out, manifest)
-    measurements.update(_measure(out, ds))
+    measurements.update(clean_figures(Defense(out, device="cpu"), ds.test))
     measurements["build_wall_seconds"] = time.perf_counter() - started
     manifest = manifest.model_copy(update={"measurements": measurements})
     write_manifest(out, manifest)

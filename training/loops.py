@@ -23,9 +23,14 @@ from training.data import Split
 class ClassifierConfig:
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 0.01
+    lr: float = 0.01  # the peak rate under the one-cycle schedule
     momentum: float = 0.9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    schedule: str = "constant"  # or "onecycle": linear warm-up to lr over 25% of steps, then down to 0
+    augment: bool = False  # random 4-pixel-padded crops and horizontal flips (CIFAR)
     bf16: bool = True  # bf16 autocast + channels_last: 1.5x faster on this CPU, same accuracy
+    device: str = "cpu"
     seed: int = 0
 
 
@@ -37,6 +42,7 @@ class AutoencoderConfig:
     noise: float = 0.1
     activity_l2: float = 1e-9
     patience: int = 10  # stop when validation loss has not improved for this many epochs
+    device: str = "cpu"
     seed: int = 0
 
 
@@ -53,10 +59,33 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None):
         yield order[i : i + batch_size]
 
 
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-image random crops of the reflect-padded batch and random horizontal flips."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    di = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(x.device)
+    dj = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(x.device)
+    rows = (di + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dj + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(3), out)
+
+
+def _lr_at(cfg: ClassifierConfig, step: int, total: int) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = max(1, int(0.25 * total))
+    return cfg.lr * (step / warm if step < warm else max(0.0, (total - step) / (total - warm)))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(x[i : i + batch_size])).float() for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device
+    out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()
 
 
@@ -67,26 +96,36 @@ def accuracy(model: nn.Module, split: Split) -> float:
 def train_classifier(model: nn.Module, train: Split, val: Split, cfg: ClassifierConfig, log=print) -> History:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    device = torch.device(cfg.device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
     fmt = torch.channels_last if cfg.bf16 else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x_all, y_all = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    model = model.to(device, memory_format=fmt)
+    x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
     hist, best_acc, best_state, start = History(), -1.0, None, time.perf_counter()
+    steps_per_epoch, step = math.ceil(len(train) / cfg.batch_size), 0
     for epoch in range(cfg.epochs):
         model.train()
-        t0, loss_sum, correct = time.perf_counter(), 0.0, 0
+        # sums stay on the device: a .item() per step would stall a GPU
+        t0, loss_sum, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
         for idx in _batches(len(train), cfg.batch_size, gen):
-            xb, yb = x_all[idx].contiguous(memory_format=fmt), y_all[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            idx = idx.to(device)
+            xb, yb = x_all[idx], y_all[idx]
+            if cfg.augment:
+                xb = augment(xb, gen)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step, cfg.epochs * steps_per_epoch)
+            step += 1
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(xb.contiguous(memory_format=fmt))
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
         val_acc = accuracy(model, val)
-        row = {"epoch": epoch + 1, "loss": loss_sum / len(train), "train_acc": correct / len(train),
+        row = {"epoch": epoch + 1, "loss": loss_sum.item() / len(train), "train_acc": correct.item() / len(train),
                "val_acc": val_acc, "seconds": time.perf_counter() - t0}
         hist.epochs.append(row)
         log(f"classifier epoch {row['epoch']:3d}/{cfg.epochs}  loss {row['loss']:.4f}  "
@@ -94,7 +133,7 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: Classifier
         if val_acc > best_acc:
             best_acc, best_state, hist.best_epoch = val_acc, copy.deepcopy(model.state_dict()), epoch + 1
     model.load_state_dict(best_state)
-    model.to(memory_format=torch.contiguous_format).eval()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
     hist.seconds = time.perf_counter() - start
     return hist
 
@@ -103,58 +142,93 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: Classifier
 def reconstruction_mse(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> float:
     """Mean squared error between clean inputs and their reconstructions."""
     model.eval()
-    total = 0.0
+    total, device = 0.0, next(model.parameters()).device
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[i : i + batch_size])
+        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
         total += F.mse_loss(model(xb), xb, reduction="sum").item()
     return total / x.size
 
 
 def _noisy(x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
-    return (x + noise * torch.randn(x.shape, generator=gen)).clamp_(0.0, 1.0)
+    return (x + noise * torch.randn(x.shape, generator=gen, device=gen.device)).clamp_(0.0, 1.0)
 
 
-def train_autoencoder(model: nn.Module, train: Split, val: Split, cfg: AutoencoderConfig, log=print,
-                      name: str = "autoencoder") -> History:
-    """Denoising training: x~ = clip(x + noise * N(0, 1), 0, 1), loss = MSE(ae(x~), x) + activity L2."""
+def _objective(models: list[nn.Module], noisy: torch.Tensor, clean: torch.Tensor, alpha: float,
+               activity_l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool loss Σᵢ MSE(x, aeᵢ(x̃)) − α Σᵢ MSE(aeᵢ(x̃), mean_j aeⱼ(x̃)) + activity L2.
+
+    Returns (loss, summed reconstruction MSE, summed diversity); with one model it is plain denoising.
+    """
+    outs, activity = [], clean.new_zeros(())
+    for m in models:
+        out, act = m.forward_with_activity(noisy)
+        outs.append(out)
+        activity = activity + act
+    recon = sum(F.mse_loss(o, clean) for o in outs)
+    diversity = clean.new_zeros(())
+    if len(models) > 1:
+        mean = torch.stack(outs).mean(0)
+        diversity = sum(F.mse_loss(o, mean) for o in outs)
+    loss = recon - alpha * diversity + activity_l2 * activity / len(clean)
+    return loss, recon, diversity
+
+
+def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: AutoencoderConfig,
+                       alpha: float = 0.0, log=print, name: str = "autoencoder") -> History:
+    """Denoising training: x̃ = clip(x + noise·N(0, 1), 0, 1), loss = MSE(ae(x̃), x) + activity L2.
+    Several models with ``alpha > 0`` train jointly as a diverse pool (MagNet section 4.3); the best
+    epoch on the validation objective is kept."""
     # Sigmoid layers produce denormals that make CPU convolutions ~4x slower; flushing them is free.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed)
     val_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x_val_noisy = _noisy(torch.from_numpy(val.x), cfg.noise, val_gen)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x_all = torch.from_numpy(train.x)
-    hist, best, best_state, since_best = History(), math.inf, None, 0
+    x_val = torch.from_numpy(val.x).to(device)
+    x_val_noisy = _noisy(torch.from_numpy(val.x), cfg.noise, val_gen).to(device)
+    models = [m.to(device) for m in models]
+    opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=cfg.lr)
+    x_all = torch.from_numpy(train.x).to(device)
+    n, hist, best, best_state, since_best = len(models), History(), math.inf, None, 0
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
+        for m in models:
+            m.train()
+        t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for idx in _batches(len(train), cfg.batch_size, gen):
-            xb = x_all[idx]
-            out, activity = model.forward_with_activity(_noisy(xb, cfg.noise, gen))
-            mse = F.mse_loss(out, xb)
-            loss = mse + cfg.activity_l2 * activity / len(idx)
+            xb = x_all[idx.to(device)]
+            loss, recon, _ = _objective(models, _noisy(xb, cfg.noise, noise_gen), xb, alpha, cfg.activity_l2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += mse.item() * len(idx)
-        model.eval()
+            loss_sum += recon.detach() * len(idx) / n
+        for m in models:
+            m.eval()
         with torch.no_grad():
-            val_loss = F.mse_loss(model(x_val_noisy), torch.from_numpy(val.x)).item()
-        row = {"epoch": epoch + 1, "train_mse": loss_sum / len(train), "val_denoise_mse": val_loss,
-               "seconds": time.perf_counter() - t0}
+            _, recon, diversity = _objective(models, x_val_noisy, x_val, alpha, 0.0)
+        val_loss = (recon.item() - alpha * diversity.item()) / n
+        row = {"epoch": epoch + 1, "train_mse": loss_sum.item() / len(train), "val_denoise_mse": recon.item() / n,
+               "val_diversity": diversity.item() / n, "seconds": time.perf_counter() - t0}
         hist.epochs.append(row)
         log(f"{name} epoch {row['epoch']:3d}/{cfg.epochs}  train mse {row['train_mse']:.5f}  "
-            f"val mse {val_loss:.5f}  {row['seconds']:.1f}s")
+            f"val mse {row['val_denoise_mse']:.5f}" + (f"  diversity {row['val_diversity']:.5f}" if n > 1 else "")
+            + f"  {row['seconds']:.1f}s")
         if val_loss < best - 1e-7:
-            best, best_state, hist.best_epoch, since_best = val_loss, copy.deepcopy(model.state_dict()), epoch + 1, 0
+            best, hist.best_epoch, since_best = val_loss, epoch + 1, 0
+            best_state = [copy.deepcopy(m.state_dict()) for m in models]
         else:
             since_best += 1
             if since_best >= cfg.patience:
                 log(f"{name}: no validation improvement for {cfg.patience} epochs, stopping")
                 break
-    model.load_state_dict(best_state)
-    model.eval()
+    for m, state in zip(models, best_state):
+        m.load_state_dict(state)
+        m.to("cpu").eval()
     hist.seconds = time.perf_counter() - start
     return hist
+
+
+def train_autoencoder(model: nn.Module, train: Split, val: Split, cfg: AutoencoderConfig, log=print,
+                      name: str = "autoencoder") -> History:
+    return train_autoencoders([model], train, val, cfg, log=log, name=name)

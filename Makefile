@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make run` (the gateway, embedded default)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tests read MNIST from here; point it elsewhere with `make test DATA=/path/to/data`.
+DATA ?= $(abspath ../shared/data)
+
+.PHONY: run test serve-deps dev-deps rebuild-mnist clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# The gateway alone: no torch.
+$(VENV)/.gateway: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Training and tests: the CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build).
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+run: $(VENV)/.gateway
+	$(VENV)/bin/magnet serve
+
+test: $(VENV)/.dev
+	MAGNET_TEST_DATA=$(DATA) $(PY) -m pytest
+
+# Rebuilds models/mnist from scratch (about 40 min on 2 cores; see docs/results/mnist-bundle.md).
+rebuild-mnist: $(VENV)/.dev
+	$(VENV)/bin/magnet train mnist --data-dir $(DATA) --out models/mnist --work-dir runs/mnist --fresh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,126 @@
+"""Image data sets: CIFAR-10's official python batches, and any ``<split>/<class>/*.{png,jpg}`` layout,
+from a directory or straight from a ``.tar.gz`` (how users bring their own data).
+
+Arrays are N x C x H x W float32 in [0, 1]; labels index the sorted class-folder names.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.data import DataError, Dataset, Split
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+VALIDATION = 5000
+
+
+def _members(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative path, file bytes) for every image under a directory or inside a .tar.gz."""
+    if source.is_dir():
+        for path in sorted(source.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                yield path.relative_to(source).as_posix(), path.read_bytes()
+        return
+    with tarfile.open(source, "r:*") as tar:
+        for member in tar:
+            if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                yield member.name, tar.extractfile(member).read()
+
+
+def read_image_folder(source: Path, channels: int = 3) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Images grouped by split: ``{split: (N x C x H x W float32, class name per image)}``.
+
+    The layout is ``[prefix/]<split>/<class>/<file>``; every image must have the same size.
+    """
+    mode = "L" if channels == 1 else "RGB"
+    pixels: dict[str, list[np.ndarray]] = {}
+    names: dict[str, list[str]] = {}
+    for rel, blob in _members(Path(source)):
+        parts = rel.strip("/").split("/")
+        if len(parts) < 3:
+            continue  # a file outside <split>/<class>/
+        split, cls = parts[-3], parts[-2]
+        try:
+            image = np.asarray(Image.open(io.BytesIO(blob)).convert(mode), dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"{source}: cannot decode {rel}: {e}") from e
+        pixels.setdefault(split, []).append(image)
+        names.setdefault(split, []).append(cls)
+    if not pixels:
+        raise DataError(f"no <split>/<class>/*.png|jpg images found in {source}")
+    out = {}
+    for split, images in pixels.items():
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise DataError(f"{source}: images of split {split!r} differ in size: {sorted(shapes)[:3]}")
+        x = np.stack(images).astype(np.float32) / 255.0
+        x = x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)
+        out[split] = (np.ascontiguousarray(x), names[split])
+    return out
+
+
+def hold_out(train: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """Split ``n`` validation images off a training split with a seeded permutation."""
+    if not 0 < n < len(train):
+        raise DataError(f"cannot hold out {n} validation images from {len(train)} training images")
+    order = np.random.default_rng(seed).permutation(len(train))
+    val, rest = order[:n], order[n:]
+    return Split(train.x[rest], train.y[rest]), Split(train.x[val], train.y[val])
+
+
+def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: int = VALIDATION,
+                        seed: int = 0) -> Dataset:
+    """A Dataset from an image-folder tree (``train`` and ``test`` splits required)."""
+    splits = read_image_folder(source, channels)
+    missing = {"train", "test"} - splits.keys()
+    if missing:
+        raise DataError(f"{source}: missing split folder(s) {sorted(missing)}; found {sorted(splits)}")
+    classes = tuple(sorted(set(splits["train"][1])))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(key: str) -> Split:
+        x, cls = splits[key]
+        unknown = set(cls) - index.keys()
+        if unknown:
+            raise DataError(f"{source}: classes {sorted(unknown)} in {key} but not in train")
+        return Split(x, np.array([index[c] for c in cls], dtype=np.int64))
+
+    train, val = hold_out(split("train"), validation, seed)
+    return Dataset(name=name, train=train, val=val, test=split("test"), classes=classes)
+
+
+def _cifar_batch(path: Path) -> Split:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+    return Split(x, np.asarray(batch[b"labels"], dtype=np.int64))
+
+
+def load_cifar10(data_dir: Path, seed: int = 0) -> Dataset:
+    """CIFAR-10 from ``cifar-10-batches-py`` if present under ``data_dir`` (or ``data_dir/cifar10``),
+    else from an image-folder tree or ``.tar.gz`` there. Validation = 5,000 held-out training images."""
+    data_dir = Path(data_dir)
+    roots = [data_dir, data_dir / "cifar10"]
+    for root in roots:
+        batches = root / "cifar-10-batches-py"
+        if batches.is_dir():
+            parts = [_cifar_batch(batches / f"data_batch_{i}") for i in range(1, 6)]
+            train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+            train, val = hold_out(train, VALIDATION, seed)
+            return Dataset("cifar10", train, val, _cifar_batch(batches / "test_batch"), CIFAR10_CLASSES)
+    for root in roots:
+        if (root / "train").is_dir():
+            return dataset_from_folder(root, "cifar10", seed=seed)
+        archives = sorted(root.glob("*.tar.gz")) if root.is_dir() else []
+        if archives:
+            return dataset_from_folder(archives[0], "cifar10", seed=seed)
+    raise DataError(f"no CIFAR-10 under --data-dir {data_dir}: expected cifar-10-batches-py/, "
+                    f"train/ and test/ image folders, or a .tar.gz of them")
