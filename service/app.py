@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 
 from service.defense.core import Defense
+from service.defense.pool import MemberSelector
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
 from service.pipeline import Pipeline
@@ -31,6 +33,16 @@ class Gateway:
     upstream: Upstream
     metrics: Metrics
     pipeline: Pipeline
+    selector: MemberSelector
+
+
+def make_selector(settings: Settings, members: int) -> MemberSelector:
+    if settings.session_secret is not None:
+        return MemberSelector(settings.session_secret.get_secret_value().encode(), members)
+    if members > 1:
+        log.warning("MAGNET_SESSION_SECRET is unset: using a random secret, so replicas of this gateway "
+                    "will pick different pool members for the same session")
+    return MemberSelector(secrets.token_bytes(32), members)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -47,7 +59,9 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     upstream = upstream or make_upstream(settings, defense, executor)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))
-    gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor))
+    metrics.declare_members([m.name for m in defense.members])
+    gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor),
+                      make_selector(settings, len(defense.members)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

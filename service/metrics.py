@@ -24,6 +24,8 @@ class Metrics:
                                        ["stage"], buckets=BUCKETS, registry=registry)
         self.upstream_errors = Counter("magnet_upstream_errors", "Failed upstream calls by reason "
                                        "(timeout, unavailable, bad_response).", ["reason"], registry=registry)
+        self.pool_selections = Counter("magnet_pool_selections", "Requests defended by each pool member.",
+                                       ["member"], registry=registry)
         for stage in STAGES:  # export every series from the start, so dashboards have data at zero
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
@@ -32,3 +34,7 @@ class Metrics:
     def declare_detectors(self, names: list[str]) -> None:
         for name in names:
             self.detector_rejections.labels(name)
+
+    def declare_members(self, names: list[str]) -> None:
+        for name in names:
+            self.pool_selections.labels(name)

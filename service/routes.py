@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.codecs import decode_classify_request
-from service.errors import MagnetError, PayloadTooLarge
+from service.errors import BadInput, MagnetError, PayloadTooLarge
 from service.pipeline import Outcome
 
 router = APIRouter()
@@ -38,6 +39,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_SESSION_ID = 256
+
+
+def session_of(request: Request, header: str, cookie: str) -> tuple[str, bool]:
+    """The client's session id (header, else cookie), or a new one; True when newly issued."""
+    session = request.headers.get(header) or request.cookies.get(cookie)
+    if session is None:
+        return secrets.token_urlsafe(24), True
+    if not 0 < len(session) <= MAX_SESSION_ID:
+        raise BadInput(f"session id must be 1 to {MAX_SESSION_ID} characters")
+    return session, False
+
+
 def encode_results(outcome: Outcome, explain: bool) -> list[dict]:
     verdict, probabilities = outcome.verdict, outcome.probabilities
     results = []
@@ -60,11 +74,15 @@ async def classify(request: Request) -> Response:
     gw = request.app.state.gateway
     metrics = gw.metrics
     t0 = time.perf_counter()
+    settings = gw.settings
     try:
-        body = await read_body(request, gw.settings.max_body_bytes)
+        session, issued = session_of(request, settings.session_header, settings.session_cookie)
+        body = await read_body(request, settings.max_body_bytes)
         with metrics.stage_seconds.labels("decode").time():
-            x = decode_classify_request(body, gw.defense.manifest.input, gw.settings.max_batch)
-        outcome = await gw.pipeline.classify(x, member=0)
+            x = decode_classify_request(body, gw.defense.manifest.input, settings.max_batch)
+        member = gw.selector.member(session)
+        metrics.pool_selections.labels(gw.defense.members[member].name).inc()
+        outcome = await gw.pipeline.classify(x, member=member)
     except MagnetError as e:
         metrics.requests.labels(OUTCOMES.get(e.status, "error")).inc()
         raise
@@ -72,7 +90,9 @@ async def classify(request: Request) -> Response:
         metrics.requests.labels("error").inc()
         raise
     metrics.requests.labels("ok").inc()
-    response = json_response({"results": encode_results(outcome, gw.settings.explain)})
+    response = json_response({"results": encode_results(outcome, settings.explain)})
+    if issued:
+        response.set_cookie(settings.session_cookie, session, httponly=True, samesite="lax")
     metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
     return response
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +46,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_batch: int = Field(256, ge=1, description="Most inputs accepted in one request (413 above).")
     log_level: str = Field("info", description="Log level of the gateway and uvicorn.")
+    session_secret: SecretStr | None = Field(
+        None, description="Secret (at least 16 characters) that maps session ids to pool members; give "
+                          "every replica the same one. Unset: a random one per process, so replicas disagree.")
+    session_header: str = Field("X-Session-ID", description="Request header that carries the session id.")
+    session_cookie: str = Field(
+        "magnet_session", description="Cookie that carries the session id when the header is absent; "
+                                      "the gateway sets it on responses to requests that had neither.")

@@ -55,11 +55,12 @@ def brightness_classifier(path: Path) -> Path:
 
 
 def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
-                members: int = 1) -> Path:
+                members: int = 1, thresholds: list[float] | None = None) -> Path:
     """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
 
     The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
-    and rejects all-black or all-white images (score 0.25).
+    and rejects all-black or all-white images (score 0.25). ``thresholds`` gives member k's detectors
+    the threshold ``thresholds[k]`` instead, so members can be told apart by what they reject.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,9 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
         name="toy", dataset="toy", input={"shape": SHAPE},
         files=[FileEntry(path=f, sha256=sha256_of(directory / f), role=r) for f, r in roles.items()],
         classifier={"file": "classifier.onnx", "classes": ["bright", "dark", "never"]},
-        members=[{"name": f"m{i}", "reformer": reformer, "detectors": detectors} for i in range(members)],
+        members=[{"name": f"m{i}", "reformer": reformer,
+                  "detectors": [{**d, "threshold": thresholds[i]} for d in detectors] if thresholds else detectors}
+                 for i in range(len(thresholds) if thresholds else members)],
     )
     write_manifest(directory, manifest)
     return directory

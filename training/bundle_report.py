@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service.defense.core import Defense
-from training.calibrate import run_batched
+from training.bundles import run_batched
 from training.data import Split, load_mnist
 
 
@@ -30,9 +30,9 @@ def _decisions(defense: Defense, x: np.ndarray) -> dict:
     }
 
 
-def clean_figures(defense: Defense, test: Split) -> dict:
-    """Clean test-set figures of the served defense (member 0), computed through the core."""
-    verdicts = [defense.inspect(test.x[i : i + 1000]) for i in range(0, len(test), 1000)]
+def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
+    """Clean test-set figures of one member of the served defense, computed through the core."""
+    verdicts = [defense.inspect(test.x[i : i + 1000], member) for i in range(0, len(test), 1000)]
     accepted = np.concatenate([v.accepted for v in verdicts])
     labels = run_batched(defense.classifier, np.concatenate([v.reformed for v in verdicts])).argmax(1)
     plain = run_batched(defense.classifier, test.x).argmax(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-RECIPES = {"mnist": "training.build_mnist"}
+RECIPES = {"mnist": "training.build_mnist", "cifar10": "training.build_cifar10", "pool": "training.build_pool"}
 
 
 def main(argv: list[str]) -> int:

@@ -106,7 +106,8 @@ def _cifar_batch(path: Path) -> Split:
 
 def load_cifar10(data_dir: Path, seed: int = 0) -> Dataset:
     """CIFAR-10 from ``cifar-10-batches-py`` if present under ``data_dir`` (or ``data_dir/cifar10``),
-    else from an image-folder tree or ``.tar.gz`` there. Validation = 5,000 held-out training images."""
+    else from an image-folder tree or ``.tar.gz`` there. Validation = 5,000 training images held out by
+    a permutation with ``seed``: keep it fixed, so that every bundle calibrates on the same images."""
     data_dir = Path(data_dir)
     roots = [data_dir, data_dir / "cifar10"]
     for root in roots:

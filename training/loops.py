@@ -42,6 +42,7 @@ class AutoencoderConfig:
     noise: float = 0.1
     activity_l2: float = 1e-9
     patience: int = 10  # stop when validation loss has not improved for this many epochs
+    max_seconds: float = 0.0  # stop after the epoch that passes this wall time (0: no limit)
     device: str = "cpu"
     seed: int = 0
 
@@ -222,6 +223,9 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
             if since_best >= cfg.patience:
                 log(f"{name}: no validation improvement for {cfg.patience} epochs, stopping")
                 break
+        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+            log(f"{name}: time budget of {cfg.max_seconds:.0f} s spent, stopping")
+            break
     for m, state in zip(models, best_state):
         m.load_state_dict(state)
         m.to("cpu").eval()

@@ -208,3 +208,64 @@ def test_health_ready_and_metrics(client):
     assert 'magnet_requests_total{outcome="bad_request"} 1.0' in text
     assert 'magnet_stage_seconds_count{stage="upstream"} 1.0' in text
     assert 'magnet_stage_seconds_count{stage="defense"} 1.0' in text
+
+
+def test_session_picks_the_member_that_defends_it(tmp_path):
+    from service.defense.pool import MemberSelector
+
+    # member m0 rejects black images (score 0.25 >= 0.1), member m1 accepts them (0.25 < 0.3)
+    bundle = fakes.make_bundle(tmp_path / "pool", thresholds=[0.1, 0.3])
+    secret = "a-shared-secret-for-replicas"
+    selector = MemberSelector(secret.encode(), 2)
+    by_member = {}
+    for i in range(50):
+        by_member.setdefault(selector.member(f"s{i}"), f"s{i}")
+    c, _ = make_client(bundle, session_secret=secret)
+    with c:
+        for member, session in by_member.items():
+            for _ in range(3):  # sticky
+                r = c.post("/classify", json={"inputs": fakes.images(0.0).tolist()},
+                           headers={"X-Session-ID": session})
+                assert r.json()["results"][0]["rejected"] is (member == 0)
+                assert "set-cookie" not in r.headers
+        metrics = c.get("/metrics").text
+    assert 'magnet_pool_selections_total{member="m0"} 3.0' in metrics
+    assert 'magnet_pool_selections_total{member="m1"} 3.0' in metrics
+
+
+def test_responses_carry_no_member_identity(tmp_path):
+    bundle = fakes.make_bundle(tmp_path / "pool", thresholds=[0.1, 0.3])
+    c, _ = make_client(bundle)
+    with c:
+        r = c.post("/classify", json={"inputs": fakes.images(0.5).tolist()})
+        session = r.cookies["magnet_session"]
+        assert len(session) >= 24
+        assert set(r.json()) == {"results"}
+        assert set(r.json()["results"][0]) == {"rejected", "label", "probabilities"}
+        assert not any("m0" in v or "m1" in v or "member" in v.lower() for v in r.headers.values())
+        # the cookie is reused: no new session is issued
+        c.cookies.set("magnet_session", session)
+        assert "set-cookie" not in c.post("/classify", json={"inputs": fakes.images(0.5).tolist()}).headers
+
+
+def test_overlong_session_id_is_400(client):
+    r = client.post("/classify", json={"inputs": fakes.images(0.5).tolist()}, headers={"X-Session-ID": "x" * 300})
+    assert r.status_code == 400 and "session id" in r.json()["error"]
+
+
+def test_divergence_member_sends_x_and_reformed_in_one_call(tmp_path):
+    detectors = [
+        {"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1, "fpr": 0.01, "threshold": 0.1},
+        {"name": "jsd", "kind": "divergence", "autoencoder": "half.onnx", "temperature": 1.0, "fpr": 0.01,
+         "threshold": 0.04},
+    ]
+    c, upstream = make_client(fakes.make_bundle(tmp_path / "div", detectors=detectors))
+    with c:
+        results = \
+            c.post("/classify", json={"inputs": fakes.images(0.5, 0.0, 0.3).tolist()}).json()["results"]
+    # 0.0 fails R and never goes upstream; 0.5 and 0.3 go up as x and ae(x): 4 rows in one call
+    assert len(upstream.batches) == 1 and upstream.batches[0].shape[0] == 4
+    np.testing.assert_allclose(upstream.batches[0][:, 0, 0, 0], [0.5, 0.3, 0.5, 0.4], atol=1e-6)
+    # JSD of 0.3 vs its reconstruction is 0.0487 >= 0.04: rejected; 0.5 is its own reconstruction
+    assert [r["rejected"] for r in results] == [False, True, True]
+    assert results[0]["label"] == 0

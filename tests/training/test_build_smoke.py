@@ -9,7 +9,8 @@ pytest.importorskip("torch")
 
 from service.defense import Defense, read_manifest, verify_files  # noqa: E402
 from training import build_mnist  # noqa: E402
-from training.calibrate import reconstruction_scores  # noqa: E402
+from service.defense.runtime import CPU, OnnxModel  # noqa: E402
+from service.defense.scores import reconstruction_error  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 
 
@@ -25,7 +26,9 @@ def test_smoke_build_writes_a_verified_calibrated_bundle(tmp_path, mnist):
     assert manifest.provenance["seed"] == 0 and "magnet train mnist" in manifest.provenance["command"]
     # the paper's rule on 5,000 validation images at fpr 0.01 lets exactly 50 reach the threshold
     for det in manifest.members[0].detectors:
-        scores = reconstruction_scores(out / det.autoencoder, mnist.val.x, det.p)
+        ae = OnnxModel(out / det.autoencoder, [CPU])
+        scores = reconstruction_error(mnist.val.x, np.concatenate([ae(mnist.val.x[i:i + 1000])
+                                                                    for i in range(0, 5000, 1000)]), det.p)
         assert int((scores >= det.threshold).sum()) == 50
     m = manifest.measurements
     assert set(m["detector_test_fpr"]) == {"I", "II"}

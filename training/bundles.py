@@ -1,0 +1,132 @@
+"""Shared steps of every bundle recipe: stage reuse, export with parity, calibration, the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.defense import scores as S
+from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
+from service.defense.runtime import CPU, OnnxModel
+from service.defense.thresholds import threshold_at_fpr
+from training.export import export_onnx, parity
+
+CLASSIFIER_FILE = "classifier.onnx"
+
+
+def stage(work: Path, name: str, models: list[nn.Module], fresh: bool, train_fn: Callable) -> dict:
+    """Train ``models`` unless ``work/name.pt`` holds their weights, then load them from that file, so a
+    fresh run exports exactly what a later reuse would."""
+    weights, hist_path = work / f"{name}.pt", work / f"{name}.history.json"
+    if fresh or not (weights.exists() and hist_path.exists()):
+        hist = train_fn(models)
+        torch.save([_compact(m.state_dict(), _is_large(m)) for m in models], weights)
+        hist_path.write_text(json.dumps({"best_epoch": hist.best_epoch, "seconds": hist.seconds,
+                                         "epochs": hist.epochs}, indent=1))
+    else:
+        print(f"{name}: reusing {weights}", flush=True)
+    for model, state in zip(models, torch.load(weights)):
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model.eval()
+    return json.loads(hist_path.read_text())
+
+
+def _is_large(model: nn.Module) -> bool:
+    return sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def _compact(state: dict, half: bool) -> dict:
+    """Half precision halves a large model's file (a ResNet9 is 26 MB in fp32); the models are
+    exported in fp32 from the reloaded half weights, and the bundle's figures are measured on those."""
+    return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
+
+def fresh_dir(out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def export_all(models: dict[str, nn.Module], out: Path, shape: tuple[int, int, int],
+               x_check: np.ndarray) -> dict[str, float]:
+    """Export each model to ``out/<file>``; returns torch-vs-onnxruntime max |diff| per file."""
+    diffs = {}
+    for fname, model in models.items():
+        export_onnx(model, out / fname, shape, "logits" if fname == CLASSIFIER_FILE else "output")
+        diffs[fname] = parity(model, out / fname, x_check)
+        print(f"exported {fname}: torch vs onnxruntime max |diff| {diffs[fname]:.2e}", flush=True)
+    return diffs
+
+
+def run_batched(model: OnnxModel, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    return np.concatenate([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray) -> list[dict]:
+    """Fill in each detector's threshold from clean validation images, scored exactly as the core
+    scores them (the ONNX files, then ``service.defense.scores``)."""
+    models: dict[str, OnnxModel] = {}
+
+    def run(fname: str, x: np.ndarray) -> np.ndarray:
+        if fname not in models:
+            models[fname] = OnnxModel(out / fname, [CPU])
+        return run_batched(models[fname], x)
+
+    calibrated = []
+    for d in detectors:
+        rec = run(d["autoencoder"], x_val)
+        if d["kind"] == "reconstruction":
+            scores = S.reconstruction_error(x_val, rec, d["p"])
+        else:
+            scores = S.divergence_score(run(CLASSIFIER_FILE, x_val), run(CLASSIFIER_FILE, np.clip(rec, 0, 1)),
+                                        d["temperature"])
+        calibrated.append({**d, "threshold": threshold_at_fpr(scores, d["fpr"])})
+    return calibrated
+
+
+def write_bundle(out: Path, name: str, dataset: str, shape: tuple[int, int, int], classes: list[str],
+                 members: list[dict], measurements: dict, provenance: dict) -> Manifest:
+    """Write ``manifest.json`` listing every ONNX file in ``out`` with its sha256."""
+    files = [FileEntry(path=p.name, sha256=sha256_of(p), role="classifier" if p.name == CLASSIFIER_FILE
+                       else "autoencoder") for p in sorted(out.glob("*.onnx"))]
+    manifest = Manifest(name=name, dataset=dataset, input={"shape": shape}, files=files,
+                        classifier={"file": CLASSIFIER_FILE, "output": "logits", "classes": classes},
+                        members=members, measurements=measurements, provenance=provenance)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def base_parser(prog: str, doc: str, dataset: str) -> argparse.ArgumentParser:
+    """Flags every recipe shares."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help=f"directory holding the {dataset} data (see training/data.py and training/images.py)")
+    p.add_argument("--out", type=Path, default=Path(f"models/{dataset}"), help="bundle directory to write")
+    p.add_argument("--work-dir", type=Path, default=Path(f"runs/{dataset}"),
+                   help="where weights, per-epoch histories and the resolved config are saved")
+    p.add_argument("--fresh", action="store_true", help="retrain every stage even if its weights exist")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random number in the run")
+    p.add_argument("--device", default="cpu", help="torch device for training: cpu or cuda")
+    p.add_argument("--train-only", action="store_true",
+                   help="stop after training (e.g. on a GPU machine); a later run without it reuses the "
+                        "weights and writes the bundle")
+    p.add_argument("--train-limit", type=int, default=0,
+                   help="use only the first N training images (0: all); for smoke runs")
+    return p
+
+
+def save_config(work: Path, args: argparse.Namespace, **configs) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              **{k: asdict(v) if is_dataclass(v) else v for k, v in configs.items()}}
+    (work / "config.json").write_text(json.dumps(config, indent=2))
+    return config
