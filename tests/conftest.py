@@ -27,3 +27,17 @@ def mnist():
     if not (DATA_DIR / "mnist").is_dir():
         pytest.skip(f"MNIST not found under {DATA_DIR} (set MAGNET_TEST_DATA)")
     return load_mnist(DATA_DIR, download=False)
+
+
+SHIPPED_CIFAR10 = ROOT / "models" / "cifar10"
+SHIPPED_CIFAR10_POOL = ROOT / "models" / "cifar10-pool"
+SHIPPED_MNIST_POOL = ROOT / "models" / "mnist-pool"
+
+
+@pytest.fixture(scope="session")
+def cifar10():
+    from training.images import load_cifar10
+
+    if not (DATA_DIR / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set MAGNET_TEST_DATA)")
+    return load_cifar10(DATA_DIR)

@@ -22,7 +22,7 @@ from service.defense.core import Defense
 from training import bundles as B
 from training.bundle_report import clean_figures
 from training.images import load_cifar10
-from training.loops import (AutoencoderConfig, ClassifierConfig, accuracy, reconstruction_mse,
+from training.loops import (AutoencoderConfig, ClassifierConfig, reconstruction_mse,
                             train_autoencoder, train_classifier)
 from training.nets import make_autoencoder, make_classifier
 from training.provenance import provenance
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     member = {"name": "default", "reformer": "ae.onnx", "detectors": B.calibrate(out, dets, ds.val.x)}
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
-        "torch_classifier_test_accuracy": accuracy(clf, ds.test),
         "autoencoder_val_mse": reconstruction_mse(ae, ds.val.x),
         "autoencoder_test_mse": reconstruction_mse(ae, ds.test.x),
         "onnx_parity_max_abs_diff": parity,

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from service.defense.core import Defense
-from training.bundles import run_batched
 from training.data import Split, load_mnist
 
 
@@ -32,17 +31,23 @@ def _decisions(defense: Defense, x: np.ndarray) -> dict:
 
 def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
     """Clean test-set figures of one member of the served defense, computed through the core."""
-    verdicts = [defense.inspect(test.x[i : i + 1000], member) for i in range(0, len(test), 1000)]
-    accepted = np.concatenate([v.accepted for v in verdicts])
-    labels = run_batched(defense.classifier, np.concatenate([v.reformed for v in verdicts])).argmax(1)
-    plain = run_batched(defense.classifier, test.x).argmax(1)
+    fired_parts, labels, plain = [], [], []
+    for i in range(0, len(test), 1000):
+        x = test.x[i : i + 1000]
+        v = defense.inspect(x, member)
+        # divergence detectors already ran the classifier on x and on the reformed x: reuse those logits
+        plain.append(v.logits_x if v.logits_x is not None else defense.classifier(x))
+        labels.append(v.logits_reformed if v.logits_reformed is not None else defense.classifier(v.reformed))
+        fired_parts.append(v.fired)
+    fired = {name: np.concatenate([f[name] for f in fired_parts]) for name in fired_parts[0]}
+    ok = ~np.logical_or.reduce(list(fired.values()))
+    plain, labels = np.concatenate(plain).argmax(1), np.concatenate(labels).argmax(1)
     return {
         "classifier_test_accuracy": float((plain == test.y).mean()),
-        "detector_test_fpr": {name: float(np.concatenate([v.fired[name] for v in verdicts]).mean())
-                              for name in verdicts[0].fired},
-        "defense_test_rejected": float(1 - accepted.mean()),
+        "detector_test_fpr": {name: float(f.mean()) for name, f in fired.items()},
+        "defense_test_rejected": float(1 - ok.mean()),
         # accepted and classified correctly after reforming, over all test images
-        "defense_clean_test_accuracy": float(((labels == test.y) & accepted).mean()),
+        "defense_clean_test_accuracy": float(((labels == test.y) & ok).mean()),
         "reformer_only_test_accuracy": float((labels == test.y).mean()),
     }
 

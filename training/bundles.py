@@ -74,21 +74,22 @@ def run_batched(model: OnnxModel, x: np.ndarray, batch_size: int = 1000) -> np.n
 def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray) -> list[dict]:
     """Fill in each detector's threshold from clean validation images, scored exactly as the core
     scores them (the ONNX files, then ``service.defense.scores``)."""
-    models: dict[str, OnnxModel] = {}
+    cache: dict[tuple[str, str], np.ndarray] = {}  # (model file, input) -> output, computed once
 
-    def run(fname: str, x: np.ndarray) -> np.ndarray:
-        if fname not in models:
-            models[fname] = OnnxModel(out / fname, [CPU])
-        return run_batched(models[fname], x)
+    def run(fname: str, x: np.ndarray, key: str) -> np.ndarray:
+        if (fname, key) not in cache:
+            cache[fname, key] = run_batched(OnnxModel(out / fname, [CPU]), x)
+        return cache[fname, key]
 
     calibrated = []
     for d in detectors:
-        rec = run(d["autoencoder"], x_val)
+        rec = run(d["autoencoder"], x_val, "x")
         if d["kind"] == "reconstruction":
             scores = S.reconstruction_error(x_val, rec, d["p"])
         else:
-            scores = S.divergence_score(run(CLASSIFIER_FILE, x_val), run(CLASSIFIER_FILE, np.clip(rec, 0, 1)),
-                                        d["temperature"])
+            logits_x = run(CLASSIFIER_FILE, x_val, "x")
+            logits_rec = run(CLASSIFIER_FILE, np.clip(rec, 0, 1), d["autoencoder"])
+            scores = S.divergence_score(logits_x, logits_rec, d["temperature"])
         calibrated.append({**d, "threshold": threshold_at_fpr(scores, d["fpr"])})
     return calibrated
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from torch import nn
 from service.defense.runtime import CPU, OnnxModel
 
 OPSET = 18
+# The exporter logs a warning per torchvision operator it cannot register; we do not use torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int], output_name: str) -> Path:
@@ -18,10 +22,13 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
     model = model.eval().to(memory_format=torch.contiguous_format)
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    torch.onnx.export(
-        model, (example,), str(path), input_names=["input"], output_names=[output_name],
-        dynamic_shapes={"x": {0: batch}}, opset_version=OPSET, external_data=False, dynamo=True,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["input"], output_names=[output_name],
+            dynamic_shapes={"x": {0: batch}}, opset_version=OPSET, external_data=False, dynamo=True,
+            verbose=False,
+        )
     return Path(path)
 
 

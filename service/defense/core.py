@@ -50,6 +50,8 @@ class Verdict:
     scores : dict detector name -> ndarray (N,) float64
     fired : dict detector name -> ndarray (N,) bool
     member : int
+    logits_x, logits_reformed : ndarray (N, K) or None
+        The classifier's logits on x and on the reformed inputs, when a divergence detector needed them.
     """
 
     accepted: np.ndarray
@@ -57,6 +59,8 @@ class Verdict:
     scores: dict[str, np.ndarray]
     fired: dict[str, np.ndarray]
     member: int
+    logits_x: np.ndarray | None = None
+    logits_reformed: np.ndarray | None = None
 
     @property
     def rejected(self) -> np.ndarray:
@@ -144,7 +148,7 @@ class Defense:
             fired[d.name] = ~passes(s, d.threshold) & ~np.isnan(s)
         accepted = ~np.logical_or.reduce(list(fired.values())) if fired else np.ones(len(screening.x), bool)
         return Verdict(accepted=accepted, reformed=screening.reformed, scores=scores, fired=fired,
-                       member=screening.member)
+                       member=screening.member, logits_x=logits_x, logits_reformed=logits_reformed)
 
     def inspect(self, x: np.ndarray, member: int = 0, classify: Classify | None = None) -> Verdict:
         """Screen and decide in one call; ``classify`` (default: the bundle's classifier) maps

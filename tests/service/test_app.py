@@ -261,8 +261,7 @@ def test_divergence_member_sends_x_and_reformed_in_one_call(tmp_path):
     ]
     c, upstream = make_client(fakes.make_bundle(tmp_path / "div", detectors=detectors))
     with c:
-        results = \
-            c.post("/classify", json={"inputs": fakes.images(0.5, 0.0, 0.3).tolist()}).json()["results"]
+        results = c.post("/classify", json={"inputs": fakes.images(0.5, 0.0, 0.3).tolist()}).json()["results"]
     # 0.0 fails R and never goes upstream; 0.5 and 0.3 go up as x and ae(x): 4 rows in one call
     assert len(upstream.batches) == 1 and upstream.batches[0].shape[0] == 4
     np.testing.assert_allclose(upstream.batches[0][:, 0, 0, 0], [0.5, 0.3, 0.5, 0.4], atol=1e-6)

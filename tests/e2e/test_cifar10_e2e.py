@@ -1,0 +1,82 @@
+"""CIFAR-10 through real processes: a KServe model server, and the gateway with divergence detectors
+(x and ae(x) go upstream together) and with the diverse pool (a member per session)."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from service.defense import Defense
+from service.defense.pool import MemberSelector
+from tests.conftest import ROOT, SHIPPED_CIFAR10, SHIPPED_CIFAR10_POOL
+from tests.procs import free_port, start_process
+
+pytestmark = pytest.mark.skipif(not (SHIPPED_CIFAR10 / "manifest.json").exists(),
+                                reason="the CIFAR-10 bundle is not built")
+SECRET = "e2e-secret-shared-by-replicas"
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    port = free_port()
+    proc = start_process([sys.executable, ROOT / "docker" / "kserve" / "serve_onnx.py", "--model-file",
+                          SHIPPED_CIFAR10 / "classifier.onnx", "--model-name", "cifar10", "--http-port", str(port)],
+                         f"http://127.0.0.1:{port}/v2/health/ready")
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+def gateway(bundle, upstream):
+    port = free_port()
+    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--bundle",
+                          str(bundle), "--upstream", upstream, "--upstream-model", "cifar10"],
+                         f"http://127.0.0.1:{port}/readyz", cwd=ROOT, env={"MAGNET_SESSION_SECRET": SECRET})
+    return proc, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+
+def served(client, x, session="fixed"):
+    out = []
+    for i in range(0, len(x), 100):
+        r = client.post("/classify", json={"inputs": x[i : i + 100].tolist()}, headers={"X-Session-ID": session})
+        assert r.status_code == 200, r.text
+        out += [(res["rejected"], res["label"]) for res in r.json()["results"]]
+    return out
+
+
+def core(defense, x, member=0):
+    decisions = []
+    for i in range(0, len(x), 500):
+        verdict = defense.inspect(x[i : i + 500], member)
+        labels = defense.classifier(verdict.reformed).argmax(1)
+        decisions += [(False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
+    return decisions
+
+
+def test_1000_test_images_get_the_cores_decisions(model_server, cifar10):
+    proc, client = gateway(SHIPPED_CIFAR10, model_server)
+    try:
+        x = cifar10.test.x[:1000]
+        assert served(client, x) == core(Defense(SHIPPED_CIFAR10, device="cpu"), x)
+    finally:
+        client.close()
+        proc.stop()
+
+
+@pytest.mark.skipif(not (SHIPPED_CIFAR10_POOL / "manifest.json").exists(), reason="no CIFAR-10 pool bundle")
+def test_pool_gateway_defends_each_session_with_its_member(model_server, cifar10):
+    defense = Defense(SHIPPED_CIFAR10_POOL, device="cpu")
+    selector = MemberSelector(SECRET.encode(), len(defense.members))
+    sessions = {}
+    for i in range(200):
+        sessions.setdefault(selector.member(f"client-{i}"), f"client-{i}")
+    proc, client = gateway(SHIPPED_CIFAR10_POOL, model_server)
+    try:
+        x = cifar10.test.x[:100]
+        for member in sorted(sessions)[:3]:
+            assert served(client, x, sessions[member]) == core(defense, x, member)
+    finally:
+        client.close()
+        proc.stop()
