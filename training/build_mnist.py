@@ -31,7 +31,13 @@ AUTOENCODERS = {"ae_i": "mnist_ae_i", "ae_ii": "mnist_ae_ii"}
 
 def parser():
     p = B.base_parser("magnet train mnist", __doc__, "mnist")
-    p.add_argument("--classifier-epochs", type=int, default=40, help="SGD epochs for the classifier")
+    p.add_argument("--classifier-epochs", type=int, default=50, help="SGD epochs for the classifier")
+    p.add_argument("--classifier-schedule", choices=["constant", "step", "onecycle"], default="step",
+                   help="learning-rate schedule of the classifier ('step': /10 at 50%% and 75%% of training)")
+    p.add_argument("--classifier-init", choices=["default", "glorot"], default="glorot",
+                   help="weight initialization ('glorot' as in Carlini's Keras model)")
+    p.add_argument("--classifier-shift", type=int, default=2,
+                   help="train on random shifts of up to this many pixels (0: no augmentation)")
     p.add_argument("--ae-epochs", type=int, default=100, help="max epochs per autoencoder")
     p.add_argument("--ae-patience", type=int, default=10,
                    help="stop an autoencoder after this many epochs without validation improvement")
@@ -52,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ds = load_mnist(args.data_dir)
     train = ds.train.head(args.train_limit) if args.train_limit else ds.train
-    clf_cfg = ClassifierConfig(epochs=args.classifier_epochs, device=args.device, seed=args.seed)
+    clf_cfg = ClassifierConfig(epochs=args.classifier_epochs, schedule=args.classifier_schedule,
+                               init=args.classifier_init, augment=args.classifier_shift > 0,
+                               augment_pad=args.classifier_shift, flip=False, device=args.device, seed=args.seed)
     ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
                                seed=args.seed)
     B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)

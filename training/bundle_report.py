@@ -1,4 +1,4 @@
-"""Figures of a built MNIST bundle, measured through the gateway's defense core.
+"""Figures of a built bundle, measured through the gateway's defense core.
 
     python -m training.bundle_report --bundle models/mnist --data-dir DATA --out docs/results/mnist-bundle.json
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service.defense.core import Defense
-from training.data import Split, load_mnist
+from training.data import Split, load
 
 
 def _decisions(defense: Defense, x: np.ndarray) -> dict:
@@ -54,17 +54,17 @@ def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
 
 def report(bundle: Path, data_dir: Path, noise_images: int = 1000, seed: int = 0) -> dict:
     defense = Defense(bundle, device="cpu")
-    test = load_mnist(data_dir, download=False).test
+    test = load(defense.manifest.dataset, data_dir).test
+    shape = (1, *defense.input_shape)
     rng = np.random.default_rng(seed)
     return {
         "bundle": str(bundle),
-        "thresholds": {d.name: {"threshold": d.threshold, "fpr": d.fpr, "p": d.p}
-                       for d in defense.members[0].detectors},
+        "detectors": [d.model_dump(exclude_none=True) for d in defense.members[0].detectors],
         "test_images": len(test),
         **clean_figures(defense, test),
-        "uniform_noise": _decisions(defense, rng.uniform(size=(noise_images, 1, 28, 28)).astype(np.float32)),
-        "all_black": _decisions(defense, np.zeros((1, 1, 28, 28), np.float32)),
-        "all_white": _decisions(defense, np.ones((1, 1, 28, 28), np.float32)),
+        "uniform_noise": _decisions(defense, rng.uniform(size=(noise_images, *shape[1:])).astype(np.float32)),
+        "all_black": _decisions(defense, np.zeros(shape, np.float32)),
+        "all_white": _decisions(defense, np.ones(shape, np.float32)),
         "manifest_measurements": defense.manifest.measurements,
     }
 
@@ -72,7 +72,7 @@ def report(bundle: Path, data_dir: Path, noise_images: int = 1000, seed: int = 0
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=Path("models/mnist"), help="bundle directory")
-    p.add_argument("--data-dir", type=Path, required=True, help="directory with the MNIST IDX files")
+    p.add_argument("--data-dir", type=Path, required=True, help="directory with the bundle's data set")
     p.add_argument("--out", type=Path, help="write the report as JSON here (default: print only)")
     args = p.parse_args(argv)
     result = report(args.bundle, args.data_dir)

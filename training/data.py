@@ -118,10 +118,12 @@ def load_mnist(data_dir: Path, download: bool = True) -> Dataset:
     )
 
 
-LOADERS = {"mnist": load_mnist}
+def load(name: str, data_dir: Path) -> Dataset:
+    """A data set by its bundle name ('mnist' or 'cifar10')."""
+    if name == "mnist":
+        return load_mnist(Path(data_dir))
+    if name == "cifar10":
+        from training.images import load_cifar10  # images imports this module
 
-
-def load(name: str, data_dir: Path, download: bool = True) -> Dataset:
-    if name not in LOADERS:
-        raise DataError(f"unknown dataset {name!r}; known: {sorted(LOADERS)}")
-    return LOADERS[name](Path(data_dir), download)
+        return load_cifar10(Path(data_dir))
+    raise DataError(f"unknown dataset {name!r}; known: mnist, cifar10")

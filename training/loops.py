@@ -27,8 +27,12 @@ class ClassifierConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    schedule: str = "constant"  # or "onecycle": linear warm-up to lr over 25% of steps, then down to 0
-    augment: bool = False  # random 4-pixel-padded crops and horizontal flips (CIFAR)
+    schedule: str = "constant"  # "onecycle": linear warm-up to lr over 25% of steps, then down to 0;
+    # "step": lr, then lr/10 from 50% and lr/100 from 75% of the steps
+    augment: bool = False  # random crops of the reflect-padded image (and horizontal flips if flip)
+    augment_pad: int = 4
+    flip: bool = True
+    init: str = "default"  # "glorot": Keras' glorot-uniform weights and zero biases (Carlini's setup)
     bf16: bool = True  # bf16 autocast + channels_last: 1.5x faster on this CPU, same accuracy
     device: str = "cpu"
     seed: int = 0
@@ -60,8 +64,16 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None):
         yield order[i : i + batch_size]
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per-image random crops of the reflect-padded batch and random horizontal flips."""
+def glorot_init(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Per-image random crops of the reflect-padded batch and (if ``flip``) random horizontal flips."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     di = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(x.device)
@@ -70,13 +82,17 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     cols = (dj + torch.arange(w, device=x.device))[:, None, None, :]
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, out.flip(3), out)
+    if not flip:
+        return out
+    flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flips, out.flip(3), out)
 
 
 def _lr_at(cfg: ClassifierConfig, step: int, total: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * (1.0 if step < total // 2 else 0.1 if step < 3 * total // 4 else 0.01)
     warm = max(1, int(0.25 * total))
     return cfg.lr * (step / warm if step < warm else max(0.0, (total - step) / (total - warm)))
 
@@ -98,6 +114,8 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: Classifier
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
+    if cfg.init == "glorot":
+        glorot_init(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     fmt = torch.channels_last if cfg.bf16 else torch.contiguous_format
@@ -113,7 +131,7 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: Classifier
             idx = idx.to(device)
             xb, yb = x_all[idx], y_all[idx]
             if cfg.augment:
-                xb = augment(xb, gen)
+                xb = augment(xb, gen, cfg.augment_pad, cfg.flip)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step, cfg.epochs * steps_per_epoch)
             step += 1

@@ -41,3 +41,44 @@ def test_smoke_build_writes_a_verified_calibrated_bundle(tmp_path, mnist):
                              "--fpr", "0.01"]) == 0
     assert np.isclose(read_manifest(out).members[0].detectors[0].threshold,
                       manifest.members[0].detectors[0].threshold)
+
+
+def test_smoke_pool_on_a_smoke_bundle(tmp_path, mnist):
+    from training import build_pool
+
+    base = tmp_path / "base"
+    assert build_mnist.main(["--data-dir", str(DATA_DIR), "--out", str(base), "--work-dir", str(tmp_path / "w1"),
+                             "--classifier-epochs", "1", "--ae-epochs", "1", "--train-limit", "500",
+                             "--fpr", "0.01"]) == 0
+    out = tmp_path / "pool"
+    assert build_pool.main(["--dataset", "mnist", "--base", str(base), "--data-dir", str(DATA_DIR),
+                            "--out", str(out), "--work-dir", str(tmp_path / "w2"), "--members", "3",
+                            "--pretrain-epochs", "1", "--epochs", "1", "--train-limit", "500",
+                            "--figures-limit", "200"]) == 0
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert [m.reformer for m in manifest.members] == ["ae_0.onnx", "ae_1.onnx", "ae_2.onnx"]
+    # detector I moves to each member's autoencoder; detector II keeps the shared AE-II
+    assert [m.detectors[0].autoencoder for m in manifest.members] == ["ae_0.onnx", "ae_1.onnx", "ae_2.onnx"]
+    assert {m.detectors[1].autoencoder for m in manifest.members} == {"ae_ii.onnx"}
+    thresholds = {m.detectors[0].threshold for m in manifest.members}
+    assert len(thresholds) == 3  # calibrated per member
+    figures = manifest.measurements
+    assert figures["diversity_pairwise_mse"] > 0 and len(figures["member_test_mse"]) == 3
+    assert set(figures["member_clean_figures"]) == {"member-0", "member-1", "member-2"}
+
+
+def test_smoke_cifar10_build(tmp_path, cifar10):
+    from training import build_cifar10
+
+    out = tmp_path / "cifar"
+    assert build_cifar10.main(["--data-dir", str(DATA_DIR), "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                               "--width", "4", "--classifier-epochs", "1", "--ae-epochs", "1",
+                               "--train-limit", "500"]) == 0
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    kinds = {d.name: (d.kind, d.p, d.temperature, d.fpr) for d in manifest.members[0].detectors}
+    assert kinds == {"recon": ("reconstruction", 1, None, 0.005), "jsd_t10": ("divergence", None, 10.0, 0.01),
+                     "jsd_t40": ("divergence", None, 40.0, 0.01)}
+    verdict = Defense(out, device="cpu").inspect(cifar10.test.x[:20])
+    assert set(verdict.scores) == {"recon", "jsd_t10", "jsd_t40"}
