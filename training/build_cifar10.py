@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_cifar10(args.data_dir)
     train = ds.train.head(args.train_limit) if args.train_limit else ds.train
     clf_cfg, ae_cfg = configs(args)
-    B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg)
+    config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg)
     clf = make_classifier("cifar10", width=args.width)
     ae = make_autoencoder("cifar_ae")
     histories = {
         "classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh,
-                              lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg)),
+                              lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config),
         "ae": B.stage(args.work_dir, "ae", [ae], args.fresh,
-                      lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name="ae")),
+                      lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name="ae"), config),
     }
     if args.train_only:
         return 0

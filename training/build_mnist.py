@@ -63,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                                augment_pad=args.classifier_shift, flip=False, device=args.device, seed=args.seed)
     ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
                                seed=args.seed)
-    B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
+    config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
 
     clf = make_classifier("mnist")
     histories = {"classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh,
-                                       lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg))}
+                                       lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config)}
     aes = {name: make_autoencoder(kind) for name, kind in AUTOENCODERS.items()}
     for name, ae in aes.items():
         histories[name] = B.stage(args.work_dir, name, [ae], args.fresh,
-                                  lambda ms, n=name: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=n))
+                                  lambda ms, n=name: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=n),
+                                  config)
     if args.train_only:
         return 0
 

@@ -22,15 +22,17 @@ from training.export import export_onnx, parity
 CLASSIFIER_FILE = "classifier.onnx"
 
 
-def stage(work: Path, name: str, models: list[nn.Module], fresh: bool, train_fn: Callable) -> dict:
+def stage(work: Path, name: str, models: list[nn.Module], fresh: bool, train_fn: Callable,
+          config: dict | None = None) -> dict:
     """Train ``models`` unless ``work/name.pt`` holds their weights, then load them from that file, so a
-    fresh run exports exactly what a later reuse would."""
+    fresh run exports exactly what a later reuse would. The history file keeps the configuration of the
+    run that trained the stage (``config.json`` holds the latest run's, which may only have reused it)."""
     weights, hist_path = work / f"{name}.pt", work / f"{name}.history.json"
     if fresh or not (weights.exists() and hist_path.exists()):
         hist = train_fn(models)
         torch.save([_compact(m.state_dict(), _is_large(m)) for m in models], weights)
         hist_path.write_text(json.dumps({"best_epoch": hist.best_epoch, "seconds": hist.seconds,
-                                         "epochs": hist.epochs}, indent=1))
+                                         "config": config, "epochs": hist.epochs}, indent=1))
     else:
         print(f"{name}: reusing {weights}", flush=True)
     for model, state in zip(models, torch.load(weights)):
