@@ -19,7 +19,7 @@ $(VENV)/.gateway: pyproject.toml | $(PY)
 # Training and tests: the CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build).
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,eval,dev]'
 	touch $@
 
 run: $(VENV)/.gateway

@@ -1,4 +1,5 @@
-"""``magnet``: ``serve`` runs the gateway; ``train`` (needs the 'train' extra) rebuilds a bundle."""
+"""``magnet``: ``serve`` runs the gateway; ``train`` rebuilds a bundle and ``evaluate`` attacks one
+(both need the 'train' extra, evaluate also 'eval')."""
 
 from __future__ import annotations
 
@@ -56,13 +57,23 @@ def train(argv: list[str]) -> int:
     return train_main(argv)
 
 
-COMMANDS = {"serve": serve, "train": train}
+def evaluate(argv: list[str]) -> int:
+    try:
+        from training.evaluate.run import main as evaluate_main
+    except ImportError as e:
+        print(f"magnet evaluate needs the train and eval extras (pip install -e '.[train,eval]'): {e}",
+              file=sys.stderr)
+        return 2
+    return evaluate_main(argv)
+
+
+COMMANDS = {"serve": serve, "train": train, "evaluate": evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: magnet {serve,train} [--help]", file=sys.stderr)
+        print("usage: magnet {serve,train,evaluate} [--help]", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -68,15 +68,22 @@ def test_1000_test_images_get_the_cores_decisions(model_server, cifar10):
 @pytest.mark.skipif(not (SHIPPED_CIFAR10_POOL / "manifest.json").exists(), reason="no CIFAR-10 pool bundle")
 def test_pool_gateway_defends_each_session_with_its_member(model_server, cifar10):
     defense = Defense(SHIPPED_CIFAR10_POOL, device="cpu")
-    selector = MemberSelector(SECRET.encode(), len(defense.members))
+    n = len(defense.members)
+    x = cifar10.test.x[:300]
+    per_member = [core(defense, x, m) for m in range(n)]
+    # images on which members disagree tell the members apart
+    split = [i for i in range(len(x)) if len({per_member[m][i] for m in range(n)}) > 1]
+    assert split, "no test image on which pool members disagree"
+    selector = MemberSelector(SECRET.encode(), n)
     sessions = {}
-    for i in range(200):
+    for i in range(400):
         sessions.setdefault(selector.member(f"client-{i}"), f"client-{i}")
+    assert len(sessions) == n
     proc, client = gateway(SHIPPED_CIFAR10_POOL, model_server)
     try:
-        x = cifar10.test.x[:100]
-        for member in sorted(sessions)[:3]:
-            assert served(client, x, sessions[member]) == core(defense, x, member)
+        for member, session in sessions.items():
+            got = served(client, x[split], session)
+            assert got == [per_member[member][i] for i in split], f"session {session} is not member {member}"
     finally:
         client.close()
         proc.stop()

@@ -1,0 +1,1 @@
+"""Evaluation of a bundle against adversarial examples, through the gateway's defense core."""

@@ -1,0 +1,91 @@
+"""The attack registry: one entry per row of the paper's tables.
+
+Every attack maps (torch classifier, x N x C x H x W in [0, 1], true labels, device) to x_adv of the
+same shape in [0, 1]. Gradient attacks come from IBM's adversarial-robustness-toolbox (ART); Carlini's
+L2 and L-infinity attacks are the project's own batched PyTorch implementation (ART's are NumPy-driven
+and far slower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.attacks.carlini import carlini_l2, carlini_linf
+from training.attacks.deepfool import deepfool
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    family: str  # the paper's row group: fgsm, iterative_linf, iterative_l2, deepfool, carlini_l2, ...
+    params: dict = field(default_factory=dict)
+    run: Callable[..., np.ndarray] | None = None
+
+    def __call__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, device: str = "cpu") -> np.ndarray:
+        out = self.run(model, x, y, device=device, **self.params)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _art(model: nn.Module, shape: tuple[int, ...], classes: int, device: str):
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=shape, nb_classes=classes,
+                             clip_values=(0.0, 1.0), device_type="gpu" if device.startswith("cuda") else "cpu")
+
+
+def _classes(model: nn.Module, x: np.ndarray, device: str) -> int:
+    with torch.no_grad():
+        return int(model(torch.from_numpy(x[:1]).to(device)).shape[1])
+
+
+def art_attack(cls_name: str, **defaults):
+    """An ART evasion attack by class name, built on the classifier for each call."""
+
+    def run(model, x, y, device="cpu", batch_size=256, **params):
+        import art.attacks.evasion as evasion
+
+        estimator = _art(model, x.shape[1:], _classes(model, x, device), device)
+        attack = getattr(evasion, cls_name)(estimator, batch_size=batch_size, **{**defaults, **params})
+        labels = np.eye(estimator.nb_classes, dtype=np.float32)[y]
+        return attack.generate(x=x, y=labels)
+
+    return run
+
+
+def own_carlini(norm: str):
+    fn = carlini_l2 if norm == "l2" else carlini_linf
+
+    def run(model, x, y, device="cpu", **params):
+        return fn(model, x, y, device=device, **params).x_adv
+
+    return run
+
+
+def _deepfool(model, x, y, device="cpu", **params):
+    return deepfool(model, x, y, device=device, **params)
+
+
+def registry(dataset: str) -> dict[str, Attack]:
+    """The paper's attacks and strengths for ``dataset`` (MagNet, Tables 3 and 4)."""
+    eps = {"mnist": {"fgsm": (0.005, 0.010), "linf": (0.005, 0.010), "l2": (0.5, 1.0)},
+           "cifar10": {"fgsm": (0.025, 0.050), "linf": (0.010, 0.025), "l2": (0.25, 0.50)}}[dataset]
+    attacks = [Attack(f"fgsm_eps{e:g}", "fgsm", {"eps": e}, art_attack("FastGradientMethod", norm=np.inf))
+               for e in eps["fgsm"]]
+    attacks += [Attack(f"iterative_linf_eps{e:g}", "iterative_linf", {"eps": e, "eps_step": e / 10, "max_iter": 100},
+                       art_attack("BasicIterativeMethod")) for e in eps["linf"]]
+    attacks += [Attack(f"iterative_l2_eps{e:g}", "iterative_l2",
+                       {"eps": e, "eps_step": e / 10, "max_iter": 100, "num_random_init": 0, "verbose": False},
+                       art_attack("ProjectedGradientDescent", norm=2)) for e in eps["l2"]]
+    attacks.append(Attack("deepfool", "deepfool", {"max_iter": 50, "overshoot": 0.02}, _deepfool))
+    attacks.append(Attack("carlini_l2", "carlini_l2", {"confidence": 0.0, "binary_search_steps": 9,
+                                                       "max_iterations": 1000}, own_carlini("l2")))
+    attacks.append(Attack("carlini_linf", "carlini_linf", {"confidence": 0.0, "max_iterations": 1000},
+                          own_carlini("linf")))
+    attacks.append(Attack("carlini_l0", "carlini_l0", {"confidence": 0.0, "max_iter": 100, "verbose": False},
+                          art_attack("CarliniL0Method")))
+    return {a.name: a for a in attacks}

@@ -1,0 +1,91 @@
+"""Differentiable torch twins of a bundle's ONNX models, for attacks that need gradients.
+
+Attacks must target exactly the models the gateway serves, so the twins are rebuilt from the bundle's
+ONNX files (the known architectures, with the ONNX initializers as weights) and checked against
+onnxruntime before use. The exporter folds each BatchNorm into the convolution before it
+(``<conv>.weight`` scaled, ``<conv>.weight_bias`` added): the twin gets that conv weight and a BatchNorm
+that passes values through and adds the bias.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from service.defense.runtime import CPU, OnnxModel
+from training.nets import AE_SPECS, MnistClassifier, ResNet9, SigmoidAutoencoder
+
+
+class TwinError(RuntimeError):
+    """No known architecture matches the ONNX file, or the twin disagrees with onnxruntime."""
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _fill(model: nn.Module, inits: dict[str, np.ndarray]) -> nn.Module:
+    state = model.state_dict()
+    for key, value in state.items():
+        if key in inits:
+            new = inits[key]
+        elif key.rsplit(".", 1)[0] + ".weight" in state and isinstance(_module(model, key), nn.BatchNorm2d):
+            new = _folded_bn(model, key, inits)
+        else:
+            raise TwinError(f"no initializer for {key}")
+        if tuple(new.shape) != tuple(value.shape):
+            raise TwinError(f"{key}: ONNX shape {tuple(new.shape)} != architecture's {tuple(value.shape)}")
+        state[key] = torch.as_tensor(np.array(new), dtype=value.dtype)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _module(model: nn.Module, key: str) -> nn.Module:
+    return model.get_submodule(key.rsplit(".", 1)[0])
+
+
+def _folded_bn(model: nn.Module, key: str, inits: dict[str, np.ndarray]) -> np.ndarray:
+    """Identity BatchNorm plus the folded bias of the conv just before it (``x.0`` -> BN ``x.1``)."""
+    prefix, field = key.rsplit(".", 1)
+    bn = _module(model, key)
+    conv_bias = inits.get(prefix[:-1] + "0.weight_bias")
+    if conv_bias is None:
+        raise TwinError(f"no folded bias for BatchNorm {prefix}")
+    n = bn.num_features
+    return {"weight": np.ones(n), "bias": conv_bias, "running_mean": np.zeros(n),
+            "running_var": np.full(n, 1.0 - bn.eps), "num_batches_tracked": np.array(0)}[field]
+
+
+def _candidates(dataset: str, role: str, inits: dict[str, np.ndarray]) -> list[nn.Module]:
+    if role == "classifier":
+        if dataset == "mnist":
+            return [MnistClassifier()]
+        width = inits["features.0.0.weight"].shape[0] if "features.0.0.weight" in inits else 64
+        return [ResNet9(width=width)]
+    return [SigmoidAutoencoder(c, spec) for c, spec in AE_SPECS.values()]
+
+
+def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int, int],
+               tolerance: float = 1e-4) -> nn.Module:
+    """The torch module computing what ``path`` computes, verified on random inputs."""
+    inits = _initializers(path)
+    for model in _candidates(dataset, role, inits):
+        try:
+            model = _fill(model, inits)
+        except (TwinError, RuntimeError):
+            continue
+        x = np.random.default_rng(0).uniform(size=(8, *input_shape)).astype(np.float32)
+        try:
+            with torch.no_grad():
+                diff = float(np.abs(model(torch.from_numpy(x)).numpy() - OnnxModel(path, [CPU])(x)).max())
+        except RuntimeError:
+            continue
+        if diff <= tolerance:
+            return model
+        raise TwinError(f"{path}: torch twin differs from onnxruntime by {diff:.2e} > {tolerance:g}")
+    raise TwinError(f"{path}: no known {role} architecture for {dataset} matches its weights")
