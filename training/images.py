@@ -94,7 +94,11 @@ def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: 
         return Split(x, np.array([index[c] for c in cls], dtype=np.int64))
 
     train, val = hold_out(split("train"), validation, seed)
-    return Dataset(name=name, train=train, val=val, test=split("test"), classes=classes)
+    # folders list images class by class; a fixed shuffle makes every prefix of the test split (used
+    # for quick figures and tests) a fair sample of all classes
+    test = split("test")
+    order = np.random.default_rng(seed).permutation(len(test))
+    return Dataset(name=name, train=train, val=val, test=Split(test.x[order], test.y[order]), classes=classes)
 
 
 def _cifar_batch(path: Path) -> Split:
