@@ -20,6 +20,7 @@ from service.pipeline import Pipeline
 from service.routes import router
 from service.settings import Settings
 from service.upstream import Upstream, make_upstream
+from service.v2_front import router as v2_router
 
 log = logging.getLogger("magnet")
 
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     app = FastAPI(title="MagNet gateway", lifespan=lifespan)
     app.state.gateway = gateway
     app.include_router(router)
+    app.include_router(v2_router)
     app.add_exception_handler(MagnetError, handle_magnet_error)
     app.add_exception_handler(Exception, _unexpected)
     return app

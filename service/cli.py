@@ -15,6 +15,7 @@ SERVE_FLAGS = {
     "--bundle": ("bundle", str, "bundle directory to serve (default: the shipped MNIST bundle)"),
     "--upstream": ("upstream", str, "base URL of an OIP v2 model server; absent: embedded classifier"),
     "--upstream-model": ("upstream_model", str, "model name on the upstream (default: the bundle's name)"),
+    "--upstream-protocol": ("upstream_protocol", str, "v2 (Triton, KServe, MLServer) or tfserving"),
     "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
     "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),

@@ -1,10 +1,12 @@
-"""Wire <-> ndarray: request bodies to N x C x H x W float32 batches, with checks that say what was expected."""
+"""Wire <-> ndarray: request bodies (``/classify``'s and OIP v2 inference requests) to N x C x H x W
+float32 batches, with checks that say what was expected."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import math
 
 import numpy as np
 import orjson
@@ -48,16 +50,21 @@ def check_values(batch: np.ndarray, spec: InputSpec) -> None:
                        f"[{lo:g}, {hi:g}] (scale 8-bit pixels by 1/255)")
 
 
-def decode_array(value: object, spec: InputSpec) -> np.ndarray:
-    """Nested JSON lists of numbers -> N x C x H x W float32."""
+def as_numbers(value: object, what: str = "inputs") -> np.ndarray:
+    """Nested JSON lists of numbers -> a float32 array; ``what`` names the value in error messages."""
     try:
         raw = np.asarray(value)
     except ValueError:
-        raise BadInput("inputs must be a rectangular nested array of numbers (rows of unequal length found)")
+        raise BadInput(f"{what} must be a rectangular nested array of numbers (rows of unequal length found)")
     if raw.dtype.kind not in "iuf":
-        raise BadInput(f"inputs must be numbers; got {'a ragged or mixed array' if raw.dtype == object else raw.dtype.name}")
+        raise BadInput(f"{what} must be numbers; got {'a ragged or mixed array' if raw.dtype == object else raw.dtype.name}")
     with np.errstate(over="ignore"):  # overflow becomes Inf, which check_values reports
-        batch = to_batch(raw.astype(np.float32, copy=False), spec)
+        return raw.astype(np.float32, copy=False)
+
+
+def decode_array(value: object, spec: InputSpec) -> np.ndarray:
+    """Nested JSON lists of numbers -> N x C x H x W float32."""
+    batch = to_batch(as_numbers(value), spec)
     check_values(batch, spec)
     return batch
 
@@ -83,12 +90,25 @@ def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
 
 
-def decode_classify_request(body: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
-    """``{"inputs": ...}`` or ``{"images": [...]}`` -> N x C x H x W float32 in the spec's range."""
+def _load_json(body: bytes) -> object:
     try:
-        payload = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise BadInput(f"body is not valid JSON: {e}")
+
+
+def _sized(batch: np.ndarray, max_batch: int) -> np.ndarray:
+    """The batch as contiguous float32, refused when empty (400) or larger than ``max_batch`` (413)."""
+    if len(batch) == 0:
+        raise BadInput("inputs hold no image")
+    if len(batch) > max_batch:
+        raise PayloadTooLarge(f"{len(batch)} inputs in one request; at most {max_batch} are accepted")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def decode_classify_request(body: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """``{"inputs": ...}`` or ``{"images": [...]}`` -> N x C x H x W float32 in the spec's range."""
+    payload = _load_json(body)
     if not isinstance(payload, dict) or len({"inputs", "images"} & payload.keys()) != 1:
         raise BadInput('body must be a JSON object with exactly one of "inputs" (nested float arrays in '
                        '[0, 1]) or "images" (a list of base64 PNG/JPEG strings)')
@@ -101,8 +121,47 @@ def decode_classify_request(body: bytes, spec: InputSpec, max_batch: int) -> np.
         if len(images) > max_batch:
             raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_batch} are accepted")
         batch = np.stack([decode_image(t, i, spec) for i, t in enumerate(images)])
-    if len(batch) == 0:
-        raise BadInput("inputs hold no image")
-    if len(batch) > max_batch:
-        raise PayloadTooLarge(f"{len(batch)} inputs in one request; at most {max_batch} are accepted")
-    return np.ascontiguousarray(batch, dtype=np.float32)
+    return _sized(batch, max_batch)
+
+
+V2_TENSOR_KEYS = ("name", "shape", "datatype", "data")
+
+
+def v2_input_shapes(spec: InputSpec) -> str:
+    c, h, w = spec.shape
+    return f"[N, {c}, {h}, {w}]" + (f" or [N, {h}, {w}]" if c == 1 else "")
+
+
+def decode_v2_tensor(tensor: object, spec: InputSpec) -> np.ndarray:
+    """One OIP v2 input tensor (any name; FP32; shape [N, C, H, W], or [N, H, W] for one channel;
+    ``data`` flat or nested, row-major) -> N x C x H x W float32 in the spec's range."""
+    if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS):
+        raise BadInput('the input tensor must be an object with "name", "shape", "datatype" and "data"')
+    name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
+    if not isinstance(name, str):
+        raise BadInput('the input tensor\'s "name" must be a string')
+    if datatype != "FP32":
+        raise BadInput(f"input tensor {name!r} has datatype {datatype!r}; expected FP32")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadInput(f'input tensor {name!r}: "shape" must be a list of non-negative integers')
+    c, h, w = spec.shape
+    if not (len(shape) == 4 and shape[1:] == [c, h, w] or c == 1 and len(shape) == 3 and shape[1:] == [h, w]):
+        raise BadInput(f"input tensor {name!r} has shape {shape}; expected {v2_input_shapes(spec)}")
+    values = as_numbers(tensor["data"], f"input tensor {name!r} data")
+    if values.size != math.prod(shape):
+        raise BadInput(f"input tensor {name!r} holds {values.size} values; shape {shape} needs {math.prod(shape)}")
+    batch = to_batch(values.reshape(shape), spec)
+    check_values(batch, spec)
+    return batch
+
+
+def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int) -> tuple[np.ndarray, str | None]:
+    """An OIP v2 inference request with one input tensor -> (N x C x H x W float32, the request's id)."""
+    payload = _load_json(body)
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
+        raise BadInput('body must be an OIP v2 inference request with exactly one input tensor: '
+                       '{"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadInput('"id" must be a string')
+    return _sized(decode_v2_tensor(payload["inputs"][0], spec), max_batch), request_id

@@ -25,6 +25,10 @@ class BadInput(MagnetError):
     status = 400
 
 
+class UnknownModel(MagnetError):
+    status = 404
+
+
 class PayloadTooLarge(MagnetError):
     status = 413
 

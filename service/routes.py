@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import orjson
@@ -14,6 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.codecs import decode_classify_request
 from service.errors import BadInput, MagnetError, PayloadTooLarge
 from service.pipeline import Outcome
+
+if TYPE_CHECKING:
+    from service.app import Gateway
 
 router = APIRouter()
 
@@ -68,18 +73,29 @@ def encode_results(outcome: Outcome, explain: bool) -> list[dict]:
     return results
 
 
-@router.post("/classify")
-async def classify(request: Request) -> Response:
-    """Defend and classify ``{"inputs": ...}`` or ``{"images": [...]}``; results in input order."""
+@dataclass(frozen=True)
+class Defended:
+    """A request after the pipeline: its outcome, the member that judged it, and its session."""
+
+    outcome: Outcome
+    member: int
+    extra: Any  # whatever the decoder returned beside the batch (e.g. a v2 request id)
+    session: str
+    issued: bool
+    started: float
+
+
+async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.ndarray, Any]]) -> Defended:
+    """The bookkeeping every defended route shares: session, body limit, decode, member, pipeline,
+    and the request counters by outcome."""
     gw = request.app.state.gateway
-    metrics = gw.metrics
-    t0 = time.perf_counter()
-    settings = gw.settings
+    settings, metrics = gw.settings, gw.metrics
+    started = time.perf_counter()
     try:
         session, issued = session_of(request, settings.session_header, settings.session_cookie)
         body = await read_body(request, settings.max_body_bytes)
         with metrics.stage_seconds.labels("decode").time():
-            x = decode_classify_request(body, gw.defense.manifest.input, settings.max_batch)
+            x, extra = decode(body, gw)
         member = gw.selector.member(session)
         metrics.pool_selections.labels(gw.defense.members[member].name).inc()
         outcome = await gw.pipeline.classify(x, member=member)
@@ -90,11 +106,26 @@ async def classify(request: Request) -> Response:
         metrics.requests.labels("error").inc()
         raise
     metrics.requests.labels("ok").inc()
-    response = json_response({"results": encode_results(outcome, settings.explain)})
-    if issued:
-        response.set_cookie(settings.session_cookie, session, httponly=True, samesite="lax")
-    metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
+    return Defended(outcome, member, extra, session, issued, started)
+
+
+def answer(request: Request, defended: Defended, content: object) -> Response:
+    """The JSON response, with the session cookie when one was issued; records the total latency."""
+    gw = request.app.state.gateway
+    response = json_response(content)
+    if defended.issued:
+        response.set_cookie(gw.settings.session_cookie, defended.session, httponly=True, samesite="lax")
+    gw.metrics.stage_seconds.labels("total").observe(time.perf_counter() - defended.started)
     return response
+
+
+@router.post("/classify")
+async def classify(request: Request) -> Response:
+    """Defend and classify ``{"inputs": ...}`` or ``{"images": [...]}``; results in input order."""
+    defended = await defend(request, lambda body, gw: (
+        decode_classify_request(body, gw.defense.manifest.input, gw.settings.max_batch), None))
+    explain = request.app.state.gateway.settings.explain
+    return answer(request, defended, {"results": encode_results(defended.outcome, explain)})
 
 
 @router.get("/healthz")

@@ -21,9 +21,13 @@ class Settings(BaseSettings):
     upstream: str | None = Field(
         None, description="Base URL of the classifier's model server (e.g. http://triton:8000). "
                           "Unset: the bundle's own classifier runs in-process (the embedded default).")
-    upstream_protocol: Literal["v2"] = Field(
+    upstream_protocol: Literal["v2", "tfserving"] = Field(
         "v2", description="Protocol the upstream speaks: 'v2' is the Open Inference Protocol "
-                          "(Triton, KServe, MLServer).")
+                          "(Triton, KServe, MLServer); 'tfserving' is TensorFlow Serving's REST predict API.")
+    upstream_layout: Literal["NCHW", "NHWC"] = Field(
+        "NCHW", description="Tensor layout the upstream model server takes: the gateway transposes its "
+                            "N x C x H x W batches to 'NHWC' for models that want channels last (most TF "
+                            "models). Ignored without MAGNET_UPSTREAM (the embedded classifier is NCHW).")
     upstream_model: str | None = Field(
         None, description="Model name on the upstream server; defaults to the bundle's name.")
     upstream_input: str = Field("input", description="Name of the upstream model's input tensor.")

@@ -1,6 +1,7 @@
 """Tiny hand-made bundles: 1 x 4 x 4 inputs, affine 'autoencoders' and a linear classifier.
 
 Their outputs can be computed by hand, so tests can check the core's and the gateway's arithmetic.
+``make_client`` serves a bundle in-process in front of a ``RecordingUpstream``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
 
+from service.app import create_app
+from service.defense import Defense
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
+from service.settings import Settings
 
 SHAPE = (1, 4, 4)
 PIXELS = 16
@@ -86,3 +92,43 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
 def images(*values: float) -> np.ndarray:
     """One constant 1 x 4 x 4 image per value."""
     return np.stack([np.full(SHAPE, v, np.float32) for v in values])
+
+
+class RecordingUpstream:
+    """Wraps the toy classifier; records each batch and can be told to fail."""
+
+    outputs = "logits"
+
+    def __init__(self, defense, fail=None, outputs="logits"):
+        self.defense, self.fail, self.batches, self.outputs = defense, fail, [], outputs
+
+    def describe(self):
+        return "recording fake"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def ready(self):
+        return self.fail is None
+
+    async def infer(self, x):
+        self.batches.append(x.copy())
+        if self.fail:
+            raise self.fail
+        logits = self.defense.classifier(x)
+        if self.outputs == "probabilities":
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        return logits
+
+
+def make_client(bundle, fail=None, outputs="logits", **settings):
+    """A TestClient of the gateway on ``bundle`` (settings as keywords) and its RecordingUpstream."""
+    defense = Defense(bundle, device="cpu")
+    upstream = RecordingUpstream(defense, fail, outputs)
+    app = create_app(Settings(bundle=bundle, **settings), defense=defense, upstream=upstream,
+                     registry=CollectorRegistry())
+    return TestClient(app), upstream

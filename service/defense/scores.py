@@ -71,5 +71,7 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def divergence_score(logits_x: np.ndarray, logits_ae: np.ndarray, temperature: float) -> np.ndarray:
-    """JSD(softmax(z(x)/T), softmax(z(ae(x))/T)) per row."""
-    return jensen_shannon(softmax(logits_x, temperature), softmax(logits_ae, temperature))
+    """JSD(softmax(z(x)/T), softmax(z(ae(x))/T)) per row; NaN where either row holds NaN (not scored)."""
+    score = jensen_shannon(softmax(logits_x, temperature), softmax(logits_ae, temperature))
+    unscored = np.isnan(logits_x).any(axis=1) | np.isnan(logits_ae).any(axis=1)
+    return np.where(unscored, np.nan, score)

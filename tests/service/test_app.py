@@ -5,54 +5,11 @@ import io
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
-from service.app import create_app
-from service.defense import Defense
 from service.errors import UpstreamTimeout, UpstreamUnavailable
-from service.settings import Settings
 from tests import fakes
-
-
-class RecordingUpstream:
-    """Wraps the toy classifier; records each batch and can be told to fail."""
-
-    outputs = "logits"
-
-    def __init__(self, defense, fail=None, outputs="logits"):
-        self.defense, self.fail, self.batches, self.outputs = defense, fail, [], outputs
-
-    def describe(self):
-        return "recording fake"
-
-    async def start(self):
-        pass
-
-    async def close(self):
-        pass
-
-    async def ready(self):
-        return self.fail is None
-
-    async def infer(self, x):
-        self.batches.append(x.copy())
-        if self.fail:
-            raise self.fail
-        logits = self.defense.classifier(x)
-        if self.outputs == "probabilities":
-            e = np.exp(logits - logits.max(1, keepdims=True))
-            return e / e.sum(1, keepdims=True)
-        return logits
-
-
-def make_client(bundle, fail=None, outputs="logits", **settings):
-    defense = Defense(bundle, device="cpu")
-    upstream = RecordingUpstream(defense, fail, outputs)
-    app = create_app(Settings(bundle=bundle, **settings), defense=defense, upstream=upstream,
-                     registry=CollectorRegistry())
-    return TestClient(app), upstream
+from tests.fakes import make_client
 
 
 @pytest.fixture

@@ -1,0 +1,70 @@
+"""TensorFlow Serving REST upstream: ``POST {url}/v1/models/{name}:predict`` in the row ("instances") format.
+
+TF models usually take N x H x W x C: with ``layout="NHWC"`` the batch is transposed before it is sent.
+Readiness is ``GET {url}/v1/models/{name}`` listing a version whose state is ``AVAILABLE``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import orjson
+
+from service.errors import UpstreamError
+from service.upstream.pooled import Layout, PooledHttp, to_layout
+
+
+class TfServingUpstream(PooledHttp):
+    def __init__(self, url: str, model: str, output_name: str | None = None,
+                 outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
+                 max_connections: int = 64, layout: Layout = "NCHW") -> None:
+        super().__init__(url, timeout_s, max_connections)
+        self.model = model
+        self.output_name = output_name
+        self.outputs = outputs
+        self.layout = layout
+
+    def describe(self) -> str:
+        return f"TF Serving model {self.model!r} ({self.layout}) at {self.base}"
+
+    async def ready(self) -> bool:
+        answer = await self.get(f"{self.base}/v1/models/{self.model}")
+        if answer is None or answer[0] != 200:
+            return False
+        try:
+            versions = orjson.loads(answer[1])["model_version_status"]
+            return any(v.get("state") == "AVAILABLE" for v in versions)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return False
+
+    def encode(self, x: np.ndarray) -> bytes:
+        return orjson.dumps({"instances": to_layout(x, self.layout)}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _rows(self, predictions: list) -> list:
+        """Rows of a multi-output model are objects: pick the named output (or the only one)."""
+        if not predictions or not isinstance(predictions[0], dict):
+            return predictions
+        names = sorted(predictions[0])
+        name = self.output_name or (names[0] if len(names) == 1 else None)
+        if name is None:
+            raise UpstreamError(f"upstream returned outputs {names}; set MAGNET_UPSTREAM_OUTPUT to one of them")
+        return [row[name] for row in predictions]
+
+    def decode(self, body: bytes, rows: int) -> np.ndarray:
+        try:
+            answer = orjson.loads(body)
+            if isinstance(answer, dict) and "error" in answer:
+                raise UpstreamError(f"upstream answered an error: {str(answer['error'])[:300]}")
+            scores = np.asarray(self._rows(answer["predictions"]), dtype=np.float32)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UpstreamError(f"upstream answer is not a TF Serving predict response with "
+                                f"{self.output_name or 'one output'}: {e!r}")
+        if scores.ndim != 2 or len(scores) != rows:
+            raise UpstreamError(f"upstream returned shape {list(scores.shape)} for {rows} inputs; "
+                                f"expected [{rows}, classes]")
+        return scores
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        body = await self.post(f"{self.base}/v1/models/{self.model}:predict", self.encode(x))
+        return self.decode(body, len(x))

@@ -1,0 +1,122 @@
+"""The gateway's own Open Inference Protocol v2 front, so Triton/KServe clients only change the URL.
+
+``POST /v2/models/{name}/infer`` runs the same defense pipeline as ``/classify`` (same session and pool
+member, same metrics). The answer always holds, per input row and in input order:
+
+- ``probabilities`` FP32 [N, K]: the classifier's softmax; **all 0.0** for a rejected row (JSON has no
+  NaN, and an all-zero row cannot be mistaken for a distribution);
+- ``label`` INT64 [N]: the argmax, **-1** for a rejected row;
+- ``rejected`` BOOL [N];
+
+and ``parameters.rejected_count``. With ``explain`` on, ``scores_<detector>`` FP64 [N] are added
+(-1 where a detector did not score the row).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from service.codecs import decode_v2_infer_request
+from service.errors import BadInput, UnknownModel
+from service.pipeline import Outcome
+from service.routes import answer, defend, json_response
+
+if TYPE_CHECKING:
+    from service.app import Gateway
+
+router = APIRouter(prefix="/v2")
+
+PLATFORM = "magnet-gateway"
+REJECTED_PROBABILITY = 0.0
+REJECTED_LABEL = -1
+UNSCORED = -1.0
+
+
+def _gateway_serving(request: Request, name: str) -> Gateway:
+    """The gateway, if it serves model ``name`` (the bundle's manifest name); else 404."""
+    gw = request.app.state.gateway
+    if name != gw.defense.manifest.name:
+        raise UnknownModel(f"model {name!r} is not served here; this gateway serves {gw.defense.manifest.name!r}")
+    return gw
+
+
+def detector_names(gw: Gateway) -> list[str]:
+    return sorted({d.name for m in gw.defense.members for d in m.detectors})
+
+
+def model_metadata(gw: Gateway) -> dict:
+    manifest = gw.defense.manifest
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.classifier.classes)]},
+               {"name": "label", "datatype": "INT64", "shape": [-1]},
+               {"name": "rejected", "datatype": "BOOL", "shape": [-1]}]
+    if gw.settings.explain:
+        outputs += [{"name": f"scores_{d}", "datatype": "FP64", "shape": [-1]} for d in detector_names(gw)]
+    return {"name": manifest.name, "platform": PLATFORM,
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *manifest.input.shape]}],
+            "outputs": outputs}
+
+
+def _tensor(name: str, datatype: str, values: np.ndarray) -> dict:
+    return {"name": name, "datatype": datatype, "shape": list(values.shape), "data": values.ravel().tolist()}
+
+
+def score_outputs(outcome: Outcome, detectors: list[str]) -> list[dict]:
+    """One FP64 tensor per detector, UNSCORED where it did not score the row: a detector the member
+    lacks, or a divergence detector on a row that never went upstream (NaN in the core)."""
+    n = len(outcome.verdict.accepted)
+    return [_tensor(f"scores_{name}", "FP64", np.nan_to_num(outcome.verdict.scores.get(name, np.full(n, np.nan)),
+                                                             nan=UNSCORED)) for name in detectors]
+
+
+def encode_outputs(outcome: Outcome) -> list[dict]:
+    """``probabilities``, ``label`` and ``rejected``, rejected rows as the module's docstring says."""
+    rejected = ~outcome.verdict.accepted
+    probabilities = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities)
+    labels = np.where(rejected, REJECTED_LABEL, outcome.probabilities.argmax(axis=1)).astype(np.int64)
+    return [_tensor("probabilities", "FP32", probabilities), _tensor("label", "INT64", labels),
+            _tensor("rejected", "BOOL", rejected)]
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    upstream_ready = await request.app.state.gateway.upstream.ready()
+    return json_response({"ready": upstream_ready}, 200 if upstream_ready else 503)
+
+
+@router.get("/models/{name}")
+async def metadata(name: str, request: Request) -> Response:
+    return json_response(model_metadata(_gateway_serving(request, name)))
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(name: str, request: Request) -> Response:
+    upstream_ready = await _gateway_serving(request, name).upstream.ready()
+    return json_response({"name": name, "ready": upstream_ready}, 200 if upstream_ready else 503)
+
+
+@router.post("/models/{name}/infer")
+async def infer(name: str, request: Request) -> Response:
+    """Defend and classify one FP32 input tensor; outputs as in the module's docstring."""
+    gw = _gateway_serving(request, name)
+    if "inference-header-content-length" in request.headers:
+        gw.metrics.requests.labels("bad_request").inc()
+        raise BadInput("the binary tensor extension is not supported: send the tensor as JSON \"data\"")
+    defended = await defend(request, lambda body, g: decode_v2_infer_request(
+        body, g.defense.manifest.input, g.settings.max_batch))
+    content: dict = {"model_name": name}
+    if defended.extra is not None:
+        content["id"] = defended.extra
+    content["parameters"] = {"rejected_count": int((~defended.outcome.verdict.accepted).sum())}
+    content["outputs"] = encode_outputs(defended.outcome)
+    if gw.settings.explain:
+        content["outputs"] += score_outputs(defended.outcome, detector_names(gw))
+    return answer(request, defended, content)

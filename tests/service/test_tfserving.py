@@ -1,0 +1,164 @@
+"""The TF Serving REST adapter against small in-process aiohttp servers, the factory that picks an adapter,
+and the layout setting both HTTP adapters honour."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+
+from service.defense import Defense
+from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from service.settings import Settings
+from service.upstream import OipUpstream, TfServingUpstream, make_upstream
+from tests.procs import free_port
+
+AVAILABLE = {"model_version_status": [{"version": "2", "state": "AVAILABLE",
+                                       "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+async def _with_server(predict, body, status=AVAILABLE, **options):
+    app = web.Application()
+    app.router.add_post("/v1/models/m:predict", predict)
+    app.router.add_get("/v1/models/m", lambda r: web.json_response(status))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    upstream = TfServingUpstream(f"http://127.0.0.1:{port}/", "m", timeout_s=0.5, **options)
+    await upstream.start()
+    try:
+        return await body(upstream)
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+
+
+def run(predict, body, **kwargs):
+    return asyncio.run(_with_server(predict, body, **kwargs))
+
+
+def recording(seen, k=2):
+    async def predict(request):
+        seen.update(await request.json())
+        n = len(seen["instances"])
+        return web.json_response({"predictions": np.arange(n * k).reshape(n, k).tolist()})
+    return predict
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_request_layout_and_response_decoding(layout):
+    seen = {}
+    x = np.random.default_rng(0).uniform(size=(3, 2, 4, 5)).astype(np.float32)  # N, C, H, W
+    out = run(recording(seen), lambda u: u.infer(x), layout=layout)
+    instances = np.asarray(seen["instances"], np.float32)
+    expected = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+    assert instances.shape == ((3, 4, 5, 2) if layout == "NHWC" else (3, 2, 4, 5))
+    np.testing.assert_allclose(instances, expected, rtol=1e-6)
+    np.testing.assert_array_equal(out, [[0, 1], [2, 3], [4, 5]])
+    assert out.dtype == np.float32
+
+
+def test_named_outputs_of_a_multi_output_model():
+    async def predict(request):
+        n = len((await request.json())["instances"])
+        return web.json_response({"predictions": [{"logits": [i, 0.0], "classes": i} for i in range(n)]})
+
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    out = run(predict, lambda u: u.infer(x), output_name="logits")
+    np.testing.assert_array_equal(out, [[0, 0], [1, 0]])
+    with pytest.raises(UpstreamError, match="set MAGNET_UPSTREAM_OUTPUT"):
+        run(predict, lambda u: u.infer(x))
+
+
+@pytest.mark.parametrize("status, ready", [
+    (AVAILABLE, True),
+    ({"model_version_status": [{"version": "1", "state": "END"}, {"version": "2", "state": "AVAILABLE"}]}, True),
+    ({"model_version_status": [{"version": "1", "state": "LOADING"}]}, False),
+    ({"model_version_status": []}, False),
+    ({"error": "Could not find any versions of model m"}, False),
+])
+def test_readiness_from_model_status(status, ready):
+    assert run(recording({}), lambda u: u.ready(), status=status) is ready
+
+
+def test_not_ready_when_the_status_route_fails():
+    async def body():
+        app = web.Application()
+        app.router.add_get("/v1/models/m", lambda r: web.json_response({"error": "not found"}, status=404))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        upstream = TfServingUpstream(f"http://127.0.0.1:{port}", "m")
+        await upstream.start()
+        try:
+            return await upstream.ready()
+        finally:
+            await upstream.close()
+            await runner.cleanup()
+
+    assert asyncio.run(body()) is False
+
+
+@pytest.mark.parametrize("response, fragment", [
+    (web.json_response({"error": "Input to reshape is a tensor with 16 values"}, status=400),
+     'answered 400: {"error": "Input to reshape'),
+    (web.json_response({"error": "Servable not found"}), "answered an error: Servable not found"),
+    (web.Response(status=500, text="boom"), "answered 500: boom"),
+    (web.json_response({"outputs": [[0.0, 1.0]]}), "not a TF Serving predict response"),
+    (web.Response(text="not json"), "not a TF Serving predict response"),
+    (web.json_response({"predictions": [[0.0, 1.0], [1.0, 0.0]]}), "shape [2, 2] for 1 inputs"),
+    (web.json_response({"predictions": [0.0, 1.0]}), "shape [2] for 1 inputs"),
+])
+def test_bad_answers_raise_upstream_error(response, fragment):
+    async def predict(request):
+        return response
+
+    with pytest.raises(UpstreamError) as e:
+        run(predict, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
+    assert fragment in e.value.message
+
+
+def test_slow_upstream_times_out():
+    async def predict(request):
+        await asyncio.sleep(2)
+        return web.json_response({})
+
+    with pytest.raises(UpstreamTimeout, match="within 0.5 s"):
+        run(predict, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
+
+
+def test_unreachable_upstream():
+    async def body():
+        upstream = TfServingUpstream(f"http://127.0.0.1:{free_port()}", "m")
+        await upstream.start()
+        try:
+            assert await upstream.ready() is False
+            await upstream.infer(np.zeros((1, 1, 2, 2), np.float32))
+        finally:
+            await upstream.close()
+
+    with pytest.raises(UpstreamUnavailable, match="unreachable"):
+        asyncio.run(body())
+
+
+@pytest.mark.parametrize("protocol, kind", [("v2", OipUpstream), ("tfserving", TfServingUpstream)])
+def test_factory_picks_the_adapter_and_passes_the_settings(toy_bundle, protocol, kind):
+    settings = Settings(bundle=toy_bundle, upstream="http://tf:8501", upstream_protocol=protocol,
+                        upstream_layout="NHWC", upstream_outputs="probabilities", upstream_timeout_s=3)
+    with ThreadPoolExecutor(1) as executor:
+        upstream = make_upstream(settings, Defense(toy_bundle, device="cpu"), executor)
+    assert type(upstream) is kind
+    assert (upstream.base, upstream.model, upstream.layout, upstream.outputs, upstream.timeout.total) == \
+        ("http://tf:8501", "toy", "NHWC", "probabilities", 3)
+
+
+def test_the_v2_adapter_sends_nhwc_too():
+    x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    tensor = orjson.loads(OipUpstream("http://t", "m", layout="NHWC").encode(x))["inputs"][0]
+    assert tensor["shape"] == [2, 2, 2, 3]
+    np.testing.assert_array_equal(tensor["data"], x.transpose(0, 2, 3, 1).ravel())
+    assert orjson.loads(OipUpstream("http://t", "m").encode(x))["inputs"][0]["shape"] == [2, 3, 2, 2]

@@ -1,0 +1,236 @@
+"""The gateway's Open Inference Protocol v2 front, in-process on a toy bundle: metadata, health, infer
+(same defense, session and metrics as /classify) and its 4xx answers."""
+
+import numpy as np
+import pytest
+
+from service.defense.pool import MemberSelector
+from service.errors import UpstreamUnavailable
+from tests import fakes
+from tests.fakes import make_client
+
+
+@pytest.fixture
+def client(toy_bundle):
+    c, upstream = make_client(toy_bundle)
+    with c:
+        c.upstream = upstream
+        yield c
+
+
+def tensor(x, name="input", datatype="FP32", shape=None, data=None):
+    x = np.asarray(x)
+    return {"name": name, "datatype": datatype, "shape": list(x.shape) if shape is None else shape,
+            "data": x.ravel().tolist() if data is None else data}
+
+
+def infer(client, *tensors, model="toy", **extra):
+    return client.post(f"/v2/models/{model}/infer", json={"inputs": list(tensors), **extra})
+
+
+def outputs_of(response):
+    return {o["name"]: o for o in response.json()["outputs"]}
+
+
+def test_model_metadata(client):
+    r = client.get("/v2/models/toy")
+    assert r.status_code == 200
+    assert r.json() == {
+        "name": "toy", "platform": "magnet-gateway",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 4, 4]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]},
+                    {"name": "rejected", "datatype": "BOOL", "shape": [-1]}],
+    }
+
+
+def test_live_and_ready(client):
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    r = client.get("/v2/models/toy/ready")
+    assert r.status_code == 200 and r.json() == {"name": "toy", "ready": True}
+
+
+def test_not_ready_when_the_upstream_is_not(toy_bundle):
+    c, _ = make_client(toy_bundle, fail=UpstreamUnavailable("down"))
+    with c:
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.get("/v2/health/ready").status_code == 503
+        assert c.get("/v2/models/toy/ready").status_code == 503
+        assert c.get("/readyz").status_code == 503
+
+
+@pytest.mark.parametrize("method, path", [("get", "/v2/models/mnist"), ("get", "/v2/models/mnist/ready"),
+                                          ("post", "/v2/models/mnist/infer")])
+def test_unknown_model_is_404(client, method, path):
+    kwargs = {"json": {"inputs": [tensor(fakes.images(0.5))]}} if method == "post" else {}
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == 404
+    assert "'mnist' is not served here" in r.json()["error"] and "'toy'" in r.json()["error"]
+    assert client.upstream.batches == []
+
+
+def test_infer_matches_classify_row_by_row(client):
+    x = fakes.images(0.5, 0.0, 0.3, 1.0)  # 0.0 and 1.0 are rejected by detector R
+    r = infer(client, tensor(x), id="req-1")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model_name"] == "toy" and body["id"] == "req-1"
+    assert body["parameters"] == {"rejected_count": 2}
+    out = outputs_of(r)
+    assert set(out) == {"probabilities", "label", "rejected"}
+    assert out["rejected"] == {"name": "rejected", "datatype": "BOOL", "shape": [4],
+                               "data": [False, True, False, True]}
+    assert out["label"] == {"name": "label", "datatype": "INT64", "shape": [4], "data": [0, -1, 0, -1]}
+    probabilities = out["probabilities"]
+    assert probabilities["datatype"] == "FP32" and probabilities["shape"] == [4, 3]
+    rows = np.reshape(probabilities["data"], (4, 3))
+    assert (rows[[1, 3]] == 0.0).all()  # rejected rows: all zeros
+    # rejected rows never went upstream: one call with the two accepted rows, reformed
+    assert len(client.upstream.batches) == 1
+    np.testing.assert_allclose(client.upstream.batches[0][:, 0, 0, 0], [0.5, 0.4], atol=1e-6)
+    classify = client.post("/classify", json={"inputs": x.tolist()}).json()["results"]
+    assert [res["label"] if res["label"] is not None else -1 for res in classify] == out["label"]["data"]
+    for i in (0, 2):
+        assert rows[i].tolist() == classify[i]["probabilities"]
+
+
+def test_infer_response_without_request_id_has_none(client):
+    body = infer(client, tensor(fakes.images(0.5))).json()
+    assert "id" not in body and set(body) == {"model_name", "parameters", "outputs"}
+
+
+@pytest.mark.parametrize("name", ["input", "INPUT__0", "x", "images:0"])
+def test_any_input_tensor_name(client, name):
+    r = infer(client, tensor(fakes.images(0.5), name=name))
+    assert r.status_code == 200 and outputs_of(r)["label"]["data"] == [0]
+
+
+@pytest.mark.parametrize("shape, nested", [([2, 1, 4, 4], False), ([2, 4, 4], False), ([2, 1, 4, 4], True),
+                                           ([2, 4, 4], True)])
+def test_shapes_and_nesting(client, shape, nested):
+    x = fakes.images(0.5, 0.0).reshape(shape)
+    r = infer(client, tensor(x, data=x.tolist() if nested else None))
+    assert r.status_code == 200 and outputs_of(r)["rejected"]["data"] == [False, True]
+
+
+@pytest.mark.parametrize("request_tensor, fragment", [
+    (tensor(fakes.images(0.5), datatype="INT32"), "has datatype 'INT32'; expected FP32"),
+    (tensor(np.full((1, 1, 5, 4), 0.5)), "has shape [1, 1, 5, 4]; expected [N, 1, 4, 4] or [N, 4, 4]"),
+    (tensor(np.full((1, 4, 4), 0.5), shape=[1, 16]), "has shape [1, 16]; expected"),
+    (tensor(np.full((1, 4, 4), 0.5), shape=[4, 4]), "has shape [4, 4]; expected"),
+    (tensor(fakes.images(0.5), shape=[2, 1, 4, 4]), "holds 16 values; shape [2, 1, 4, 4] needs 32"),
+    (tensor(fakes.images(1.5)), "expected values in [0, 1]"),
+    (tensor(fakes.images(-0.1)), "expected values in [0, 1]"),
+    (tensor(fakes.images(0.5), data=[1e300] + [0.5] * 15), "NaN or Inf"),  # finite JSON, Inf as float32
+    (tensor(fakes.images(0.5), data=["a"] * 16), "must be numbers"),
+    (tensor(fakes.images(0.5), data=[True] * 16), "must be numbers"),
+    (tensor(fakes.images(0.5), shape=[1, 1, 4, "4"]), "list of non-negative integers"),
+    (tensor(np.zeros((0, 1, 4, 4))), "no image"),
+    ({"name": "input", "data": [0.5] * 16}, 'with "name", "shape", "datatype" and "data"'),
+])
+def test_bad_tensors_are_a_clear_400_and_the_server_keeps_answering(client, request_tensor, fragment):
+    r = infer(client, request_tensor)
+    assert r.status_code == 400
+    assert fragment in r.json()["error"]
+    assert infer(client, tensor(fakes.images(0.5))).status_code == 200
+    assert client.upstream.batches and all(len(b) == 1 for b in client.upstream.batches)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{oops", "not valid JSON"),
+    (b'{"inputs": []}', "exactly one input tensor"),
+    (b'{"images": ["x"]}', "exactly one input tensor"),
+    (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4, 4], "data": []}, '
+     b'{"name": "b", "datatype": "FP32", "shape": [1, 4, 4], "data": []}]}', "exactly one input tensor"),
+])
+def test_bad_requests_are_400(client, body, fragment):
+    r = client.post("/v2/models/toy/infer", content=body)
+    assert r.status_code == 400 and fragment in r.json()["error"]
+
+
+def test_binary_tensor_extension_is_refused_clearly(client):
+    r = client.post("/v2/models/toy/infer", content=b"\x00" * 10, headers={"Inference-Header-Content-Length": "5"})
+    assert r.status_code == 400 and "binary tensor extension" in r.json()["error"]
+
+
+def test_too_many_inputs_is_413(toy_bundle):
+    c, _ = make_client(toy_bundle, max_batch=2)
+    with c:
+        r = infer(c, tensor(np.full((3, 4, 4), 0.5)))
+        assert r.status_code == 413 and "at most 2" in r.json()["error"]
+
+
+def test_metrics_count_v2_requests_like_classify(client):
+    infer(client, tensor(fakes.images(0.5, 0.0, 1.0)))
+    infer(client, tensor(fakes.images(0.5), datatype="FP64"))
+    text = client.get("/metrics").text
+    assert 'magnet_inputs_total{decision="accepted"} 1.0' in text
+    assert 'magnet_inputs_total{decision="rejected"} 2.0' in text
+    assert 'magnet_detector_rejections_total{detector="R"} 2.0' in text
+    assert 'magnet_requests_total{outcome="ok"} 1.0' in text
+    assert 'magnet_requests_total{outcome="bad_request"} 1.0' in text
+    assert 'magnet_stage_seconds_count{stage="total"} 1.0' in text
+
+
+def test_explain_mode_adds_score_outputs(toy_bundle):
+    c, _ = make_client(toy_bundle, explain=True)
+    with c:
+        meta = c.get("/v2/models/toy").json()
+        r = infer(c, tensor(fakes.images(0.5, 0.0)))
+    assert {"name": "scores_R", "datatype": "FP64", "shape": [-1]} in meta["outputs"]
+    scores = outputs_of(r)["scores_R"]
+    assert scores["datatype"] == "FP64" and scores["shape"] == [2]
+    np.testing.assert_allclose(scores["data"], [0.0, 0.25], atol=1e-7)
+
+
+def test_explain_marks_unscored_rows_with_minus_one(tmp_path):
+    detectors = [
+        {"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1, "fpr": 0.01, "threshold": 0.1},
+        {"name": "jsd", "kind": "divergence", "autoencoder": "half.onnx", "temperature": 1.0, "fpr": 0.01,
+         "threshold": 0.04},
+    ]
+    c, _ = make_client(fakes.make_bundle(tmp_path / "div", detectors=detectors), explain=True)
+    with c:
+        out = outputs_of(infer(c, tensor(fakes.images(0.5, 0.0))))
+    # 0.0 fails R and never goes upstream, so the divergence detector has no score for it
+    assert out["scores_jsd"]["data"][1] == -1.0 and out["scores_jsd"]["data"][0] >= 0.0
+    assert out["rejected"]["data"] == [False, True]
+
+
+def test_no_scores_without_explain(client):
+    assert set(outputs_of(infer(client, tensor(fakes.images(0.5))))) == {"probabilities", "label", "rejected"}
+
+
+def test_session_gets_the_same_member_as_classify(tmp_path):
+    # member m0 rejects black images (score 0.25 >= 0.1), member m1 accepts them (0.25 < 0.3)
+    bundle = fakes.make_bundle(tmp_path / "pool", thresholds=[0.1, 0.3])
+    secret = "a-shared-secret-for-replicas"
+    selector = MemberSelector(secret.encode(), 2)
+    by_member = {}
+    for i in range(50):
+        by_member.setdefault(selector.member(f"s{i}"), f"s{i}")
+    assert set(by_member) == {0, 1}
+    c, _ = make_client(bundle, session_secret=secret)
+    black = fakes.images(0.0)
+    with c:
+        for member, session in by_member.items():
+            headers = {"X-Session-ID": session}
+            v2 = c.post("/v2/models/toy/infer", json={"inputs": [tensor(black)]}, headers=headers)
+            classify = c.post("/classify", json={"inputs": black.tolist()}, headers=headers)
+            assert outputs_of(v2)["rejected"]["data"] == [member == 0]
+            assert classify.json()["results"][0]["rejected"] is (member == 0)
+            assert "set-cookie" not in v2.headers
+        # the cookie works as for /classify: issued once, then reused
+        r = c.post("/v2/models/toy/infer", json={"inputs": [tensor(black)]})
+        session = r.cookies["magnet_session"]
+        c.cookies.set("magnet_session", session)
+        rejected = outputs_of(r)["rejected"]["data"]
+        again = c.post("/v2/models/toy/infer", json={"inputs": [tensor(black)]})
+        assert "set-cookie" not in again.headers
+        assert outputs_of(again)["rejected"]["data"] == rejected == [selector.member(session) == 0]
+        metrics = c.get("/metrics").text
+    cookie_member = selector.member(session)
+    for member in (0, 1):  # one v2 and one /classify request per member, two v2 ones with the cookie
+        count = 2 + 2 * (member == cookie_member)
+        assert f'magnet_pool_selections_total{{member="m{member}"}} {count:.1f}' in metrics
