@@ -20,6 +20,9 @@ $(VENV)/.gateway: pyproject.toml | $(PY)
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[train,eval,dev]'
+	@# Prometheus (and promtool) for tests/deploy: installed when missing, as root with apt-get; any
+	@# failure here is ignored (those tests then skip with the reason).
+	-command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || true
 	touch $@
 
 run: $(VENV)/.gateway
