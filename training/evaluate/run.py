@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Carlini L2 confidences for the accuracy-vs-confidence plot (empty: no plot)")
     p.add_argument("--n-kappa", type=int, default=100, help="examples per confidence of the plot")
     p.add_argument("--carlini-iterations", type=int, default=1000, help="Adam steps per Carlini search step")
+    p.add_argument("--carlini-steps", type=int, default=9, help="binary-search steps of Carlini L2")
+    p.add_argument("--carlini-initial-const", type=float, default=1e-3, help="initial c of Carlini L2")
     p.add_argument("--device", default="cpu", help="torch device for the attacks")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     return p
@@ -93,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
     attacks = registry(manifest.dataset)
     names = args.attacks or list(attacks)
-    rows = []
+    rows, curve = [], []
+    report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
+              "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
+              "rows": rows, "carlini_confidence_curve": curve,
+              "provenance": provenance(["magnet", "evaluate", *(argv if argv is not None else sys.argv[1:])],
+                                       args.seed)}
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         attack = attacks[name]
         if attack.family.startswith("carlini"):
@@ -101,27 +109,29 @@ def main(argv: list[str] | None = None) -> int:
         n = args.n_carlini if attack.family.startswith("carlini") else args.n
         idx = correct[:n]
         rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device))
-    curve = []
+        _write(report, args.out)  # after every row, so a long run that is cut short keeps what it did
     for kappa in args.kappas:
         base = attacks["carlini_l2"]
         attack = Attack(f"carlini_l2_k{kappa:g}", "carlini_l2", {**base.params, "confidence": kappa,
                                                                    **_iterations(base, args)}, base.run)
         idx = correct[: args.n_kappa]
         curve.append({"confidence": kappa, **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
-    report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
-              "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
-              "rows": rows, "carlini_confidence_curve": curve,
-              "provenance": provenance(["magnet", "evaluate", *(argv if argv is not None else sys.argv[1:])],
-                                       args.seed)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_reports(report, args.out)
+        _write(report, args.out)
+    _write(report, args.out)
     return 0
 
 
+def _write(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_reports(report, out)
+
+
 def _iterations(attack: Attack, args) -> dict:
-    key = "max_iterations" if attack.family in ("carlini_l2", "carlini_linf") else "max_iter"
-    return {key: args.carlini_iterations} if attack.family != "carlini_l0" else {}
+    """The Carlini budget from the flags (L0 keeps ART's own)."""
+    if attack.family == "carlini_l2":
+        return {"max_iterations": args.carlini_iterations, "binary_search_steps": args.carlini_steps,
+                "initial_const": args.carlini_initial_const}
+    return {"max_iterations": args.carlini_iterations} if attack.family == "carlini_linf" else {}
 
 
 if __name__ == "__main__":
