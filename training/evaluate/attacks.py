@@ -46,7 +46,7 @@ def _classes(model: nn.Module, x: np.ndarray, device: str) -> int:
 def art_attack(cls_name: str, **defaults):
     """An ART evasion attack by class name, built on the classifier for each call."""
 
-    def run(model, x, y, device="cpu", batch_size=256, **params):
+    def run(model, x, y, device="cpu", batch_size=1000, **params):
         import art.attacks.evasion as evasion
 
         estimator = _art(model, x.shape[1:], _classes(model, x, device), device)
