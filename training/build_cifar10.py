@@ -12,13 +12,11 @@ GPU machine) and the bundle be written here.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
 
-from service.defense.core import Defense
 from training import bundles as B
 from training.bundle_report import clean_figures
 from training.images import load_cifar10
@@ -100,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "cifar10", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, "cifar10", "cifar10", SHAPE, list(ds.classes), [member], m, prov)  # noqa: E731
-    write(measurements)
-    measurements.update(clean_figures(Defense(out, device="cpu"), ds.test))
-    measurements["build_wall_seconds"] = time.perf_counter() - started
-    write(measurements)
-    print(json.dumps(measurements, indent=2))
-    return 0
+    return B.publish(out, write, measurements, lambda defense: clean_figures(defense, ds.test), started)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ there is reused (pass --fresh to retrain everything).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
 
-from service.defense.core import Defense
 from training import bundles as B
 from training.bundle_report import clean_figures
 from training.data import load_mnist
@@ -90,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "mnist", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, "mnist", "mnist", SHAPE, list(ds.classes), [member], m, prov)  # noqa: E731
-    write(measurements)
-    measurements.update(clean_figures(Defense(out, device="cpu"), ds.test))
-    measurements["build_wall_seconds"] = time.perf_counter() - started
-    write(measurements)
-    print(json.dumps(measurements, indent=2))
-    return 0
+    return B.publish(out, write, measurements, lambda defense: clean_figures(defense, ds.test), started)
 
 
 if __name__ == "__main__":

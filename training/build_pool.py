@@ -10,7 +10,6 @@ such as MNIST's AE-II, are shared) and the single-autoencoder baseline the pool 
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -111,15 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{base.name}-pool"
     write = lambda m: B.write_bundle(out, name, base.dataset, base.input.shape, base.classifier.classes,  # noqa: E731
                                      members, m, prov)
-    write(measurements)
-    defense, test = Defense(out, device="cpu"), ds.test.head(args.figures_limit)
-    measurements["member_clean_figures"] = {f"member-{k}": clean_figures(defense, test, k)
-                                            for k in range(args.members)}
-    measurements["figures_test_images"] = len(test)
-    measurements["build_wall_seconds"] = time.perf_counter() - started
-    write(measurements)
-    print(json.dumps(measurements, indent=2))
-    return 0
+    test = ds.test.head(args.figures_limit)
+
+    def member_figures(defense: Defense) -> dict:
+        return {"member_clean_figures": {f"member-{k}": clean_figures(defense, test, k) for k in range(args.members)},
+                "figures_test_images": len(test)}
+
+    return B.publish(out, write, measurements, member_figures, started)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifes
 from service.defense.runtime import CPU, OnnxModel
 from service.defense.thresholds import threshold_at_fpr
 from training.export import export_onnx, parity
+
+if TYPE_CHECKING:
+    from service.defense.core import Defense
 
 CLASSIFIER_FILE = "classifier.onnx"
 
@@ -133,3 +138,16 @@ def save_config(work: Path, args: argparse.Namespace, **configs) -> dict:
               **{k: asdict(v) if is_dataclass(v) else v for k, v in configs.items()}}
     (work / "config.json").write_text(json.dumps(config, indent=2))
     return config
+
+
+def publish(out: Path, write: Callable[[dict], Manifest], measurements: dict,
+            measure: Callable[[Defense], dict], started: float) -> int:
+    """Write the manifest, measure the bundle through the core (which needs the manifest), write again."""
+    from service.defense.core import Defense
+
+    write(measurements)
+    measurements.update(measure(Defense(out, device="cpu")))
+    measurements["build_wall_seconds"] = time.perf_counter() - started
+    write(measurements)
+    print(json.dumps(measurements, indent=2))
+    return 0

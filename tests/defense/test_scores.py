@@ -41,7 +41,7 @@ def test_jsd_by_hand():
     assert S.jensen_shannon(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])) == pytest.approx([np.log(2)])
     assert S.jensen_shannon(np.array([[0.3, 0.7]]), np.array([[0.3, 0.7]])) == pytest.approx([0.0])
     p, q = np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]])
-    m = np.array([0.75, 0.25])
+    # m = (0.75, 0.25): KL(p||m) = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25), KL(q||m) = ln(1/0.75)
     expected = 0.5 * (0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)) + 0.5 * np.log(1 / 0.75)
     assert S.jensen_shannon(p, q) == pytest.approx([expected])
 
@@ -54,3 +54,9 @@ def test_probabilities_give_the_same_divergence_as_logits():
         via_logits = S.divergence_score(za, zb, t)
         via_probs = S.divergence_score(S.logits_from_probabilities(pa), S.logits_from_probabilities(pb), t)
         assert via_probs == pytest.approx(via_logits, rel=1e-6, abs=1e-12)
+
+
+def test_divergence_is_nan_where_logits_are_missing():
+    z = np.array([[1.0, 2.0], [np.nan, np.nan]])
+    scores = S.divergence_score(z, z + 0.5, 10.0)
+    assert scores[0] == pytest.approx(0.0) and np.isnan(scores[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import httpx
-import numpy as np
 import pytest
 
 from service.defense import Defense
