@@ -22,7 +22,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from tests.procs import free_port, start_process
+from tests.procs import start_gateway, start_model_server
 from training.data import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,20 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     v2_bodies = [orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                            "data": d.ravel()}]}, option=orjson.OPT_SERIALIZE_NUMPY)
                  for d in digits]
-    kport, eport, gport = free_port(), free_port(), free_port()
-    kserve = start_process([sys.executable, ROOT / "docker/kserve/serve_onnx.py", "--model-file",
-                            BUNDLE / "classifier.onnx", "--http-port", str(kport)],
-                           f"http://127.0.0.1:{kport}/v2/health/ready")
-    serve = [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"]
-    embedded = start_process([*serve, "--port", str(eport)], f"http://127.0.0.1:{eport}/readyz", cwd=ROOT)
-    proxied = start_process([*serve, "--port", str(gport), "--upstream", f"http://127.0.0.1:{kport}"],
-                            f"http://127.0.0.1:{gport}/readyz", cwd=ROOT)
+    kserve, kurl = start_model_server(BUNDLE / "classifier.onnx", "mnist")
+    embedded, eurl = start_gateway("--log-level", "warning")
+    proxied, gurl = start_gateway("--log-level", "warning", "--upstream", kurl)
     results = {}
     try:
         targets = {
-            "kserve_direct": (f"http://127.0.0.1:{kport}/v2/models/mnist/infer", v2_bodies),
-            "gateway_embedded": (f"http://127.0.0.1:{eport}/classify", gateway_bodies),
-            "gateway_to_kserve": (f"http://127.0.0.1:{gport}/classify", gateway_bodies),
+            "kserve_direct": (f"{kurl}/v2/models/mnist/infer", v2_bodies),
+            "gateway_embedded": (f"{eurl}/classify", gateway_bodies),
+            "gateway_to_kserve": (f"{gurl}/classify", gateway_bodies),
         }
         for name, (url, bodies) in targets.items():
             results[name] = run_target(url, bodies, args)

@@ -132,3 +132,26 @@ def make_client(bundle, fail=None, outputs="logits", **settings):
     app = create_app(Settings(bundle=bundle, **settings), defense=defense, upstream=upstream,
                      registry=CollectorRegistry())
     return TestClient(app), upstream
+
+
+async def against_fake_server(routes: list[tuple[str, str, object]], make_upstream, body):
+    """Run ``body(upstream)`` with ``make_upstream(base_url)`` started against an in-process aiohttp
+    server that answers ``routes`` ((method, path, handler) triples); everything is closed afterwards."""
+    from aiohttp import web
+
+    from tests.procs import free_port, url_of
+
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    upstream = make_upstream(url_of(port))
+    await upstream.start()
+    try:
+        return await body(upstream)
+    finally:
+        await upstream.close()
+        await runner.cleanup()

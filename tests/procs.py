@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,3 +137,28 @@ def start_process(cmd: Sequence[Union[str, os.PathLike[str]]], ready_url: str,
         proc.stop()
         raise
     return proc
+
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SERVER = REPO / "docker" / "kserve" / "serve_onnx.py"
+
+
+def url_of(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def start_model_server(model_file: Union[str, os.PathLike[str]], name: str, timeout: float = 60.0,
+                       **kwargs) -> tuple[ManagedProcess, str]:
+    """The project's KServe model server on ``model_file`` at a free port; returns (process, base URL)."""
+    base = url_of(free_port())
+    cmd = [sys.executable, MODEL_SERVER, "--model-file", model_file, "--model-name", name,
+           "--http-port", base.rsplit(":", 1)[1]]
+    return start_process(cmd, f"{base}/v2/health/ready", timeout, **kwargs), base
+
+
+def start_gateway(*args: str, ready_path: str = "/readyz", timeout: float = 60.0,
+                  **kwargs) -> tuple[ManagedProcess, str]:
+    """``magnet serve ARGS`` at a free port from the repository root; returns (process, base URL)."""
+    base = url_of(free_port())
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", base.rsplit(":", 1)[1], *args]
+    return start_process(cmd, base + ready_path, timeout, cwd=REPO, **kwargs), base

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHIPPED_MNIST
-from tests.procs import free_port, start_process
+from tests.procs import free_port, start_gateway, start_model_server, start_process
 
 PROMETHEUS = shutil.which("prometheus")
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "magnet.json"
@@ -81,17 +80,13 @@ def stack(tmp_path: Path):
     """KServe -> gateway <- Prometheus, each on a free port; stopped in reverse order."""
     procs = []
     try:
-        ms_port = free_port()
-        model_server = start_process(
-            [sys.executable, ROOT / "docker" / "kserve" / "serve_onnx.py", "--model-file",
-             SHIPPED_MNIST / "classifier.onnx", "--model-name", "mnist", "--http-port", str(ms_port)],
-            f"http://127.0.0.1:{ms_port}/v2/health/ready", timeout=60, log_path=tmp_path / "kserve.log")
+        model_server, ms_url = start_model_server(SHIPPED_MNIST / "classifier.onnx", "mnist",
+                                                  log_path=tmp_path / "kserve.log")
         procs.append(model_server)
-        gw_port = free_port()
-        procs.append(start_process(
-            [sys.executable, "-m", "service.cli", "serve", "--bundle", str(SHIPPED_MNIST),
-             "--upstream", f"http://127.0.0.1:{ms_port}", "--port", str(gw_port)],
-            f"http://127.0.0.1:{gw_port}/readyz", timeout=60, cwd=ROOT, log_path=tmp_path / "gateway.log"))
+        gateway, gw_url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", ms_url,
+                                        log_path=tmp_path / "gateway.log")
+        procs.append(gateway)
+        gw_port = int(gw_url.rsplit(":", 1)[1])
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"

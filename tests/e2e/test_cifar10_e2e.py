@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import sys
 
 import httpx
 import pytest
 
 from service.defense import Defense
 from service.defense.pool import MemberSelector
-from tests.conftest import ROOT, SHIPPED_CIFAR10, SHIPPED_CIFAR10_POOL
-from tests.procs import free_port, start_process
+from tests.conftest import SHIPPED_CIFAR10, SHIPPED_CIFAR10_POOL
+from tests.procs import start_gateway, start_model_server
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_CIFAR10 / "manifest.json").exists(),
                                 reason="the CIFAR-10 bundle is not built")
@@ -20,20 +19,15 @@ SECRET = "e2e-secret-shared-by-replicas"
 
 @pytest.fixture(scope="module")
 def model_server():
-    port = free_port()
-    proc = start_process([sys.executable, ROOT / "docker" / "kserve" / "serve_onnx.py", "--model-file",
-                          SHIPPED_CIFAR10 / "classifier.onnx", "--model-name", "cifar10", "--http-port", str(port)],
-                         f"http://127.0.0.1:{port}/v2/health/ready")
-    yield f"http://127.0.0.1:{port}"
+    proc, url = start_model_server(SHIPPED_CIFAR10 / "classifier.onnx", "cifar10")
+    yield url
     proc.stop()
 
 
 def gateway(bundle, upstream):
-    port = free_port()
-    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--bundle",
-                          str(bundle), "--upstream", upstream, "--upstream-model", "cifar10"],
-                         f"http://127.0.0.1:{port}/readyz", cwd=ROOT, env={"MAGNET_SESSION_SECRET": SECRET})
-    return proc, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    proc, url = start_gateway("--bundle", str(bundle), "--upstream", upstream, "--upstream-model", "cifar10",
+                              env={"MAGNET_SESSION_SECRET": SECRET})
+    return proc, httpx.Client(base_url=url, timeout=60)
 
 
 def served(client, x, session="fixed"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
 
 import httpx
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 from PIL import Image
 
 from service.defense import Defense
-from tests.conftest import ROOT, SHIPPED_MNIST
-from tests.procs import free_port, start_process
+from tests.conftest import SHIPPED_MNIST
+from tests.procs import free_port, start_gateway, start_model_server, url_of
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MNIST / "manifest.json").exists(),
                                 reason="the shipped MNIST bundle is not built")
@@ -26,19 +25,9 @@ N_COMPARE = 1000
 
 @pytest.fixture(scope="module")
 def model_server():
-    port = free_port()
-    proc = start_process([sys.executable, ROOT / "docker" / "kserve" / "serve_onnx.py", "--model-file",
-                          SHIPPED_MNIST / "classifier.onnx", "--model-name", "mnist", "--http-port", str(port)],
-                         f"http://127.0.0.1:{port}/v2/health/ready")
-    yield f"http://127.0.0.1:{port}"
+    proc, url = start_model_server(SHIPPED_MNIST / "classifier.onnx", "mnist")
+    yield url
     proc.stop()
-
-
-def start_gateway(*args: str):
-    port = free_port()
-    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
-                         f"http://127.0.0.1:{port}/readyz", cwd=ROOT)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +103,10 @@ def test_embedded_default_serves_the_shipped_bundle(mnist):
 
 
 def test_upstream_down_gives_503_and_not_ready(mnist):
-    dead, gw_port = free_port(), free_port()  # nothing listens on `dead`
-    proc = start_process([sys.executable, "-m", "service.cli", "serve", "--port", str(gw_port),
-                          "--upstream", f"http://127.0.0.1:{dead}"],
-                         f"http://127.0.0.1:{gw_port}/healthz", cwd=ROOT)
+    # nothing listens on the upstream's port, so the gateway is live but not ready
+    proc, url = start_gateway("--upstream", url_of(free_port()), ready_path="/healthz")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{gw_port}", timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/readyz").status_code == 503
             r = client.post("/classify", json={"inputs": mnist.test.x[:1].tolist()})  # accepted digit
             assert r.status_code == 503 and "unreachable" in r.json()["error"]

@@ -1,5 +1,5 @@
-"""The OIP v2 adapter against small in-process aiohttp servers (error paths); the real model server
-is exercised in tests/e2e."""
+"""The OIP v2 adapter against small in-process aiohttp servers (error paths; timeouts and unreachable
+servers for both HTTP adapters are in test_tfserving.py); the real model server is exercised in tests/e2e."""
 
 import asyncio
 
@@ -7,30 +7,15 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from service.errors import UpstreamError
 from service.upstream.oip import OipUpstream
-from tests.procs import free_port
-
-
-async def _with_server(handler, body):
-    app = web.Application()
-    app.router.add_post("/v2/models/m/infer", handler)
-    app.router.add_get("/v2/models/m/ready", lambda r: web.Response(status=200))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream = OipUpstream(f"http://127.0.0.1:{port}/", "m", timeout_s=0.5)
-    await upstream.start()
-    try:
-        return await body(upstream)
-    finally:
-        await upstream.close()
-        await runner.cleanup()
+from tests.fakes import against_fake_server
 
 
 def run(handler, body):
-    return asyncio.run(_with_server(handler, body))
+    routes = [("POST", "/v2/models/m/infer", handler),
+              ("GET", "/v2/models/m/ready", lambda r: web.Response(status=200))]
+    return asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=0.5), body))
 
 
 def test_request_shape_and_response_decoding():
@@ -64,25 +49,3 @@ def test_bad_answers_raise_upstream_error(response, error, fragment):
     with pytest.raises(error, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         run(handler, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
 
-
-def test_slow_upstream_times_out():
-    async def handler(request):
-        await asyncio.sleep(2)
-        return web.json_response({})
-
-    with pytest.raises(UpstreamTimeout, match="within 0.5 s"):
-        run(handler, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
-
-
-def test_unreachable_upstream():
-    async def body():
-        upstream = OipUpstream(f"http://127.0.0.1:{free_port()}", "m")
-        await upstream.start()
-        try:
-            assert await upstream.ready() is False
-            await upstream.infer(np.zeros((1, 1, 2, 2), np.float32))
-        finally:
-            await upstream.close()
-
-    with pytest.raises(UpstreamUnavailable, match="unreachable"):
-        asyncio.run(body())

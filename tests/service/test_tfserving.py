@@ -13,31 +13,17 @@ from service.defense import Defense
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.settings import Settings
 from service.upstream import OipUpstream, TfServingUpstream, make_upstream
-from tests.procs import free_port
+from tests.fakes import against_fake_server
+from tests.procs import free_port, url_of
 
 AVAILABLE = {"model_version_status": [{"version": "2", "state": "AVAILABLE",
                                        "status": {"error_code": "OK", "error_message": ""}}]}
 
 
-async def _with_server(predict, body, status=AVAILABLE, **options):
-    app = web.Application()
-    app.router.add_post("/v1/models/m:predict", predict)
-    app.router.add_get("/v1/models/m", lambda r: web.json_response(status))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream = TfServingUpstream(f"http://127.0.0.1:{port}/", "m", timeout_s=0.5, **options)
-    await upstream.start()
-    try:
-        return await body(upstream)
-    finally:
-        await upstream.close()
-        await runner.cleanup()
-
-
-def run(predict, body, **kwargs):
-    return asyncio.run(_with_server(predict, body, **kwargs))
+def run(predict, body, status=AVAILABLE, **options):
+    routes = [("POST", "/v1/models/m:predict", predict), ("GET", "/v1/models/m", lambda r: web.json_response(status))]
+    return asyncio.run(against_fake_server(
+        routes, lambda url: TfServingUpstream(url + "/", "m", timeout_s=0.5, **options), body))
 
 
 def recording(seen, k=2):
@@ -85,22 +71,9 @@ def test_readiness_from_model_status(status, ready):
 
 
 def test_not_ready_when_the_status_route_fails():
-    async def body():
-        app = web.Application()
-        app.router.add_get("/v1/models/m", lambda r: web.json_response({"error": "not found"}, status=404))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        upstream = TfServingUpstream(f"http://127.0.0.1:{port}", "m")
-        await upstream.start()
-        try:
-            return await upstream.ready()
-        finally:
-            await upstream.close()
-            await runner.cleanup()
-
-    assert asyncio.run(body()) is False
+    routes = [("GET", "/v1/models/m", lambda r: web.json_response({"error": "not found"}, status=404))]
+    assert asyncio.run(against_fake_server(routes, lambda url: TfServingUpstream(url, "m"),
+                                           lambda u: u.ready())) is False
 
 
 @pytest.mark.parametrize("response, fragment", [
@@ -122,18 +95,24 @@ def test_bad_answers_raise_upstream_error(response, fragment):
     assert fragment in e.value.message
 
 
-def test_slow_upstream_times_out():
+ADAPTERS = [(OipUpstream, "/v2/models/m/infer"), (TfServingUpstream, "/v1/models/m:predict")]
+
+
+@pytest.mark.parametrize("kind, path", ADAPTERS)
+def test_slow_upstream_times_out(kind, path):
     async def predict(request):
         await asyncio.sleep(2)
         return web.json_response({})
 
     with pytest.raises(UpstreamTimeout, match="within 0.5 s"):
-        run(predict, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
+        asyncio.run(against_fake_server([("POST", path, predict)], lambda url: kind(url, "m", timeout_s=0.5),
+                                        lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32))))
 
 
-def test_unreachable_upstream():
+@pytest.mark.parametrize("kind, path", ADAPTERS)
+def test_unreachable_upstream(kind, path):
     async def body():
-        upstream = TfServingUpstream(f"http://127.0.0.1:{free_port()}", "m")
+        upstream = kind(url_of(free_port()), "m")
         await upstream.start()
         try:
             assert await upstream.ready() is False
