@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import httpx
+import numpy as np
 import pytest
 
 from service.defense import Defense
@@ -80,3 +81,18 @@ def test_pool_gateway_defends_each_session_with_its_member(model_server, cifar10
     finally:
         client.close()
         proc.stop()
+
+
+def test_210_adversarial_images_get_the_cores_decisions(model_server, cifar10):
+    from tests.e2e.test_gateway_e2e import adversarial_set
+
+    defense, x, y = adversarial_set(SHIPPED_CIFAR10, cifar10, 70, ["fgsm_eps0.025", "deepfool", "iterative_l2_eps0.25"])
+    proc, client = gateway(SHIPPED_CIFAR10, model_server)
+    try:
+        got = served(client, x)
+    finally:
+        client.close()
+        proc.stop()
+    assert got == core(defense, x)
+    rejected = np.array([rej for rej, _ in got])
+    assert (defense.classifier(x).argmax(1) != y).mean() > 0.3 and rejected.any() and (~rejected).any()

@@ -113,3 +113,35 @@ def test_upstream_down_gives_503_and_not_ready(mnist):
             assert client.get("/healthz").status_code == 200
     finally:
         proc.stop()
+
+
+def adversarial_set(bundle, data, per_attack, names):
+    """Adversarial examples from the evaluation's own attacks against the bundle's classifier."""
+    from training.evaluate.attacks import registry
+    from training.from_onnx import torch_twin
+
+    defense = Defense(bundle, device="cpu")
+    m = defense.manifest
+    twin = torch_twin(bundle / m.classifier.file, m.dataset, "classifier", m.input.shape)
+    attacks = registry(m.dataset)
+    xs, ys = [], []
+    for k, name in enumerate(names):
+        sl = slice(k * per_attack, (k + 1) * per_attack)
+        x, y = data.test.x[sl], data.test.y[sl]
+        xs.append(attacks[name](twin, x, y))
+        ys.append(y)
+    return defense, np.concatenate(xs), np.concatenate(ys)
+
+
+def test_gateway_decisions_equal_the_core_on_210_adversarial_digits(gateway, mnist):
+    defense, x, y = adversarial_set(SHIPPED_MNIST, mnist, 70, ["deepfool", "iterative_l2_eps1", "fgsm_eps0.01"])
+    served = []
+    for i in range(0, len(x), 70):
+        served += [(r["rejected"], r["label"]) for r in classify(gateway, {"inputs": x[i : i + 70].tolist()})]
+    assert served == core_decisions(defense, x)
+    rejected = np.array([rej for rej, _ in served])
+    wrong = np.array([not rej and label != t for (rej, label), t in zip(served, y)])
+    plain = defense.classifier(x).argmax(1)
+    # the set exercises all three outcomes: fooled undefended, rejected, and reformed
+    assert (plain != y).mean() > 0.3 and rejected.any() and (~rejected).any(), (plain != y).mean()
+    assert wrong.mean() < 0.1

@@ -117,7 +117,7 @@ def test_penalty_keeps_a_pixel_still(two_class):
 @pytest.mark.parametrize("attack", [carlini_l2, carlini_linf])
 def test_success_fn_never_true_returns_inputs(two_class, attack):
     model, x, _, _ = two_class
-    never = lambda adv, z: torch.zeros(len(adv), dtype=torch.bool)
+    never = lambda adv, z, y: torch.zeros(len(adv), dtype=torch.bool)
     kw = dict(binary_search_steps=3, max_iterations=30) if attack is carlini_l2 else dict(max_iterations=10, initial_const=1.0)
     res = attack(model, x, np.zeros(4, np.int64), success_fn=never, **kw)
     assert not res.success.any() and np.array_equal(res.x_adv, x)

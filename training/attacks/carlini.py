@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 Penalty = Callable[[torch.Tensor], torch.Tensor]
-SuccessFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SuccessFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 
@@ -132,7 +132,7 @@ def _evaluate(model, w, x, y, targeted, kappa, penalty, success_fn):
     f = _hinge(logits, y, targeted, kappa)
     extra = penalty(adv) if penalty is not None else torch.zeros_like(f)
     with torch.no_grad():
-        ok = success_fn(adv.detach(), logits.detach()) if success_fn is not None else _margin_success(logits, y, targeted, kappa)
+        ok = success_fn(adv.detach(), logits.detach(), y) if success_fn is not None else _margin_success(logits, y, targeted, kappa)
     return adv, f, extra, ok.bool().to(adv.device)
 
 
@@ -163,7 +163,7 @@ def carlini_l2(
     binary_search_steps: int = 9, max_iterations: int = 1000, learning_rate: float = 1e-2,
     initial_const: float = 1e-3, abort_early: bool = True, penalty: Penalty | None = None,
     success_fn: SuccessFn | None = None, const_growth: float = 10.0, batch_size: int = 256,
-    device: str | torch.device = "cpu", progress: Progress | None = None,
+    device: str | torch.device = "cpu", progress: Progress | None = None, penalty_times_const: bool = False,
 ) -> AttackResult:
     """Carlini-Wagner L2 attack, batched, with a per-example binary search over c.
 
@@ -191,11 +191,17 @@ def carlini_l2(
         iterates), added to each example's objective; keep it >= 0 (e.g. a weighted hinge on
         detector scores above their thresholds, for an adaptive attack on a detector).
     success_fn : callable, optional
-        ``success_fn(x_adv, logits) -> bool (N,)`` replacing the default success test (misclassified
-        or target reached, with margin ``confidence``); called without gradients. E.g. also require
+        ``success_fn(x_adv, logits, y) -> bool (N,)``, y the labels of those rows, replacing the
+        default success test (misclassified or target reached, with margin ``confidence``); called
+        without gradients. E.g. also require
         that the detectors accept ``x_adv``. Both callables see one batch at a time (at most
         ``batch_size`` rows; :func:`carlini_linf` passes only the rows still running), so they must
         work row by row on what they are given, not on positions in ``x``.
+    penalty_times_const : bool
+        Weigh the penalty by c like the margin loss (objective ``||delta||^2 + c (f + penalty)``)
+        instead of adding it as it is. Use it when the success test also depends on the penalty
+        (e.g. detectors must accept): then a larger c presses on both, and the binary search over c
+        still moves in the right direction.
     const_growth : float
         Factor on c after a failed search step while no success is known (Carlini: 10).
     batch_size : int
@@ -226,7 +232,7 @@ def carlini_l2(
                 w.requires_grad_(True)
                 adv, f, extra, ok = _evaluate(model, w, xb, yb, targeted, confidence, penalty, success_fn)
                 l2 = (adv - xb).flatten(1).pow(2).sum(1)
-                loss = l2 + c * f + extra
+                loss = l2 + c * (f + extra) if penalty_times_const else l2 + c * f + extra
                 (grad,) = torch.autograd.grad(loss.sum(), w)
                 w = w.detach()
                 with torch.no_grad():

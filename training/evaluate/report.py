@@ -23,13 +23,16 @@ def markdown(report: dict) -> str:
         f"Examples: {report['examples']}. Accuracy on adversarial examples, in %: an example counts as "
         "defended when a detector rejects it or the reformed example gets its true label.", "",
         "Distortions are means over the examples that fool the undefended classifier.", "",
-        "| attack | n | mean L2 | mean L∞ | no defense | detectors only | reformer only | full defense "
+        "Residual: mean of ‖ae(x′) − ae(x)‖₂ / ‖x′ − x‖₂ over the same examples, how much of the "
+        "perturbation survives the reformer (1 = all of it).", "",
+        "| attack | n | mean L2 | mean L∞ | residual | no defense | detectors only | reformer only | full defense "
         "| paper: no defense → full | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         p = paper.get(r["attack"])
         lines.append(f"| {r['attack']} | {r['examples']} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
+                     f"| {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "
                      f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} | {r['seconds']:.0f} |")
     lines += ["", "Clean test set (all test images):", "",
@@ -44,11 +47,55 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['confidence']:g} | {r['examples']} | {_num(r['mean_l2'])} | {_pct(r['no_defense'])} "
                   f"| {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} | {_pct(r['full_defense'])} |"
                   for r in report["carlini_confidence_curve"]]
+    lines += _graybox(report.get("graybox")) + _adaptive(report.get("adaptive"))
     lines += ["", "Attack parameters:", ""]
     lines += [f"- `{r['attack']}`: {r['params']}" for r in report["rows"]]
     lines += ["", f"Command: `{report['provenance']['command']}` (git {report['provenance']['git_revision']}, "
               f"{report['provenance']['date']})", ""]
     return "\n".join(lines)
+
+
+def _graybox(g: dict | None) -> list[str]:
+    if not g:
+        return []
+    names = [m.replace("member-", "") for m in g["members"]]
+    lines = ["", "## Graybox: Carlini L2 crafted against one member's reformer, defended by another", "",
+             f"{g['examples']} examples per column; {g['params']}. Cell (row i, column j): full-defense accuracy "
+             "in % when member i defends examples crafted against classifier(ae_j(x)). Random: the mean of the "
+             "column, the expected accuracy when the defense picks a member uniformly at random.", "",
+             "| defended by ↓, crafted against → | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for i, row in enumerate(g["table"]):
+        lines.append(f"| {names[i]} | " + " | ".join(f"**{_pct(v)}**" if i == j else _pct(v)
+                                                       for j, v in enumerate(row)) + " |")
+    lines.append("| Random | " + " | ".join(_pct(v) for v in g["random"]) + " |")
+    lines.append("| attack success on the column's member | " + " | ".join(_pct(c["attack_success"]) for c in g["columns"]) + " |")
+    lines.append("| mean L2 | " + " | ".join(_num(c["mean_l2"]) for c in g["columns"]) + " |")
+    lo, hi = g["off_diagonal_range"]
+    lines += ["", f"Diagonal mean {_pct(g['diagonal_mean'])} %, off-diagonal {_pct(lo)}–{_pct(hi)} %, random row "
+              f"{_pct(min(g['random']))}–{_pct(max(g['random']))} %; "
+              f"{sum(c['seconds'] for c in g['columns']):.0f} s of attacks."]
+    return lines
+
+
+def _adaptive(a: dict | None) -> list[str]:
+    if not a:
+        return []
+    base = a["undefended_carlini_l2"]
+    lines = ["", "## Adaptive attack (whitebox, and expectation over the pool)", "",
+             "Carlini L2 through the reformer with a penalty on detector scores above threshold; a success must be "
+             "accepted and misclassified by every targeted member. Judged by the core, member by member.", "",
+             "| targets | n | success on the twins | mean L2 | median L2 | full defense, per member (%) "
+             "| full defense, random member | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in a["runs"]:
+        targets = r["members"][0] if len(r["members"]) == 1 else f"all {len(r['members'])} (EOT)"
+        lines.append(f"| {targets} | {r['examples']} | {_pct(r['attack_success_twin'])} | {_num(r['mean_l2'])} "
+                     f"| {_num(r['median_l2'])} | {', '.join(_pct(v) for v in r['full_defense_per_member'])} "
+                     f"| **{_pct(r['full_defense_random_member'])}** | {r['seconds']:.0f} |")
+    lines += ["", f"Undefended Carlini L2 on the same examples and budget: success {_pct(base['attack_success'])} %, "
+              f"mean L2 {_num(base['mean_l2'])}, median {_num(base['median_l2'])} ({base['seconds']:.0f} s). "
+              f"Budget: {base['params']}; penalty weight {a['runs'][0]['params']['penalty_weight']}, "
+              f"margin {a['runs'][0]['params']['penalty_margin']}."]
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

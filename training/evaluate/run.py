@@ -24,7 +24,11 @@ from service.defense.core import Defense
 from training.bundle_report import clean_figures
 from training.bundles import run_batched
 from training.data import load
+from training.attacks.carlini import carlini_l2
 from training.evaluate.accounting import columns
+from training.evaluate.adaptive import adaptive_attack
+from training.evaluate.graybox import graybox_table
+from training.evaluate.torch_defense import Twins
 from training.evaluate.attacks import Attack, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
@@ -37,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory to evaluate")
     p.add_argument("--data-dir", type=Path, required=True, help="directory holding the bundle's data set")
     p.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and the plot")
-    p.add_argument("--attacks", nargs="+", help="attack names (default: all of the paper's)")
+    p.add_argument("--attacks", nargs="*", help="attack names (default: all of the paper's; none: no table rows)")
     p.add_argument("--n", type=int, default=1000, help="examples per FGSM / iterative / DeepFool row")
     p.add_argument("--n-carlini", type=int, default=200, help="examples per Carlini row")
     p.add_argument("--kappas", type=float, nargs="*", default=[0, 10, 20, 30, 40],
@@ -46,20 +50,41 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--carlini-iterations", type=int, default=1000, help="Adam steps per Carlini search step")
     p.add_argument("--carlini-steps", type=int, default=9, help="binary-search steps of Carlini L2")
     p.add_argument("--carlini-initial-const", type=float, default=1e-3, help="initial c of Carlini L2")
+    p.add_argument("--graybox", action="store_true",
+                   help="the graybox table: Carlini L2 against each pool member, defended by each")
+    p.add_argument("--n-graybox", type=int, default=200, help="examples per graybox column")
+    p.add_argument("--graybox-confidence", type=float, default=0.0, help="Carlini kappa of the graybox attacks")
+    p.add_argument("--adaptive", action="store_true",
+                   help="the adaptive attack: whitebox on member 0, and EOT over all members of a pool")
+    p.add_argument("--n-adaptive", type=int, default=200, help="examples of the adaptive attack")
+    p.add_argument("--adaptive-weight", type=float, default=10.0,
+                   help="weight of the detector penalty (relative to the margin loss, both times c)")
     p.add_argument("--device", default="cpu", help="torch device for the attacks")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     return p
 
 
-def judge(defense: Defense, x_adv: np.ndarray, y: np.ndarray) -> dict:
-    """The accounting columns for ``x_adv`` through the core (member 0)."""
-    verdicts = [defense.inspect(x_adv[i : i + 500]) for i in range(0, len(x_adv), 500)]
+def judge(defense: Defense, x_adv: np.ndarray, y: np.ndarray, member: int = 0) -> dict:
+    """The accounting columns for ``x_adv`` through the core (one member)."""
+    verdicts = [defense.inspect(x_adv[i : i + 500], member) for i in range(0, len(x_adv), 500)]
     rejected = np.concatenate([v.rejected for v in verdicts])
     reformed = run_batched(defense.classifier, np.concatenate([v.reformed for v in verdicts])).argmax(1)
     plain = run_batched(defense.classifier, x_adv).argmax(1)
     fired = {name: float(np.concatenate([v.fired[name] for v in verdicts]).mean()) for name in verdicts[0].fired}
     return {**columns(y, plain, reformed, rejected), "rejected": float(rejected.mean()), "fired": fired,
-            "fooled": plain != y}
+            "fooled": plain != y, "reformed": np.concatenate([v.reformed for v in verdicts])}
+
+
+def residual(defense: Defense, x: np.ndarray, x_adv: np.ndarray, reformed_adv: np.ndarray, fooled: np.ndarray,
+             member: int = 0) -> float | None:
+    """Mean ||ae(x') - ae(x)|| / ||x' - x|| over the fooling examples: the share of the perturbation
+    that survives the reformer."""
+    if not fooled.any():
+        return None
+    ae_x = np.concatenate([defense.screen(x[i : i + 500], member).reformed for i in range(0, len(x), 500)])
+    num = np.linalg.norm((reformed_adv - ae_x).reshape(len(x), -1)[fooled], axis=1)
+    den = np.linalg.norm((x_adv - x).reshape(len(x), -1)[fooled], axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
 def distortion(x: np.ndarray, x_adv: np.ndarray, fooled: np.ndarray) -> dict:
@@ -76,9 +101,10 @@ def run_attack(attack: Attack, twin, defense, x, y, device) -> dict:
     x_adv = attack(twin, x, y, device=device)
     seconds = time.perf_counter() - started
     judged = judge(defense, x_adv, y)
-    fooled = judged.pop("fooled")
+    fooled, reformed = judged.pop("fooled"), judged.pop("reformed")
     row = {"attack": attack.name, "family": attack.family, "params": attack.params, "examples": len(x),
-           "seconds": seconds, "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled), **judged}
+           "seconds": seconds, "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled),
+           "residual": residual(defense, x, x_adv, reformed, fooled), **judged}
     print(f"{attack.name}: {len(x)} examples in {seconds:.0f} s; no defense {row['no_defense']:.3f}, "
           f"full defense {row['full_defense']:.3f}", flush=True)
     return row
@@ -94,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load(manifest.dataset, args.data_dir).test
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
     attacks = registry(manifest.dataset)
-    names = args.attacks or list(attacks)
+    names = list(attacks) if args.attacks is None else args.attacks
     rows, curve = [], []
     report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
@@ -117,6 +143,32 @@ def main(argv: list[str] | None = None) -> int:
         idx = correct[: args.n_kappa]
         curve.append({"confidence": kappa, **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
         _write(report, args.out)
+    if args.graybox or args.adaptive:
+        twins = Twins(defense, twin)
+        budget = {"binary_search_steps": args.carlini_steps, "max_iterations": args.carlini_iterations,
+                  "initial_const": args.carlini_initial_const}
+    if args.graybox:
+        if len(twins) < 2:
+            raise SystemExit("--graybox needs a pool bundle (several members)")
+        idx = correct[: args.n_graybox]
+        report["graybox"] = graybox_table(defense, twins, test.x[idx], test.y[idx],
+                                          {**budget, "confidence": args.graybox_confidence}, judge, args.device)
+        _write(report, args.out)
+    if args.adaptive:
+        idx = correct[: args.n_adaptive]
+        x, y = test.x[idx], test.y[idx]
+        started = time.perf_counter()
+        plain = carlini_l2(twin, x, y, device=args.device, **budget)
+        baseline = {"examples": len(x), "params": budget, "seconds": time.perf_counter() - started,
+                    "attack_success": float(plain.success.mean()),
+                    "mean_l2": float(plain.l2[plain.success].mean()) if plain.success.any() else None,
+                    "median_l2": float(np.median(plain.l2[plain.success])) if plain.success.any() else None}
+        report["adaptive"] = {"undefended_carlini_l2": baseline, "runs": []}
+        groups = [[0]] + ([list(range(len(twins)))] if len(twins) > 1 else [])
+        for group in groups:
+            report["adaptive"]["runs"].append(adaptive_attack(defense, twins, group, x, y, budget, judge,
+                                                              weight=args.adaptive_weight, device=args.device))
+            _write(report, args.out)
     _write(report, args.out)
     return 0
 

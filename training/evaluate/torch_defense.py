@@ -1,0 +1,121 @@
+"""Pool members' defenses, differentiable: torch twins of the bundle's ONNX graphs.
+
+Attacks that know the defense (graybox columns, the adaptive attack) optimise through these; their
+results are still judged by ``Defense.inspect`` on the ONNX graphs, so a mismatch between twin and
+bundle could only make an attack weaker, never flatter the defense (tests check that the twins'
+scores equal the core's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from service.defense.bundle import MemberSpec
+from service.defense.core import Defense
+from training.from_onnx import torch_twin
+
+
+@dataclass
+class Evaluation:
+    """What a set of members makes of a batch: per member the reformed logits and detector scores."""
+
+    x: torch.Tensor
+    logits: torch.Tensor  # M x N x K, classifier(reformer_m(x))
+    scores: list[dict[str, torch.Tensor]]  # per member: detector name -> (N,)
+
+
+class Members(nn.Module):
+    """Some members of a bundle, evaluated together: each autoencoder runs once per batch (members
+    share detector II on MNIST) and the classifier once on every member's reformed batch at once.
+
+    ``forward(x)`` is the mean over members of ``classifier(reformer_m(x))`` (for one member, its
+    reformed classifier); the last evaluation is kept so the attack's penalty and success test on the
+    same iterate need no second pass.
+    """
+
+    def __init__(self, specs: list[MemberSpec], classifier: nn.Module, autoencoders: dict[str, nn.Module],
+                 detectors: bool = True) -> None:
+        super().__init__()
+        self.specs, self.detectors = specs, detectors
+        self.classifier = classifier
+        self.paths = sorted({p for s in specs for p in (s.reformer, *(d.autoencoder for d in s.detectors if detectors))})
+        self.autoencoders = nn.ModuleList([autoencoders[p] for p in self.paths])
+        self.last: Evaluation | None = None
+
+    def evaluate(self, x: torch.Tensor) -> Evaluation:
+        if self.last is not None and self.last.x is x:
+            return self.last
+        outs = {p: ae(x) for p, ae in zip(self.paths, self.autoencoders)}
+        reformed = [outs[s.reformer].clamp(0.0, 1.0) for s in self.specs]
+        divergence = self.detectors and any(d.kind == "divergence" for s in self.specs for d in s.detectors)
+        divergent = sorted({d.autoencoder for s in self.specs for d in s.detectors if d.kind == "divergence"}
+                           - {s.reformer for s in self.specs}) if divergence else []
+        batch = reformed + [outs[p].clamp(0.0, 1.0) for p in divergent] + ([x] if divergence else [])
+        z = self.classifier(torch.cat(batch)).view(len(batch), len(x), -1)
+        m = len(self.specs)
+        logits_of = {p: z[m + k] for k, p in enumerate(divergent)}
+        scores = []
+        for k, spec in enumerate(self.specs if self.detectors else []):
+            own = {**logits_of, spec.reformer: z[k]}
+            member = {}
+            for d in spec.detectors:
+                if d.kind == "reconstruction":
+                    member[d.name] = (x - outs[d.autoencoder]).abs().pow(d.p).flatten(1).mean(1)
+                else:
+                    member[d.name] = _jsd(z[-1], own[d.autoencoder], d.temperature)
+            scores.append(member)
+        self.last = Evaluation(x, z[:m], scores)
+        return self.last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.evaluate(x).logits.mean(0)
+
+    def excess(self, x: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+        """Mean over members of the sum over detectors of ``relu(score / threshold - (1 - margin))``:
+        0 once every score is ``margin`` below its threshold, growing with how far over it is."""
+        ev = self.evaluate(x)
+        return torch.stack([sum(torch.relu(scores[d.name] / d.threshold - (1 - margin)) for d in spec.detectors)
+                            for spec, scores in zip(self.specs, ev.scores)]).mean(0)
+
+    def beaten(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Rows every member accepts and classifies other than ``y`` after reforming."""
+        ev = self.evaluate(x)
+        ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for k, (spec, scores) in enumerate(zip(self.specs, ev.scores)):
+            for d in spec.detectors:
+                ok &= scores[d.name] < d.threshold
+            ok &= ev.logits[k].argmax(1) != y
+        return ok
+
+
+def _jsd(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
+    p, q = torch.softmax(za / temperature, 1), torch.softmax(zb / temperature, 1)
+    m = (0.5 * (p + q)).clamp_min(1e-30)
+    kl = lambda a: (a * (torch.log(a.clamp_min(1e-30)) - torch.log(m))).sum(1)  # noqa: E731
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+class Twins:
+    """Torch twins of a bundle's classifier and autoencoders (built once, no gradients on weights)."""
+
+    def __init__(self, defense: Defense, classifier: nn.Module | None = None) -> None:
+        m = defense.manifest
+        self.specs = list(m.members)
+        self.classifier = classifier or torch_twin(defense.bundle_dir / m.classifier.file, m.dataset, "classifier",
+                                                   m.input.shape)
+        self.autoencoders = {p: torch_twin(defense.bundle_dir / p, m.dataset, "autoencoder", m.input.shape)
+                             for p in m.autoencoder_files()}
+        for net in [self.classifier, *self.autoencoders.values()]:
+            net.eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def members(self, which: list[int], detectors: bool = True) -> Members:
+        """Members ``which``; ``detectors=False``: only their reformed classifiers (cheaper)."""
+        return Members([self.specs[i] for i in which], self.classifier, self.autoencoders, detectors).eval()
