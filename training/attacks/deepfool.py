@@ -37,26 +37,29 @@ def deepfool(model: nn.Module, x: np.ndarray, y: np.ndarray, *, max_iter: int = 
 
 
 def _batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_iter: int, overshoot: float) -> np.ndarray:
-    n = len(x)
     r_total = torch.zeros_like(x)
     x_adv = x.clone()
-    rows = torch.arange(n, device=x.device)
+    idx = torch.arange(len(x), device=x.device)  # rows still classified as y: only these are computed
     for _ in range(max_iter):
-        x_var = x_adv.clone().requires_grad_(True)
+        x_var = x_adv[idx].clone().requires_grad_(True)
         logits = model(x_var)
-        active = logits.argmax(1) == y
+        active = logits.argmax(1) == y[idx]
         if not active.any():
             break
+        idx = idx[active]
+        logits = logits[active]
+        yi = y[idx]
+        rows = torch.arange(len(idx), device=x.device)
         k = logits.shape[1]
-        grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), x_var, retain_graph=j < k - 1)[0]
-                             for j in range(k)], 1).flatten(2)  # N x K x D
-        w = grads - grads[rows, y][:, None]
-        f = (logits - logits[rows, y][:, None]).detach()
+        grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), x_var, retain_graph=j < k - 1)[0][active]
+                             for j in range(k)], 1).flatten(2)  # n x K x D
+        w = grads - grads[rows, yi][:, None]
+        f = (logits - logits[rows, yi][:, None]).detach()
         norms = w.norm(dim=2).clamp_min(1e-12)
         dist = f.abs() / norms
-        dist[rows, y] = float("inf")
+        dist[rows, yi] = float("inf")
         nearest = dist.argmin(1)
         step = ((f[rows, nearest].abs() + 1e-4) / norms[rows, nearest] ** 2)[:, None] * w[rows, nearest]
-        r_total = r_total + (step.view_as(x) * active[:, None, None, None])
-        x_adv = (x + (1 + overshoot) * r_total).clamp(0.0, 1.0).detach()
+        r_total[idx] += step.view(len(idx), *x.shape[1:])
+        x_adv[idx] = (x[idx] + (1 + overshoot) * r_total[idx]).clamp(0.0, 1.0).detach()
     return x_adv.cpu().numpy()

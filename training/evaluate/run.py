@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--carlini-iterations", type=int, default=1000, help="Adam steps per Carlini search step")
     p.add_argument("--carlini-steps", type=int, default=9, help="binary-search steps of Carlini L2")
     p.add_argument("--carlini-initial-const", type=float, default=1e-3, help="initial c of Carlini L2")
+    p.add_argument("--carlini-learning-rate", type=float, default=1e-2,
+                   help="Adam step of Carlini L2 (in tanh space; Carlini: 0.01)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="override one attack parameter, e.g. carlini_linf.max_iterations=300 (repeatable)")
     p.add_argument("--graybox", action="store_true",
                    help="the graybox table: Carlini L2 against each pool member, defended by each")
     p.add_argument("--n-graybox", type=int, default=200, help="examples per graybox column")
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         attack = attacks[name]
         if attack.family.startswith("carlini"):
             attack = Attack(attack.name, attack.family, {**attack.params, **_iterations(attack, args)}, attack.run)
+        attack = Attack(attack.name, attack.family, {**attack.params, **_overrides(args.overrides, name)}, attack.run)
         n = args.n_carlini if attack.family.startswith("carlini") else args.n
         idx = correct[:n]
         rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device))
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.graybox or args.adaptive:
         twins = Twins(defense, twin)
         budget = {"binary_search_steps": args.carlini_steps, "max_iterations": args.carlini_iterations,
-                  "initial_const": args.carlini_initial_const}
+                  "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
     if args.graybox:
         if len(twins) < 2:
             raise SystemExit("--graybox needs a pool bundle (several members)")
@@ -178,11 +183,24 @@ def _write(report: dict, out: Path) -> None:
     write_reports(report, out)
 
 
+def _overrides(items: list[str], name: str) -> dict:
+    """``--set`` values for attack ``name`` (numbers parsed as float or int)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        attack, _, param = key.partition(".")
+        if not param or not value:
+            raise SystemExit(f"--set wants ATTACK.KEY=VALUE, got {item!r}")
+        if attack == name:
+            out[param] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+    return out
+
+
 def _iterations(attack: Attack, args) -> dict:
     """The Carlini budget from the flags (L0 keeps ART's own)."""
     if attack.family == "carlini_l2":
         return {"max_iterations": args.carlini_iterations, "binary_search_steps": args.carlini_steps,
-                "initial_const": args.carlini_initial_const}
+                "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
     return {"max_iterations": args.carlini_iterations} if attack.family == "carlini_linf" else {}
 
 
