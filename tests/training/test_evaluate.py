@@ -79,3 +79,10 @@ def test_smoke_evaluation_report(tmp_path, mnist):
     assert report["clean"]["classifier_test_accuracy"] > 0.99
     md = (out / "report.md").read_text()
     assert "| deepfool | 24 |" in md and "19.1 → 99.4" in md
+    assert report["rows"][1]["residual"] is not None and report["rows"][1]["residual"] > 0
+
+    from training.evaluate.summary import summary
+
+    text = summary([out / "report.json"], tmp_path / "docs" / "evaluation.md")
+    assert "| deepfool | 24 |" in text and "19.1 → 99.4" in text
+    assert (tmp_path / "docs" / "evaluation.png").stat().st_size > 1000
