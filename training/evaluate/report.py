@@ -24,17 +24,19 @@ def markdown(report: dict) -> str:
         "defended when a detector rejects it or the reformed example gets its true label.", "",
         "Distortions are means over the examples that fool the undefended classifier.", "",
         "Residual: mean of ‖ae(x′) − ae(x)‖₂ / ‖x′ − x‖₂ over the same examples, how much of the "
-        "perturbation survives the reformer (1 = all of it).", "",
+        "perturbation survives the reformer (1 = all of it). Noise: full-defense accuracy when each example is "
+        "moved instead by Gaussian noise of the same L2 size (a control: a random change of that size).", "",
         "| attack | n | mean L2 | mean L∞ | residual | no defense | detectors only | reformer only | full defense "
-        "| paper: no defense → full | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| paper: no defense → full | noise | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         p = paper.get(r["attack"])
         lines.append(f"| {r['attack']} | {r['examples']} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
                      f"| {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "
-                     f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} | {r['seconds']:.0f} |")
+                     f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} "
+                     f"| {_pct((r.get('same_size_noise') or {}).get('full_defense'))} | {r['seconds']:.0f} |")
     lines += ["", "Clean test set (all test images):", "",
               f"- accuracy without the defense {_pct(clean['classifier_test_accuracy'])} %, with it "
               f"{_pct(clean['defense_clean_test_accuracy'])} % (reformer only {_pct(clean['reformer_only_test_accuracy'])} %)",

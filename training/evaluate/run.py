@@ -79,6 +79,17 @@ def judge(defense: Defense, x_adv: np.ndarray, y: np.ndarray, member: int = 0) -
             "fooled": plain != y, "reformed": np.concatenate([v.reformed for v in verdicts])}
 
 
+def same_size_noise(defense: Defense, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
+    """A control: each example moved by Gaussian noise of the same L2 size as its perturbation (then
+    clipped to [0, 1]), judged like the attack. What the defense does to a random change of that size."""
+    n = len(x)
+    size = np.linalg.norm((x_adv - x).reshape(n, -1), axis=1)
+    g = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+    g *= (size / np.maximum(np.linalg.norm(g.reshape(n, -1), axis=1), 1e-12)).reshape(-1, *([1] * (x.ndim - 1)))
+    judged = judge(defense, np.clip(x + g, 0.0, 1.0).astype(np.float32), y)
+    return {k: judged[k] for k in ("no_defense", "reformer_only", "full_defense", "rejected")}
+
+
 def residual(defense: Defense, x: np.ndarray, x_adv: np.ndarray, reformed_adv: np.ndarray, fooled: np.ndarray,
              member: int = 0) -> float | None:
     """Mean ||ae(x') - ae(x)|| / ||x' - x|| over the fooling examples: the share of the perturbation
@@ -108,7 +119,8 @@ def run_attack(attack: Attack, twin, defense, x, y, device) -> dict:
     fooled, reformed = judged.pop("fooled"), judged.pop("reformed")
     row = {"attack": attack.name, "family": attack.family, "params": attack.params, "examples": len(x),
            "seconds": seconds, "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled),
-           "residual": residual(defense, x, x_adv, reformed, fooled), **judged}
+           "residual": residual(defense, x, x_adv, reformed, fooled), **judged,
+           "same_size_noise": same_size_noise(defense, x, x_adv, y)}
     print(f"{attack.name}: {len(x)} examples in {seconds:.0f} s; no defense {row['no_defense']:.3f}, "
           f"full defense {row['full_defense']:.3f}", flush=True)
     return row
