@@ -86,3 +86,12 @@ def test_smoke_evaluation_report(tmp_path, mnist):
     text = summary([out / "report.json"], tmp_path / "docs" / "evaluation.md")
     assert "| deepfool | 24 |" in text and "19.1 → 99.4" in text
     assert (tmp_path / "docs" / "evaluation.png").stat().st_size > 1000
+
+
+def test_set_overrides_one_attacks_parameters():
+    items = ["carlini_linf.max_iterations=300", "carlini_linf.initial_const=1e-2", "deepfool.overshoot=0.05"]
+    assert run._overrides(items, "carlini_linf") == {"max_iterations": 300, "initial_const": 0.01}
+    assert run._overrides(items, "deepfool") == {"overshoot": 0.05}
+    assert run._overrides(items, "fgsm_eps0.01") == {}
+    with pytest.raises(SystemExit):
+        run._overrides(["carlini_linf=3"], "carlini_linf")
