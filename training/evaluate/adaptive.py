@@ -23,9 +23,8 @@ import torch
 
 from service.defense.core import Defense
 from training.attacks.carlini import carlini_l2
+from training.evaluate.graybox import Judge
 from training.evaluate.torch_defense import Twins
-
-Judge = Callable[[Defense, np.ndarray, np.ndarray, int], dict]
 
 
 def adaptive_attack(defense: Defense, twins: Twins, targets: list[int], x: np.ndarray, y: np.ndarray, params: dict,
