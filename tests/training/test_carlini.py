@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.attacks.carlini import AttackResult, carlini_l2, carlini_linf
+from training.attacks.carlini import AttackResult, carlini_l0, carlini_l2, carlini_linf
 
 FAST_L2 = dict(binary_search_steps=5, max_iterations=300)
 FAST_LI = dict(max_iterations=150, initial_const=1e-2)
@@ -124,10 +124,39 @@ def test_success_fn_never_true_returns_inputs(two_class, attack):
     assert not res.l2.any() and not res.linf.any()
 
 
-@pytest.mark.parametrize("attack", [carlini_l2, carlini_linf])
+def test_l0_changes_about_the_fewest_pixels(two_class):
+    """For the linear model the fewest pixels that flip an image are the ones of largest |d_i| * room_i
+    (room: distance to the box edge in the direction of d), taken greedily until the margin is covered."""
+    model, x, d, margins = two_class
+    flat = x.reshape(4, -1).astype(np.float64)
+    room = np.where(d > 0, 1 - flat, flat) * np.abs(d)
+    optimum = np.array([int(np.searchsorted(np.cumsum(np.sort(r)[::-1]), m)) + 1 for r, m in zip(room, margins)])
+    assert np.all(optimum < 8)
+    res = carlini_l0(model, x, np.zeros(4, np.int64))
+    assert res.success.all() and (logits(model, res.x_adv).argmax(1) == 1).all()
+    assert res.x_adv.dtype == np.float32 and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    changed = (res.x_adv != x).reshape(4, -1).sum(1)  # pixels outside the mask are exactly x
+    assert np.all(changed >= optimum) and np.all(changed <= optimum + 1), (changed, optimum)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_l0_counts_pixels_across_channels():
+    """A 3-channel pixel is one unit: the attack changes all or none of its channels' freedom."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(2, 3 * 16))
+    model = linear_model(w)
+    x = (0.5 + 0.05 * rng.uniform(-1, 1, size=(5, 3, 4, 4))).astype(np.float32)
+    y = logits(model, x).argmax(1)
+    res = carlini_l0(model, x, y)
+    assert res.success.all() and (logits(model, res.x_adv).argmax(1) != y).all()
+    pixels = (res.x_adv != x).any(1).reshape(5, -1).sum(1)
+    assert np.all(pixels >= 1) and np.all(pixels < 16)
+
+
+@pytest.mark.parametrize("attack", [carlini_l2, carlini_linf, carlini_l0])
 def test_already_misclassified_is_free(two_class, attack):
     model, x, _, _ = two_class
-    kw = FAST_L2 if attack is carlini_l2 else FAST_LI
+    kw = {carlini_l2: FAST_L2, carlini_linf: FAST_LI, carlini_l0: {}}[attack]
     res = attack(model, x, np.ones(4, np.int64), **kw)  # "true" label 1, model says 0 with margin
     assert res.success.all() and np.all(res.l2 < 1e-4) and np.all(res.linf < 1e-5)
 
@@ -165,3 +194,5 @@ def test_bad_inputs_raise(two_class):
         carlini_l2(model, x * 2, np.zeros(4, np.int64))
     with pytest.raises(ValueError):
         carlini_linf(model, x, np.zeros(3, np.int64))
+    with pytest.raises(ValueError):
+        carlini_l0(model, x[:, 0], np.zeros(4, np.int64))

@@ -95,3 +95,27 @@ def test_set_overrides_one_attacks_parameters():
     assert run._overrides(items, "fgsm_eps0.01") == {}
     with pytest.raises(SystemExit):
         run._overrides(["carlini_linf=3"], "carlini_linf")
+
+
+def test_carlini_l0_row_changes_few_pixels(twin, mnist):
+    import torch
+
+    from training.evaluate.attacks import default_names
+
+    names = default_names("mnist")
+    assert "carlini_l0" in names and not any(n.endswith("_art") for n in names)
+    x, y = mnist.test.x[:8], mnist.test.y[:8]
+    x_adv = registry("mnist")["carlini_l0"](twin, x, y)
+    with torch.no_grad():
+        fooled = twin(torch.from_numpy(x_adv)).argmax(1).numpy() != y
+    assert fooled.mean() >= 0.75
+    d = run.distortion(x, x_adv, fooled)
+    assert 1 <= d["mean_l0"] <= 40 and d["mean_l0"] == (x_adv != x)[fooled].reshape(fooled.sum(), -1).sum(1).mean()
+
+
+def test_l0_distortion_counts_pixels_not_channels():
+    x = np.zeros((2, 3, 2, 2), np.float32)
+    x_adv = x.copy()
+    x_adv[0, :, 0, 0] = 0.5  # one pixel, three channels
+    x_adv[1, 0, 1, 1] = x_adv[1, 2, 0, 1] = 0.5  # two pixels
+    assert run.distortion(x, x_adv, np.array([True, True]))["mean_l0"] == 1.5

@@ -320,3 +320,93 @@ def carlini_linf(
         return best, found
 
     return _run(attack, model, x, y, batch_size, device, progress)
+
+
+def carlini_l0(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, confidence: float = 0.0, targeted: bool = False,
+    max_iterations: int = 50, learning_rate: float = 0.1, initial_const: float = 1e-2,
+    largest_const: float = 1e3, const_factor: float = 4.0, shrink: float = 0.2, batch_size: int = 256,
+    device: str | torch.device = "cpu", progress: Progress | None = None,
+) -> AttackResult:
+    """Carlini-Wagner L0 attack (``l0_attack.py``), batched, with a faster shrinking schedule.
+
+    Each example keeps a mask of the pixels it may still change (a pixel is all its channels, as in
+    Carlini's default). A round searches for an adversarial example that changes only masked pixels:
+    Adam on ``||x_adv - x||_2^2 + c f(x_adv)`` with the unmasked pixels held at x, warm-started from
+    the previous round's iterate, ending as soon as the success test holds; after ``max_iterations``
+    steps without success c is multiplied by ``const_factor`` (c carries over between rounds, as in
+    Carlini's code without ``reduce_const``). When a round succeeds, that example is kept, every
+    masked pixel it does not change leaves the mask, and so do the ``ceil(shrink * changed)`` changed
+    pixels of least importance ``sum_channels |delta| * |d loss / d x_adv|`` (Carlini's ranking).
+    Carlini removes about ``0.3 sqrt(changed)`` pixels per round; the geometric ``shrink`` needs far
+    fewer rounds (about 15 from 784 pixels) at the price of a somewhat larger final L0. The example
+    stops when a round fails with c above ``largest_const``; its last success is the result.
+
+    Defaults are cheaper than Carlini's (Adam 1e-2 x 1000 steps, c from 1e-3 doubling up to 2e6), and
+    were chosen on 32 MNIST test images with the shipped classifier: lr 0.1 x 50 steps with c x 4 gave
+    mean L0 8.0 pixels in 494 steps per image; lr 1e-2 x 100 steps with c x 2 up to 1e4 gave 8.2 in
+    about 4x the time. A step of 0.1 matters: in tanh space a pixel at 0 or 1 sits at |w| ~ 7.3, out
+    of reach of 100 steps of 1e-2, so a small step can change only grey pixels.
+
+    Parameters
+    ----------
+    model, x, y, confidence, targeted, batch_size, device, progress
+        As in :func:`carlini_l2`.
+    max_iterations : int
+        Adam steps at one (mask, c) before c grows.
+    learning_rate, initial_const, largest_const, const_factor : float
+        Adam step size in tanh space; the first c; the c at which a failing example gives up; the
+        growth of c after ``max_iterations`` unsuccessful steps.
+    shrink : float
+        Share of the changed pixels removed from the mask after each successful round (at least one).
+
+    Returns
+    -------
+    AttackResult
+        Per image the last successful iterate (the one with the fewest changeable pixels), else ``x``.
+    """
+
+    def attack(xb, yb):
+        n, dev = len(xb), xb.device
+        w, adam = _to_w(xb), _Adam(xb, learning_rate)
+        mask = torch.ones((n, 1) + tuple(xb.shape[2:]), device=dev)
+        c = torch.full((n,), float(initial_const), device=dev)
+        steps, active = torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
+        best, found = xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
+        while bool(active.any()):
+            rows = active.nonzero().squeeze(1)
+            wa = w[rows].requires_grad_(True)
+            m, xr = mask[rows], xb[rows]
+            adv = m * _box(wa) + (1 - m) * xr
+            logits = model(adv)
+            f = _hinge(logits, yb[rows], targeted, confidence)
+            loss = (adv - xr).flatten(1).pow(2).sum(1) + c[rows] * f
+            grad_w, grad_adv = torch.autograd.grad(loss.sum(), [wa, adv])
+            with torch.no_grad():
+                ok = _margin_success(logits, yb[rows], targeted, confidence)
+                win, lose = rows[ok], rows[~ok]
+                best[win], found[win] = adv[ok], True
+                delta = (adv[ok] - xr[ok]).abs().sum(1, keepdim=True)
+                importance = delta * grad_adv[ok].abs().sum(1, keepdim=True)
+                changed = (delta > 1e-4) & (m[ok] > 0)
+                keep = changed.flatten(1)
+                count = keep.sum(1)
+                drop = torch.ceil(shrink * count.float()).clamp(min=1).long()
+                score = importance.flatten(1).masked_fill(~keep, float("inf"))
+                order = score.argsort(1)
+                ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
+                keep &= ranks >= drop[:, None]
+                mask[win] = keep.view_as(delta).float()
+                w[win] = torch.where(mask[win] > 0, wa.detach()[ok], _to_w(xr[ok]))
+                steps[win] = 0
+                adam.reset(win)
+                active[win] = keep.any(1)
+                adam.step(w, grad_w[~ok], lose)
+                steps[lose] += 1
+                raise_c = lose[steps[lose] >= max_iterations]
+                c[raise_c] *= const_factor
+                steps[raise_c] = 0
+                active[raise_c] = c[raise_c] < largest_const
+        return best, found
+
+    return _run(attack, model, x, y, batch_size, device, progress)

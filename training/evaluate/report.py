@@ -15,6 +15,10 @@ def _num(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
+def _l0(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
 def markdown(report: dict) -> str:
     paper = PAPER.get(report["dataset"], {})
     clean = report["clean"]
@@ -26,14 +30,14 @@ def markdown(report: dict) -> str:
         "Residual: mean of ‖ae(x′) − ae(x)‖₂ / ‖x′ − x‖₂ over the same examples, how much of the "
         "perturbation survives the reformer (1 = all of it). Noise: full-defense accuracy when each example is "
         "moved instead by Gaussian noise of the same L2 size (a control: a random change of that size).", "",
-        "| attack | n | mean L2 | mean L∞ | residual | no defense | detectors only | reformer only | full defense "
+        "| attack | n | mean L2 | mean L∞ | mean L0 (pixels) | residual | no defense | detectors only | reformer only | full defense "
         "| paper: no defense → full | noise | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         p = paper.get(r["attack"])
         lines.append(f"| {r['attack']} | {r['examples']} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
-                     f"| {_num(r.get('residual'))} "
+                     f"| {_l0(r.get('mean_l0'))} | {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "
                      f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} "
                      f"| {_pct((r.get('same_size_noise') or {}).get('full_defense'))} | {r['seconds']:.0f} |")

@@ -29,7 +29,7 @@ from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
-from training.evaluate.attacks import Attack, registry
+from training.evaluate.attacks import Attack, default_names, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.provenance import provenance
@@ -103,12 +103,16 @@ def residual(defense: Defense, x: np.ndarray, x_adv: np.ndarray, reformed_adv: n
 
 
 def distortion(x: np.ndarray, x_adv: np.ndarray, fooled: np.ndarray) -> dict:
-    """Mean distortions over the examples that fool the undefended classifier."""
+    """Mean distortions over the examples that fool the undefended classifier.
+
+    L0 counts pixels (a pixel changed in any channel), as Carlini does.
+    """
     d = (x_adv - x).reshape(len(x), -1)[fooled]
     if not len(d):
         return {"mean_l2": None, "mean_linf": None, "mean_l0": None}
+    pixels = (np.abs(x_adv - x)[fooled] > 1e-6).any(1).reshape(len(d), -1)
     return {"mean_l2": float(np.linalg.norm(d, axis=1).mean()), "mean_linf": float(np.abs(d).max(1).mean()),
-            "mean_l0": float((np.abs(d) > 1e-6).sum(1).mean())}
+            "mean_l0": float(pixels.sum(1).mean())}
 
 
 def run_attack(attack: Attack, twin, defense, x, y, device) -> dict:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load(manifest.dataset, args.data_dir).test
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
     attacks = registry(manifest.dataset)
-    names = list(attacks) if args.attacks is None else args.attacks
+    names = default_names(manifest.dataset) if args.attacks is None else args.attacks
     rows, curve = [], []
     report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
@@ -209,7 +213,7 @@ def _overrides(items: list[str], name: str) -> dict:
 
 
 def _iterations(attack: Attack, args) -> dict:
-    """The Carlini budget from the flags (L0 keeps ART's own)."""
+    """The Carlini budget from the flags (L2 and L-infinity; L0 takes ``--set carlini_l0.KEY=VALUE``)."""
     if attack.family == "carlini_l2":
         return {"max_iterations": args.carlini_iterations, "binary_search_steps": args.carlini_steps,
                 "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
