@@ -119,3 +119,18 @@ def test_l0_distortion_counts_pixels_not_channels():
     x_adv[0, :, 0, 0] = 0.5  # one pixel, three channels
     x_adv[1, 0, 1, 1] = x_adv[1, 2, 0, 1] = 0.5  # two pixels
     assert run.distortion(x, x_adv, np.array([True, True]))["mean_l0"] == 1.5
+
+
+def test_own_carlini_rows_report_progress(twin, mnist, capsys):
+    from training.evaluate.attacks import Attack
+
+    base = registry("mnist")["carlini_linf"]
+    attack = Attack(base.name, base.family, {**base.params, "max_iterations": 20, "initial_const": 1.0,
+                                             "batch_size": 2}, base.run)
+    calls = []
+    attack(twin, mnist.test.x[:4], mnist.test.y[:4], progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1] == (4, 4) and [d for d, _ in calls] == sorted({d for d, _ in calls})
+    printer = run.Progress("x", every=1e9)
+    printer(1, 4)
+    printer(4, 4)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("x: 4/4 images")

@@ -137,7 +137,11 @@ def _evaluate(model, w, x, y, targeted, kappa, penalty, success_fn):
 
 
 def _run(attack, model, x, y, batch_size, device, progress) -> AttackResult:
-    """Split into batches, run ``attack(xb, yb) -> (adv, ok)`` and assemble the result."""
+    """Split into batches, run ``attack(xb, yb, tick) -> (adv, ok)`` and assemble the result.
+
+    ``tick(k)`` lets the attack say that k images of the current batch are finished (or, for L2, how
+    far its binary search has got in images' worth); ``progress`` hears every new total.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64).reshape(-1)
     if x.ndim != 4 or len(x) != len(y):
@@ -146,13 +150,19 @@ def _run(attack, model, x, y, batch_size, device, progress) -> AttackResult:
         raise ValueError("x must lie in [0, 1]")
     n = len(x)
     adv, ok = x.copy(), np.zeros(n, dtype=bool)
+    last = [0]
+
+    def report(done: int) -> None:
+        if progress is not None and done > last[0]:
+            last[0] = done
+            progress(done, n)
+
     with _eval_mode(model):
         for i in range(0, n, batch_size):
             xb = torch.from_numpy(x[i : i + batch_size]).to(device)
-            a, s = attack(xb, torch.from_numpy(y[i : i + batch_size]).to(device))
+            a, s = attack(xb, torch.from_numpy(y[i : i + batch_size]).to(device), lambda k, i=i: report(i + int(k)))
             adv[i : i + batch_size], ok[i : i + batch_size] = a.detach().cpu().numpy(), s.cpu().numpy()
-            if progress is not None:
-                progress(min(i + batch_size, n), n)
+            report(min(i + batch_size, n))
     adv[~ok] = x[~ok]
     diff = (adv.astype(np.float64) - x).reshape(n, int(np.prod(x.shape[1:])))
     return AttackResult(adv, ok, np.sqrt((diff**2).sum(1)), np.abs(diff).max(1, initial=0.0))
@@ -208,7 +218,8 @@ def carlini_l2(
         Images optimised together, each with its own c.
     device : str or torch.device
     progress : callable, optional
-        ``progress(done_images, total)``, called after each batch.
+        ``progress(done_images, total)``, called whenever the count grows: after each search step
+        (in images' worth of the batch) and after each batch.
 
     Returns
     -------
@@ -216,7 +227,7 @@ def carlini_l2(
         Per image the successful iterate of smallest L2 over all search steps, else ``x``.
     """
 
-    def attack(xb, yb):
+    def attack(xb, yb, tick):
         n, rows = len(xb), slice(None)
         w0 = _to_w(xb)
         lower, upper = torch.zeros(n, device=xb.device), torch.full((n,), 1e10, device=xb.device)
@@ -249,6 +260,7 @@ def carlini_l2(
             upper = torch.where(found, torch.minimum(upper, c), upper)
             lower = torch.where(found, lower, torch.maximum(lower, c))
             c = torch.where(upper < 1e9, (lower + upper) / 2, c * const_growth)
+            tick(n * (step + 1) // binary_search_steps)
         return best, torch.isfinite(best_l2)
 
     return _run(attack, model, x, y, batch_size, device, progress)
@@ -289,13 +301,14 @@ def carlini_linf(
         Per image the last successful iterate (the one with the smallest tau reached), else ``x``.
     """
 
-    def attack(xb, yb):
+    def attack(xb, yb, tick):
         n, dev = len(xb), xb.device
         w, adam = _to_w(xb), _Adam(xb, learning_rate)
         tau, c = torch.ones(n, device=dev), torch.full((n,), float(initial_const), device=dev)
         steps, active = torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
         best, found = xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
         while bool(active.any()):
+            tick(int((~active).sum()))
             rows = active.nonzero().squeeze(1)
             wa = w[rows].requires_grad_(True)
             adv, f, extra, ok = _evaluate(model, wa, xb[rows], yb[rows], targeted, confidence, penalty, success_fn)
@@ -366,7 +379,7 @@ def carlini_l0(
         Per image the last successful iterate (the one with the fewest changeable pixels), else ``x``.
     """
 
-    def attack(xb, yb):
+    def attack(xb, yb, tick):
         n, dev = len(xb), xb.device
         w, adam = _to_w(xb), _Adam(xb, learning_rate)
         mask = torch.ones((n, 1) + tuple(xb.shape[2:]), device=dev)
@@ -374,6 +387,7 @@ def carlini_l0(
         steps, active = torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
         best, found = xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
         while bool(active.any()):
+            tick(int((~active).sum()))
             rows = active.nonzero().squeeze(1)
             wa = w[rows].requires_grad_(True)
             m, xr = mask[rows], xb[rows]

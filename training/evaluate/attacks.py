@@ -26,8 +26,13 @@ class Attack:
     params: dict = field(default_factory=dict)
     run: Callable[..., np.ndarray] | None = None
 
-    def __call__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, device: str = "cpu") -> np.ndarray:
-        out = self.run(model, x, y, device=device, **self.params)
+    def __call__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, device: str = "cpu",
+                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """x_adv for x; ``progress(done, total)`` hears how far the project's own Carlini attacks are
+        (ART's attacks draw their own progress bars)."""
+        extra = {"progress": progress} if progress is not None and self.family.startswith("carlini") \
+            and self.run is not None and getattr(self.run, "reports_progress", False) else {}
+        out = self.run(model, x, y, device=device, **extra, **self.params)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
@@ -63,6 +68,7 @@ def own_carlini(norm: str):
     def run(model, x, y, device="cpu", **params):
         return fn(model, x, y, device=device, **params).x_adv
 
+    run.reports_progress = True
     return run
 
 

@@ -115,9 +115,22 @@ def distortion(x: np.ndarray, x_adv: np.ndarray, fooled: np.ndarray) -> dict:
             "mean_l0": float(pixels.sum(1).mean())}
 
 
+class Progress:
+    """Prints ``name: done/total images, seconds`` at most every ``every`` seconds, and at the end."""
+
+    def __init__(self, name: str, every: float = 30.0):
+        self.name, self.every, self.started, self.last = name, every, time.perf_counter(), 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter() - self.started
+        if now - self.last >= self.every or done == total:
+            self.last = now
+            print(f"{self.name}: {done}/{total} images, {now:.0f} s", flush=True)
+
+
 def run_attack(attack: Attack, twin, defense, x, y, device) -> dict:
     started = time.perf_counter()
-    x_adv = attack(twin, x, y, device=device)
+    x_adv = attack(twin, x, y, device=device, progress=Progress(attack.name))
     seconds = time.perf_counter() - started
     judged = judge(defense, x_adv, y)
     fooled, reformed = judged.pop("fooled"), judged.pop("reformed")
