@@ -17,6 +17,15 @@ from training.evaluate.paper import PAPER, PAPER_GRAYBOX
 from training.evaluate.report import _num, _pct
 
 
+def _distortion(row: dict) -> str:
+    """Mean distortion in the attack's own norm: L0 in pixels, L-infinity, else L2."""
+    if row["family"].endswith("l0") and row.get("mean_l0") is not None:
+        return f"L0 {row['mean_l0']:.1f} px"
+    if (row["family"].endswith("linf") or row["family"] == "fgsm") and row.get("mean_linf") is not None:
+        return f"L∞ {_num(row['mean_linf'])}"
+    return "—" if row.get("mean_l2") is None else f"L2 {_num(row['mean_l2'])}"
+
+
 def summary(paths: list[Path], out: Path) -> str:
     reports = [(p, json.loads(p.read_text())) for p in paths]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +41,7 @@ def summary(paths: list[Path], out: Path) -> str:
         paper = PAPER[dataset]
         lines += [f"## {dataset.upper() if dataset == 'mnist' else 'CIFAR-10'}", "",
                   "| attack | n | no defense | full defense | paper: no defense → full | detectors only | reformer only "
-                  "| mean L2 | report |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| distortion | report |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p, r in mine:
             link = _link(p, out)
             for row in r["rows"]:
@@ -40,7 +49,7 @@ def summary(paths: list[Path], out: Path) -> str:
                 lines.append(f"| {row['attack']} | {row['examples']} | {_pct(row['no_defense'])} "
                              f"| **{_pct(row['full_defense'])}** | {f'{ref[0]} → {ref[1]}' if ref else '—'} "
                              f"| {_pct(row['detectors_only'])} | {_pct(row['reformer_only'])} "
-                             f"| {_num(row['mean_l2'])} | {link} |")
+                             f"| {_distortion(row)} | {link} |")
         for p, r in mine:
             clean = r["clean"]
             lines += ["", f"Clean test accuracy ({_link(p, out)}): {_pct(clean['classifier_test_accuracy'], 2)} % "
