@@ -48,9 +48,13 @@ def markdown(report: dict) -> str:
                                                                clean["detector_test_fpr"].items())]
     if report["carlini_confidence_curve"]:
         lines += ["", "Carlini L2 against confidence κ (the paper's Figures 4 and 5): ![](carlini_confidence.png)", "",
-                  "| κ | n | mean L2 | no defense | detectors only | reformer only | full defense |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['confidence']:g} | {r['examples']} | {_num(r['mean_l2'])} | {_pct(r['no_defense'])} "
+                  "An attack that fails leaves the image as it is, so read each κ with its attack success: where "
+                  "it is low, the classifier cannot be pushed to that logit margin within the budget (or at all) "
+                  "and the accuracies there say nothing about the defense.", "",
+                  "| κ | n | attack success | mean L2 | no defense | detectors only | reformer only | full defense |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['confidence']:g} | {r['examples']} | {_pct(r.get('attack_success'))} | {_num(r['mean_l2'])} "
+                  f"| {_pct(r['no_defense'])} "
                   f"| {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} | {_pct(r['full_defense'])} |"
                   for r in report["carlini_confidence_curve"]]
     lines += _graybox(report.get("graybox")) + _adaptive(report.get("adaptive"))
@@ -116,6 +120,9 @@ def plot(report: dict, path: Path) -> None:
     for key, label in [("no_defense", "no defense"), ("detectors_only", "detectors only"),
                        ("reformer_only", "reformer only"), ("full_defense", "full defense")]:
         ax.plot(kappas, [100 * r[key] for r in curve], marker="o", label=label)
+    if all("attack_success" in r for r in curve):
+        ax.plot(kappas, [100 * r["attack_success"] for r in curve], color="grey", linestyle=":", marker="x",
+                label="attack success (undefended)")
     ax.set_xlabel("Carlini L2 confidence κ")
     ax.set_ylabel("accuracy on adversarial examples (%)")
     ax.set_title(f"{report['dataset']}: {curve[0]['examples']} examples per κ")
