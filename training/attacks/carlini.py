@@ -136,6 +136,24 @@ def _evaluate(model, w, x, y, targeted, kappa, penalty, success_fn):
     return adv, f, extra, ok.bool().to(adv.device)
 
 
+def _machines(xb: torch.Tensor, initial_const: float):
+    """Per-example state of the L-infinity and L0 attacks: c, steps at this c, still running, best
+    iterate so far, whether one was found."""
+    n, dev = len(xb), xb.device
+    return (torch.full((n,), float(initial_const), device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+            torch.ones(n, dtype=torch.bool, device=dev), xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev))
+
+
+def _count_failure(steps, c, active, lose, max_iterations, const_factor, largest_const) -> None:
+    """One more unsuccessful step for rows ``lose``; after ``max_iterations`` of them c grows, and a row
+    whose c reaches ``largest_const`` stops."""
+    steps[lose] += 1
+    raise_c = lose[steps[lose] >= max_iterations]
+    c[raise_c] *= const_factor
+    steps[raise_c] = 0
+    active[raise_c] = c[raise_c] < largest_const
+
+
 def _run(attack, model, x, y, batch_size, device, progress) -> AttackResult:
     """Split into batches, run ``attack(xb, yb, tick) -> (adv, ok)`` and assemble the result.
 
@@ -304,9 +322,8 @@ def carlini_linf(
     def attack(xb, yb, tick):
         n, dev = len(xb), xb.device
         w, adam = _to_w(xb), _Adam(xb, learning_rate)
-        tau, c = torch.ones(n, device=dev), torch.full((n,), float(initial_const), device=dev)
-        steps, active = torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
-        best, found = xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
+        tau = torch.ones(n, device=dev)
+        c, steps, active, best, found = _machines(xb, initial_const)
         while bool(active.any()):
             tick(int((~active).sum()))
             rows = active.nonzero().squeeze(1)
@@ -325,11 +342,7 @@ def carlini_linf(
                 adam.reset(win)
                 active[win] = tau[win] > 1.0 / 256
                 adam.step(w, grad[~done], lose)
-                steps[lose] += 1
-                raise_c = lose[steps[lose] >= max_iterations]
-                c[raise_c] *= const_factor
-                steps[raise_c] = 0
-                active[raise_c] = c[raise_c] < largest_const
+                _count_failure(steps, c, active, lose, max_iterations, const_factor, largest_const)
         return best, found
 
     return _run(attack, model, x, y, batch_size, device, progress)
@@ -383,9 +396,7 @@ def carlini_l0(
         n, dev = len(xb), xb.device
         w, adam = _to_w(xb), _Adam(xb, learning_rate)
         mask = torch.ones((n, 1) + tuple(xb.shape[2:]), device=dev)
-        c = torch.full((n,), float(initial_const), device=dev)
-        steps, active = torch.zeros(n, dtype=torch.long, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
-        best, found = xb.clone(), torch.zeros(n, dtype=torch.bool, device=dev)
+        c, steps, active, best, found = _machines(xb, initial_const)
         while bool(active.any()):
             tick(int((~active).sum()))
             rows = active.nonzero().squeeze(1)
@@ -416,11 +427,7 @@ def carlini_l0(
                 adam.reset(win)
                 active[win] = keep.any(1)
                 adam.step(w, grad_w[~ok], lose)
-                steps[lose] += 1
-                raise_c = lose[steps[lose] >= max_iterations]
-                c[raise_c] *= const_factor
-                steps[raise_c] = 0
-                active[raise_c] = c[raise_c] < largest_const
+                _count_failure(steps, c, active, lose, max_iterations, const_factor, largest_const)
         return best, found
 
     return _run(attack, model, x, y, batch_size, device, progress)
