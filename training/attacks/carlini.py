@@ -371,7 +371,7 @@ def carlini_l0(
     Defaults are cheaper than Carlini's (Adam 1e-2 x 1000 steps, c from 1e-3 doubling up to 2e6), and
     were chosen on 32 MNIST test images with the shipped classifier: lr 0.1 x 50 steps with c x 4 gave
     mean L0 8.0 pixels in 494 steps per image; lr 1e-2 x 100 steps with c x 2 up to 1e4 gave 8.2 in
-    about 4x the time. A step of 0.1 matters: in tanh space a pixel at 0 or 1 sits at |w| ~ 7.3, out
+    about 5x the time. A step of 0.1 matters: in tanh space a pixel at 0 or 1 sits at |w| ~ 7.3, out
     of reach of 100 steps of 1e-2, so a small step can change only grey pixels.
 
     Parameters

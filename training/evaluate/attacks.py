@@ -30,8 +30,7 @@ class Attack:
                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """x_adv for x; ``progress(done, total)`` hears how far the project's own Carlini attacks are
         (ART's attacks draw their own progress bars)."""
-        extra = {"progress": progress} if progress is not None and self.family.startswith("carlini") \
-            and self.run is not None and getattr(self.run, "reports_progress", False) else {}
+        extra = {"progress": progress} if progress is not None and getattr(self.run, "reports_progress", False) else {}
         out = self.run(model, x, y, device=device, **extra, **self.params)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
