@@ -413,10 +413,8 @@ def carlini_l0(
                 best[win], found[win] = adv[ok], True
                 delta = (adv[ok] - xr[ok]).abs().sum(1, keepdim=True)
                 importance = delta * grad_adv[ok].abs().sum(1, keepdim=True)
-                changed = (delta > 1e-4) & (m[ok] > 0)
-                keep = changed.flatten(1)
-                count = keep.sum(1)
-                drop = torch.ceil(shrink * count.float()).clamp(min=1).long()
+                keep = ((delta > 1e-4) & (m[ok] > 0)).flatten(1)  # masked pixels this iterate changes
+                drop = torch.ceil(shrink * keep.sum(1).float()).clamp(min=1).long()
                 score = importance.flatten(1).masked_fill(~keep, float("inf"))
                 order = score.argsort(1)
                 ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
