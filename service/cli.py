@@ -1,5 +1,5 @@
-"""``magnet``: ``serve`` runs the gateway; ``train`` rebuilds a bundle and ``evaluate`` attacks one
-(both need the 'train' extra, evaluate also 'eval')."""
+"""``magnet``: ``serve`` runs the gateway; ``pack`` makes a self-contained copy of a bundle; ``train``
+rebuilds a bundle and ``evaluate`` attacks one (both need the 'train' extra, evaluate also 'eval')."""
 
 from __future__ import annotations
 
@@ -68,13 +68,31 @@ def evaluate(argv: list[str]) -> int:
     return evaluate_main(argv)
 
 
-COMMANDS = {"serve": serve, "train": train, "evaluate": evaluate}
+def pack(argv: list[str]) -> int:
+    from service.defense.bundle import pack as pack_bundle
+
+    p = argparse.ArgumentParser(prog="magnet pack", description="Copy a bundle with every file it uses "
+                                "inside it (a classifier shared with other bundles included) and its "
+                                "manifest rewritten to those copies: for images, volumes and archives.")
+    p.add_argument("--bundle", required=True, help="the bundle to pack (where its shared files are present)")
+    p.add_argument("--out", required=True, help="new or empty directory for the self-contained copy")
+    args = p.parse_args(argv)
+    try:
+        out = pack_bundle(args.bundle, args.out)
+    except BundleError as e:
+        print(f"magnet pack: {e}", file=sys.stderr)
+        return 2
+    print(f"packed {args.bundle} into {out} ({len(list(out.iterdir()))} files)")
+    return 0
+
+
+COMMANDS = {"serve": serve, "train": train, "evaluate": evaluate, "pack": pack}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: magnet {serve,train,evaluate} [--help]", file=sys.stderr)
+        print(f"usage: magnet {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ SHAPE = (3, 32, 32)
 
 def parser():
     p = B.base_parser("magnet train cifar10", __doc__, "cifar10")
+    p.add_argument("--name", default="cifar10", help="the bundle's name (the upstream model name by default)")
     p.add_argument("--width", type=int, default=64, help="ResNet-9 base width (64: 6.6 M parameters)")
     p.add_argument("--classifier-epochs", type=int, default=24, help="one-cycle epochs for the classifier")
     p.add_argument("--classifier-lr", type=float, default=0.4, help="peak learning rate (mean loss)")
@@ -41,6 +43,10 @@ def parser():
     p.add_argument("--ae-noise", type=float, default=0.025, help="denoising noise (std of N(0, 1) scale)")
     p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector")
     p.add_argument("--jsd-fpr", type=float, default=0.01, help="FPR of each divergence detector")
+    p.add_argument("--shared-classifier", type=Path, default=None,
+                   help="keep the classifier in this file, shared with other bundles (e.g. "
+                        "models/shared/cifar10-resnet9.onnx), instead of a copy in the bundle; an existing "
+                        "file must hold the same classifier")
     p.add_argument("--temperatures", type=float, nargs="+", default=[10.0, 40.0],
                    help="temperatures of the divergence detectors")
     return p
@@ -83,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = B.fresh_dir(args.out)
-    parity = B.export_all({B.CLASSIFIER_FILE: clf, "ae.onnx": ae}, out, SHAPE, ds.test.x[:500])
+    if args.shared_classifier:
+        parity = {**B.export_all({"ae.onnx": ae}, out, SHAPE, ds.test.x[:500]),
+                  args.shared_classifier.name: B.shared_classifier(clf, args.shared_classifier, SHAPE, ds.test.x[:500])}
+    else:
+        parity = B.export_all({B.CLASSIFIER_FILE: clf, "ae.onnx": ae}, out, SHAPE, ds.test.x[:500])
     dets = detectors("ae.onnx", args.recon_fpr, args.jsd_fpr, args.temperatures)
-    member = {"name": "default", "reformer": "ae.onnx", "detectors": B.calibrate(out, dets, ds.val.x)}
+    member = {"name": "default", "reformer": "ae.onnx",
+              "detectors": B.calibrate(out, dets, ds.val.x, args.shared_classifier)}
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "autoencoder_val_mse": reconstruction_mse(ae, ds.val.x),
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "validation_images": len(ds.val), "test_images": len(ds.test), "train_images": len(train),
     }
     prov = provenance(["magnet", "train", "cifar10", *(argv if argv is not None else sys.argv[1:])], args.seed)
-    write = lambda m: B.write_bundle(out, "cifar10", "cifar10", SHAPE, list(ds.classes), [member], m, prov)  # noqa: E731
+    write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), [member], m, prov,  # noqa: E731
+                                     args.shared_classifier)
     return B.publish(out, write, measurements, lambda defense: clean_figures(defense, ds.test), started)
 
 

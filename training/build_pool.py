@@ -89,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     base = read_manifest(args.base)
     base_member = base.members[0]
     out = B.fresh_dir(args.out)
-    shutil.copy(args.base / base.classifier.file, out / B.CLASSIFIER_FILE)
+    # the pool shares the base bundle's classifier file when the base keeps it outside itself
+    base_classifier = Defense(args.base, device="cpu").classifier_file
+    if base.classifier.file == Path(base.classifier.file).name:
+        shutil.copy(base_classifier, out / B.CLASSIFIER_FILE)
+        classifier = out / B.CLASSIFIER_FILE
+    else:
+        classifier = base_classifier
     files = [f"ae_{k}.onnx" for k in range(args.members)]
     parity = B.export_all(dict(zip(files, aes)), out, base.input.shape, ds.test.x[:500])
     members = []
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 for d in base_member.detectors]
         for shared in {d["autoencoder"] for d in dets} - set(files):
             shutil.copy(args.base / shared, out / shared)
-        members.append({"name": f"member-{k}", "reformer": f, "detectors": B.calibrate(out, dets, ds.val.x)})
+        members.append({"name": f"member-{k}", "reformer": f, "detectors": B.calibrate(out, dets, ds.val.x, classifier)})
     measurements = {
         "alpha": args.alpha, "members": args.members,
         "joint_training_seconds": history["seconds"], "joint_best_epoch": history["best_epoch"],
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(["magnet", "train", "pool", *(argv if argv is not None else sys.argv[1:])], args.seed)
     name = f"{base.name}-pool"
     write = lambda m: B.write_bundle(out, name, base.dataset, base.input.shape, base.classifier.classes,  # noqa: E731
-                                     members, m, prov)
+                                     members, m, prov, classifier)
     test = ds.test.head(args.figures_limit)
 
     def member_figures(defense: Defense) -> dict:

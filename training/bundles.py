@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -78,39 +79,61 @@ def run_batched(model: OnnxModel, x: np.ndarray, batch_size: int = 1000) -> np.n
     return np.concatenate([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray) -> list[dict]:
+def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: Path | None = None) -> list[dict]:
     """Fill in each detector's threshold from clean validation images, scored exactly as the core
-    scores them (the ONNX files, then ``service.defense.scores``)."""
+    scores them (the ONNX files, then ``service.defense.scores``). ``classifier`` defaults to the
+    bundle's own ``classifier.onnx``; a shared classifier lives elsewhere."""
+    classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
     cache: dict[tuple[str, str], np.ndarray] = {}  # (model file, input) -> output, computed once
 
-    def run(fname: str, x: np.ndarray, key: str) -> np.ndarray:
-        if (fname, key) not in cache:
-            cache[fname, key] = run_batched(OnnxModel(out / fname, [CPU]), x)
-        return cache[fname, key]
+    def run(path: Path, x: np.ndarray, key: str) -> np.ndarray:
+        if (str(path), key) not in cache:
+            cache[str(path), key] = run_batched(OnnxModel(path, [CPU]), x)
+        return cache[str(path), key]
 
     calibrated = []
     for d in detectors:
-        rec = run(d["autoencoder"], x_val, "x")
+        rec = run(out / d["autoencoder"], x_val, "x")
         if d["kind"] == "reconstruction":
             scores = S.reconstruction_error(x_val, rec, d["p"])
         else:
-            logits_x = run(CLASSIFIER_FILE, x_val, "x")
-            logits_rec = run(CLASSIFIER_FILE, np.clip(rec, 0, 1), d["autoencoder"])
+            logits_x = run(classifier, x_val, "x")
+            logits_rec = run(classifier, np.clip(rec, 0, 1), d["autoencoder"])
             scores = S.divergence_score(logits_x, logits_rec, d["temperature"])
         calibrated.append({**d, "threshold": threshold_at_fpr(scores, d["fpr"])})
     return calibrated
 
 
 def write_bundle(out: Path, name: str, dataset: str, shape: tuple[int, int, int], classes: list[str],
-                 members: list[dict], measurements: dict, provenance: dict) -> Manifest:
-    """Write ``manifest.json`` listing every ONNX file in ``out`` with its sha256."""
-    files = [FileEntry(path=p.name, sha256=sha256_of(p), role="classifier" if p.name == CLASSIFIER_FILE
-                       else "autoencoder") for p in sorted(out.glob("*.onnx"))]
+                 members: list[dict], measurements: dict, provenance: dict,
+                 classifier: Path | None = None) -> Manifest:
+    """Write ``manifest.json`` listing every ONNX file in ``out`` with its sha256. ``classifier``: a
+    classifier file shared with other bundles (listed by its path relative to ``out``) instead of
+    ``out/classifier.onnx``."""
+    classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
+    clf_path = os.path.relpath(classifier, out).replace(os.sep, "/")
+    files = [FileEntry(path=clf_path, sha256=sha256_of(classifier), role="classifier")]
+    files += [FileEntry(path=p.name, sha256=sha256_of(p), role="autoencoder") for p in sorted(out.glob("*.onnx"))
+              if p.name != clf_path]
     manifest = Manifest(name=name, dataset=dataset, input={"shape": shape}, files=files,
-                        classifier={"file": CLASSIFIER_FILE, "output": "logits", "classes": classes},
+                        classifier={"file": clf_path, "output": "logits", "classes": classes},
                         members=members, measurements=measurements, provenance=provenance)
     write_manifest(out, manifest)
     return manifest
+
+
+def shared_classifier(model: nn.Module, path: Path, shape: tuple[int, int, int], x_check: np.ndarray) -> float:
+    """Export ``model`` to the shared file ``path``, or, if that file exists, check that it computes what
+    ``model`` computes (the bundles sharing it must all describe this model). Returns the parity."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, path, shape, "logits")
+    diff = parity(model, path, x_check)
+    if diff > 1e-4:
+        raise SystemExit(f"{path} holds another classifier (max |diff| {diff:.2e} from the trained one): "
+                         "pass a new --shared-classifier path")
+    return diff
 
 
 def base_parser(prog: str, doc: str, dataset: str) -> argparse.ArgumentParser:

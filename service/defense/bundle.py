@@ -2,12 +2,18 @@
 
 The manifest is the one schema shared by training (which writes it) and the gateway (which loads it).
 Every file is verified against its sha256 before any model is built from it.
+
+A listed path is relative to the bundle directory and may lead outside it: several bundles can share
+one classifier file (``../shared/cifar10-resnet9.onnx``) instead of each carrying a copy. A bundle
+copied without that file still loads if the file sits in the bundle directory under its own name;
+``magnet pack`` writes a self-contained copy (every file inside, manifest rewritten).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +41,15 @@ class InputSpec(_Strict):
 
 
 class FileEntry(_Strict):
-    path: str
+    path: str = Field(description="relative to the bundle directory; may lead outside it (a shared file)")
     sha256: str
     role: Literal["classifier", "autoencoder"]
+
+    @model_validator(mode="after")
+    def _relative(self) -> "FileEntry":
+        if Path(self.path).is_absolute() or "\\" in self.path:
+            raise ValueError(f"file path {self.path!r} must be relative to the bundle directory, with '/'")
+        return self
 
 
 class DetectorSpec(_Strict):
@@ -119,19 +131,69 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path} is not a valid bundle manifest: {e}") from e
 
 
-def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
-    """Raise BundleError unless every listed file exists and matches its sha256."""
+def locate(bundle_dir: Path, entry: FileEntry) -> Path:
+    """Where ``entry`` is: at its path relative to the bundle, else (for a file listed outside the
+    bundle, such as a shared classifier) under its own name inside the bundle directory. Raises
+    BundleError naming the file, its sha256 and the ways to fix it."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / entry.path
+    if path.is_file():
+        return path
+    beside = bundle_dir / Path(entry.path).name
+    if beside != path and beside.is_file():
+        return beside
+    if beside == path:
+        raise BundleError(f"bundle file {entry.path} is missing from {bundle_dir}")
+    raise BundleError(
+        f"bundle file {entry.path} ({entry.role}, sha256 {entry.sha256}) is missing: this bundle shares "
+        f"it with other bundles and expects it at {path.resolve()}. Copy that file there or into "
+        f"{bundle_dir} as {beside.name}, or make a self-contained copy where the file is present: "
+        f"magnet pack --bundle <this bundle in the source tree> --out <new directory>")
+
+
+def verify_files(bundle_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """Raise BundleError unless every listed file exists and matches its sha256; return where each
+    listed path was found (manifest path -> file)."""
+    found = {}
     for entry in manifest.files:
-        path = Path(bundle_dir) / entry.path
-        if not path.is_file():
-            raise BundleError(f"bundle file {entry.path} is missing from {bundle_dir}")
+        path = locate(bundle_dir, entry)
         actual = sha256_of(path)
         if actual != entry.sha256:
             raise BundleError(f"bundle file {entry.path} has sha256 {actual}, the manifest says "
                               f"{entry.sha256}: refusing a modified or corrupted model")
+        found[entry.path] = path
+    return found
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
     path = Path(bundle_dir) / MANIFEST
     path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path
+
+
+def pack(bundle_dir: Path, out: Path) -> Path:
+    """Copy a bundle into ``out`` (new or empty) with every file it lists inside it, shared files
+    included, and the manifest's paths rewritten to those copies: for images, volumes and archives."""
+    bundle_dir, out = Path(bundle_dir), Path(out)
+    manifest = read_manifest(bundle_dir)
+    found = verify_files(bundle_dir, manifest)
+    names = {path: Path(path).name for path in found}
+    if len(set(names.values())) != len(names):
+        raise BundleError(f"cannot pack {bundle_dir}: two listed files share a name ({sorted(found)})")
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"cannot pack into {out}: it exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    for path, source in found.items():
+        shutil.copyfile(source, out / names[path])
+    data = manifest.model_dump(mode="json")
+    for entry in data["files"]:
+        entry["path"] = names[entry["path"]]
+    data["classifier"]["file"] = names[data["classifier"]["file"]]
+    for member in data["members"]:
+        member["reformer"] = names[member["reformer"]]
+        for d in member["detectors"]:
+            d["autoencoder"] = names[d["autoencoder"]]
+    packed = Manifest.model_validate(data)
+    write_manifest(out, packed)
+    verify_files(out, packed)
+    return out

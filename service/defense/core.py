@@ -76,9 +76,9 @@ class Defense:
     def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
-        verify_files(self.bundle_dir, self.manifest)
+        self.files: dict[str, Path] = verify_files(self.bundle_dir, self.manifest)  # manifest path -> file
         providers = choose_providers(device)
-        self.autoencoders = {f: OnnxModel(self.bundle_dir / f, providers, threads)
+        self.autoencoders = {f: OnnxModel(self.files[f], providers, threads)
                              for f in self.manifest.autoencoder_files()}
         self._classifier_providers = providers
         self._threads = threads
@@ -100,9 +100,14 @@ class Defense:
     def classifier(self) -> OnnxModel:
         """The bundle's own classifier (built on first use: a gateway with an upstream never needs it)."""
         if self._classifier is None:
-            path = self.bundle_dir / self.manifest.classifier.file
+            path = self.classifier_file
             self._classifier = OnnxModel(path, self._classifier_providers, self._threads)
         return self._classifier
+
+    @property
+    def classifier_file(self) -> Path:
+        """The verified classifier file (it may live outside the bundle directory, shared)."""
+        return self.files[self.manifest.classifier.file]
 
     def needs_logits(self, member: int = 0) -> bool:
         """Whether ``decide`` needs the classifier's logits on x and ae(x) for this member."""

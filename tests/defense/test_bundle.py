@@ -1,8 +1,11 @@
 import json
+import shutil
 
+import numpy as np
 import pytest
 
 from service.defense import BundleError, Defense, read_manifest, verify_files
+from service.defense.bundle import pack, sha256_of
 from tests import fakes
 from tests.conftest import SHIPPED_MNIST
 
@@ -66,3 +69,78 @@ def test_shipped_mnist_bundle_verifies():
                                                                   "II": ("reconstruction", 1)}
     assert member.reformer == "ae_i.onnx"
     assert {"command", "seed", "date", "git_revision"} <= manifest.provenance.keys()
+
+
+def _share_classifier(toy_bundle):
+    """Move the toy bundle's classifier to ../shared/toy-classifier.onnx and reference it there."""
+    shared = toy_bundle.parent / "shared"
+    shared.mkdir()
+    (toy_bundle / "classifier.onnx").rename(shared / "toy-classifier.onnx")
+
+    def edit(d):
+        for f in d["files"]:
+            if f["role"] == "classifier":
+                f["path"] = "../shared/toy-classifier.onnx"
+        d["classifier"]["file"] = "../shared/toy-classifier.onnx"
+
+    _edit_manifest(toy_bundle, edit)
+    return shared / "toy-classifier.onnx"
+
+
+def test_classifier_shared_outside_the_bundle_is_used_and_verified(toy_bundle):
+    shared = _share_classifier(toy_bundle)
+    defense = Defense(toy_bundle)
+    assert defense.classifier_file.resolve() == shared.resolve()
+    assert defense.classifier(fakes.images(1.0)).argmax(1).tolist() == [0]
+    with open(shared, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="toy-classifier.onnx has sha256"):
+        Defense(toy_bundle)
+
+
+def test_bundle_copied_alone_names_the_missing_shared_file_and_the_fix(toy_bundle, tmp_path):
+    _share_classifier(toy_bundle)
+    alone = tmp_path / "elsewhere" / "toy"
+    shutil.copytree(toy_bundle, alone)
+    with pytest.raises(BundleError) as e:
+        Defense(alone)
+    message = str(e.value)
+    assert "../shared/toy-classifier.onnx" in message and "magnet pack" in message
+    assert str((alone.parent / "shared" / "toy-classifier.onnx").resolve()) in message
+    shutil.copy(toy_bundle.parent / "shared" / "toy-classifier.onnx", alone / "toy-classifier.onnx")
+    assert Defense(alone).classifier_file == alone / "toy-classifier.onnx"
+
+
+def test_pack_makes_a_self_contained_copy(toy_bundle, tmp_path):
+    shared = _share_classifier(toy_bundle)
+    x = fakes.images(0.0, 0.5, 1.0)
+    before = Defense(toy_bundle).inspect(x)
+    packed = pack(toy_bundle, tmp_path / "packed")
+    shutil.rmtree(toy_bundle)
+    shared.unlink()
+    manifest = read_manifest(packed)
+    assert all("/" not in f.path for f in manifest.files)
+    after = Defense(packed).inspect(x)
+    assert after.accepted.tolist() == before.accepted.tolist()
+    assert np.array_equal(after.reformed, before.reformed)
+    with pytest.raises(BundleError, match="not empty"):
+        pack(packed, packed)
+
+
+def test_absolute_file_paths_are_refused(toy_bundle):
+    _edit_manifest(toy_bundle, lambda d: d["files"][0].update(path="/etc/passwd"))
+    with pytest.raises(BundleError, match="relative"):
+        read_manifest(toy_bundle)
+
+
+def test_shipped_bundles_carry_no_second_copy_of_a_large_file():
+    """models/cifar10, -paper and -pool share one ResNet-9 file instead of a copy each."""
+    large = {}
+    for path in sorted((SHIPPED_MNIST.parent).rglob("*.onnx")):
+        if path.stat().st_size > 5_000_000:
+            large.setdefault(sha256_of(path), []).append(path.relative_to(SHIPPED_MNIST.parent).as_posix())
+    assert large and all(len(paths) == 1 for paths in large.values()), large
+    for name in ("cifar10", "cifar10-paper", "cifar10-pool"):
+        if (SHIPPED_MNIST.parent / name / "manifest.json").exists():
+            assert Defense(SHIPPED_MNIST.parent / name).classifier_file.resolve() == \
+                (SHIPPED_MNIST.parent / "shared" / "cifar10-resnet9.onnx").resolve()

@@ -20,7 +20,7 @@ SECRET = "e2e-secret-shared-by-replicas"
 
 @pytest.fixture(scope="module")
 def model_server():
-    proc, url = start_model_server(SHIPPED_CIFAR10 / "classifier.onnx", "cifar10")
+    proc, url = start_model_server(Defense(SHIPPED_CIFAR10).classifier_file, "cifar10")
     yield url
     proc.stop()
 

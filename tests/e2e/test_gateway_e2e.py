@@ -122,7 +122,7 @@ def adversarial_set(bundle, data, per_attack, names):
 
     defense = Defense(bundle, device="cpu")
     m = defense.manifest
-    twin = torch_twin(bundle / m.classifier.file, m.dataset, "classifier", m.input.shape)
+    twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape)
     attacks = registry(m.dataset)
     xs, ys = [], []
     for k, name in enumerate(names):

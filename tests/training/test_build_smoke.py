@@ -82,3 +82,31 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
                      "jsd_t40": ("divergence", None, 40.0, 0.01)}
     verdict = Defense(out, device="cpu").inspect(cifar10.test.x[:20])
     assert set(verdict.scores) == {"recon", "jsd_t10", "jsd_t40"}
+
+
+def test_smoke_cifar10_bundles_share_one_classifier_file(tmp_path, cifar10):
+    """--shared-classifier: the bundle lists the classifier by a path outside itself, a second bundle
+    of the same run reuses the file (after checking it holds the same model), a pool built on it
+    references it too, and a different classifier is refused."""
+    from training import build_cifar10, build_pool
+
+    shared = tmp_path / "models" / "shared" / "clf.onnx"
+    common = ["--data-dir", str(DATA_DIR), "--work-dir", str(tmp_path / "w"), "--width", "4",
+              "--classifier-epochs", "1", "--ae-epochs", "1", "--train-limit", "500",
+              "--shared-classifier", str(shared)]
+    for name in ("a", "b"):
+        assert build_cifar10.main([*common, "--out", str(tmp_path / "models" / name)]) == 0
+        manifest = read_manifest(tmp_path / "models" / name)
+        assert manifest.classifier.file == "../shared/clf.onnx"
+        assert not (tmp_path / "models" / name / "classifier.onnx").exists()
+        assert Defense(tmp_path / "models" / name).classifier_file.resolve() == shared.resolve()
+    pool = tmp_path / "models" / "pool"
+    assert build_pool.main(["--dataset", "cifar10", "--base", str(tmp_path / "models" / "a"), "--data-dir",
+                            str(DATA_DIR), "--out", str(pool), "--work-dir", str(tmp_path / "wp"), "--members", "2",
+                            "--pretrain-epochs", "1", "--epochs", "1", "--train-limit", "300",
+                            "--figures-limit", "100"]) == 0
+    assert read_manifest(pool).classifier.file == "../shared/clf.onnx"
+    assert list(pool.glob("*.onnx")) and not (pool / "classifier.onnx").exists()
+    with pytest.raises(SystemExit, match="another classifier"):
+        build_cifar10.main([*common, "--out", str(tmp_path / "models" / "c"), "--work-dir", str(tmp_path / "w2"),
+                            "--seed", "1"])

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     defense = Defense(args.bundle, device="cpu")
     m = defense.manifest
-    model = torch_twin(args.bundle / m.classifier.file, m.dataset, "classifier", m.input.shape)
+    model = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape)
     test = load(m.dataset, args.data_dir).test
     idx = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)[: args.n]
     x, y = test.x[idx], test.y[idx]

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     defense = Defense(args.bundle, device="cpu")
     manifest = defense.manifest
-    twin = torch_twin(args.bundle / manifest.classifier.file, manifest.dataset, "classifier",
+    twin = torch_twin(defense.classifier_file, manifest.dataset, "classifier",
                       manifest.input.shape).to(args.device)
     test = load(manifest.dataset, args.data_dir).test
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)

@@ -104,9 +104,9 @@ class Twins:
     def __init__(self, defense: Defense, classifier: nn.Module | None = None) -> None:
         m = defense.manifest
         self.specs = list(m.members)
-        self.classifier = classifier or torch_twin(defense.bundle_dir / m.classifier.file, m.dataset, "classifier",
+        self.classifier = classifier or torch_twin(defense.classifier_file, m.dataset, "classifier",
                                                    m.input.shape)
-        self.autoencoders = {p: torch_twin(defense.bundle_dir / p, m.dataset, "autoencoder", m.input.shape)
+        self.autoencoders = {p: torch_twin(defense.files[p], m.dataset, "autoencoder", m.input.shape)
                              for p in m.autoencoder_files()}
         for net in [self.classifier, *self.autoencoders.values()]:
             net.eval()
