@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-RECIPES = {"mnist": "training.build_mnist", "cifar10": "training.build_cifar10", "pool": "training.build_pool"}
+RECIPES = {"mnist": "training.build_mnist", "cifar10": "training.build_cifar10",
+           "cifar10-guided": "training.build_guided", "pool": "training.build_pool"}
 
 
 def main(argv: list[str]) -> int:

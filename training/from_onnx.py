@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from service.defense.runtime import CPU, OnnxModel
-from training.nets import AE_SPECS, MnistClassifier, ResNet9, SigmoidAutoencoder
+from training.nets import AE_SPECS, GuidedReformer, MagnetAE32, MnistClassifier, ResNet9, SigmoidAutoencoder
 
 
 class TwinError(RuntimeError):
@@ -36,6 +36,8 @@ def _fill(model: nn.Module, inits: dict[str, np.ndarray]) -> nn.Module:
             new = inits[key]
         elif key.rsplit(".", 1)[0] + ".weight" in state and isinstance(_module(model, key), nn.BatchNorm2d):
             new = _folded_bn(model, key, inits)
+        elif key.endswith(".bias") and isinstance(_module(model, key), (nn.Conv2d, nn.ConvTranspose2d)):
+            new = np.zeros(value.shape, np.float32)  # the exporter drops an all-zero bias (checked below)
         else:
             raise TwinError(f"no initializer for {key}")
         if tuple(new.shape) != tuple(value.shape):
@@ -53,10 +55,9 @@ def _folded_bn(model: nn.Module, key: str, inits: dict[str, np.ndarray]) -> np.n
     """Identity BatchNorm plus the folded bias of the conv just before it (``x.0`` -> BN ``x.1``)."""
     prefix, field = key.rsplit(".", 1)
     bn = _module(model, key)
-    conv_bias = inits.get(prefix[:-1] + "0.weight_bias")
-    if conv_bias is None:
-        raise TwinError(f"no folded bias for BatchNorm {prefix}")
     n = bn.num_features
+    # an all-zero folded bias is dropped by the exporter; the twin is checked against onnxruntime anyway
+    conv_bias = inits.get(prefix[:-1] + "0.weight_bias", np.zeros(n, np.float32))
     return {"weight": np.ones(n), "bias": conv_bias, "running_mean": np.zeros(n),
             "running_var": np.full(n, 1.0 - bn.eps), "num_batches_tracked": np.array(0)}[field]
 
@@ -67,6 +68,12 @@ def _candidates(dataset: str, role: str, inits: dict[str, np.ndarray]) -> list[n
             return [MnistClassifier()]
         width = inits["features.0.0.weight"].shape[0] if "features.0.0.weight" in inits else 64
         return [ResNet9(width=width)]
+    if "enc.0.weight" in inits:  # the classifier-guided residual U-Net
+        depth = len({k.split(".")[1] for k in inits if k.startswith("downs.")})
+        return [GuidedReformer(inits["enc.0.weight"].shape[1], inits["enc.0.weight"].shape[0], depth)]
+    if "layers.0.0.weight" in inits:  # the MagNet authors' 32-channel autoencoder
+        c, w = inits["layers.0.0.weight"].shape[1], inits["layers.0.0.weight"].shape[0]
+        return [MagnetAE32(c, w, bottleneck=False), MagnetAE32(c, w, bottleneck=True)]
     return [SigmoidAutoencoder(c, spec) for c, spec in AE_SPECS.values()]
 
 

@@ -131,3 +131,64 @@ def make_autoencoder(kind: str) -> SigmoidAutoencoder:
 
 def make_classifier(dataset: str, **kwargs) -> nn.Module:
     return CLASSIFIERS[dataset](**kwargs)
+
+
+class GuidedReformer(nn.Module):
+    """A small residual U-Net: ``clamp(x + Δ(x), 0, 1)``, for a reformer trained through the classifier.
+
+    Two 3x3 convs at full resolution (``width`` channels), a stride-2 stage at ``2 width``
+    (and, with ``depth=2``, a second at ``4 width``), transposed convs back up with skip concatenations,
+    and a 3x3 conv to the input's channels. The output is a residual on the input, so the net starts near
+    the identity and its capacity goes into what it changes.
+    """
+
+    def __init__(self, channels: int = 3, width: int = 32, depth: int = 1) -> None:
+        super().__init__()
+        self.width, self.depth = width, depth
+        relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
+        self.enc = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), relu(),
+                                 nn.Conv2d(width, width, 3, padding=1), relu())
+        downs, ups, decs = [], [], []
+        c = width
+        for _ in range(depth):
+            downs.append(nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), relu(),
+                                       nn.Conv2d(2 * c, 2 * c, 3, padding=1), relu()))
+            ups.append(nn.ConvTranspose2d(2 * c, c, 2, stride=2))
+            decs.append(nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), relu()))
+            c *= 2
+        self.downs, self.ups, self.decs = nn.ModuleList(downs), nn.ModuleList(ups), nn.ModuleList(decs)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # start as the identity
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.enc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        h = skips.pop()
+        for up, dec in zip(reversed(self.ups), reversed(self.decs)):
+            h = dec(torch.cat([skips.pop(), up(h)], 1))
+        return (x + self.out(h)).clamp(0.0, 1.0)
+
+
+class MagnetAE32(nn.Module):
+    """The MagNet authors' later CIFAR-10 autoencoder (Trevillie/MagNet#2 and #7): 3x3x32 conv, BN, ReLU,
+    3x3x32 conv, BN, ReLU, 3x3x3 conv, sigmoid. (Their post puts the second BN after the ReLU; here
+    both come before it, so the exporter folds them into the convolutions.) ``bottleneck`` adds an
+    average pool after the first block and an upsample before the last conv (a lossier variant)."""
+
+    def __init__(self, channels: int = 3, width: int = 32, bottleneck: bool = False) -> None:
+        super().__init__()
+        block = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),  # noqa: E731
+                                           nn.ReLU(inplace=True))
+        layers = [block(channels, width), *([nn.AvgPool2d(2)] if bottleneck else []), block(width, width),
+                  *([nn.Upsample(scale_factor=2, mode="nearest")] if bottleneck else []),
+                  nn.Sequential(nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid())]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def forward_with_activity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the denoising loop: no activity regularization (BN keeps the activations in scale)."""
+        return self(x), x.new_zeros(())

@@ -1,0 +1,106 @@
+"""The classifier-guided reformer: its training attacks, its training loop (resumable) and its recipe."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from service.defense import Defense, read_manifest  # noqa: E402
+from training.attacks.pgd import fgsm, pgd_linf  # noqa: E402
+from training.data import Split  # noqa: E402
+from training.export import export_onnx  # noqa: E402
+from training.from_onnx import torch_twin  # noqa: E402
+from training.nets import GuidedReformer, MagnetAE32, ResNet9  # noqa: E402
+from training.reformer import ReformerConfig, kinds_for, parse_mix, perturb, train_reformer  # noqa: E402
+from tests.conftest import DATA_DIR  # noqa: E402
+
+
+def _tiny_classifier(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ResNet9(width=4).eval()
+
+
+def _data(n: int, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    return Split(rng.uniform(size=(n, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64))
+
+
+def test_attacks_stay_in_their_per_example_ball_and_raise_the_loss():
+    model = _tiny_classifier()
+    x = torch.rand(6, 3, 32, 32)
+    y = model(x).argmax(1)
+    eps = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05, 0.1])
+    loss = lambda z: torch.nn.functional.cross_entropy(model(z), y, reduction="none")  # noqa: E731
+    for x_adv in (fgsm(model, x, y, eps), pgd_linf(model, x, y, eps, steps=5, generator=torch.Generator().manual_seed(0))):
+        dist = (x_adv - x).abs().flatten(1).max(1).values
+        assert torch.all(dist <= eps + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert torch.equal(x_adv[0], x[0])  # eps 0 moves nothing
+        assert torch.all(loss(x_adv)[3:] > loss(x)[3:])
+
+
+def test_mix_is_parsed_and_split_in_proportion():
+    assert parse_mix("fgsm=1,pgd=3") == {"fgsm": 1.0, "pgd": 3.0}
+    kinds = kinds_for(128, {"fgsm": 1.0, "pgd": 3.0}, torch.Generator().manual_seed(0))
+    assert kinds.count("fgsm") == 32 and kinds.count("pgd") == 96
+    with pytest.raises(ValueError, match="mix"):
+        ReformerConfig(mix={"blur": 1.0})
+
+
+def test_perturbations_of_each_kind_stay_within_their_budget():
+    model, gen = _tiny_classifier(), torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 32, 32)
+    y = model(x).argmax(1)
+    cfg = ReformerConfig(mix={"clean": 1, "fgsm": 1, "pgd": 1}, eps_max=0.03, bf16=False)
+    kinds = ["clean"] * 4 + ["fgsm"] * 4 + ["pgd"] * 4
+    out = perturb(model, x, y, kinds, cfg, gen)
+    dist = (out - x).abs().flatten(1).max(1).values
+    assert torch.equal(out[:4], x[:4]) and torch.all(dist <= 0.03 + 1e-6) and torch.all(dist[4:] > 0)
+
+
+def test_reformer_starts_as_the_identity_and_exports_to_a_verified_twin(tmp_path):
+    model = GuidedReformer(3, 8, 2).eval()
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(model(x), x)
+    torch.nn.init.normal_(model.out.weight, std=0.1)
+    export_onnx(model, tmp_path / "r.onnx", (3, 32, 32), "output")
+    twin = torch_twin(tmp_path / "r.onnx", "cifar10", "autoencoder", (3, 32, 32))
+    assert isinstance(twin, GuidedReformer) and (twin.width, twin.depth) == (8, 2)
+    ae = MagnetAE32(3, 8, bottleneck=True).eval()
+    export_onnx(ae, tmp_path / "a.onnx", (3, 32, 32), "output")
+    assert torch_twin(tmp_path / "a.onnx", "cifar10", "autoencoder", (3, 32, 32)).layers[1].__class__.__name__ == "AvgPool2d"
+
+
+def test_training_lowers_the_loss_and_resumes_where_it_stopped(tmp_path):
+    classifier, train, val = _tiny_classifier(), _data(256), _data(64, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=6, batch_size=16, val_every=3, mix={"noise": 1, "fgsm": 1},
+                         bf16=False, lr=1e-2)
+    first = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, ReformerConfig(**{**cfg.__dict__, "steps": 3}),
+                           tmp_path)
+    assert [r["step"] for r in first["rows"]] == [3] and first["finished"]
+    model = GuidedReformer(3, 8, 1)
+    second = train_reformer(model, classifier, train, val, cfg, tmp_path)
+    assert [r["step"] for r in second["rows"]] == [3, 6] and second["finished"]
+    assert json.loads((tmp_path / "reformer.history.json").read_text())["rows"][-1]["step"] == 6
+    assert not torch.equal(model(torch.rand(1, 3, 32, 32) * 0 + 0.5), torch.full((1, 3, 32, 32), 0.5))
+
+
+def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, cifar10):
+    from training import build_guided
+
+    classifier = tmp_path / "models" / "shared" / "tiny.onnx"
+    classifier.parent.mkdir(parents=True)
+    export_onnx(_tiny_classifier(), classifier, (3, 32, 32), "logits")
+    out = tmp_path / "models" / "guided"
+    args = ["--data-dir", str(DATA_DIR), "--classifier", str(classifier), "--work-dir", str(tmp_path / "w"),
+            "--out", str(out), "--width", "8", "--depth", "1", "--steps", "2", "--batch-size", "8",
+            "--mix", "fgsm=1,pgd=1", "--train-limit", "200", "--candidate"]
+    assert build_guided.main(args) == 0
+    manifest = read_manifest(out)
+    assert manifest.classifier.file == "../shared/tiny.onnx"
+    assert manifest.measurements["reformer"]["trained_on_adversarial_examples"] is True
+    assert "defense_clean_test_accuracy" not in manifest.measurements  # a candidate touches no test image
+    assert {d.name for d in manifest.members[0].detectors} == {"recon", "jsd_t10", "jsd_t40"}
+    verdict = Defense(out).inspect(cifar10.val.x[:16])
+    assert verdict.reformed.shape == (16, 3, 32, 32)

@@ -1,0 +1,134 @@
+"""A CIFAR-10 bundle whose reformer is trained through the classifier (see ``training/reformer.py``).
+
+    magnet train cifar10-guided --data-dir DATA --work-dir runs/guided --out models/cifar10 \
+        --mix fgsm=1,pgd=1          # has seen attacks (FGSM + PGD against the classifier, eps <= 8/255)
+    magnet train cifar10-guided ... --mix noise=1 --noise-max 0.05   # attack-free (Gaussian noise only)
+
+MagNet's structure stays: detectors on the reformer (reconstruction error L1 and the Jensen-Shannon
+divergence of the classifier's softened outputs on x and D(x)) reject, the reformer D replaces what they
+accept, thresholds come from clean validation images at each detector's false-positive rate. The
+classifier is the shared file (``--classifier``, default ``models/shared/cifar10-resnet9.onnx``), read
+through its torch twin and referenced, not copied, by the bundle. Training resumes from ``--work-dir``;
+``--train-only`` stops before the bundle (e.g. on a GPU machine, or when a CPU run must continue later).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from training import bundles as B
+from training.build_cifar10 import detectors
+from training.bundle_report import clean_figures
+from training.from_onnx import torch_twin
+from training.images import load_cifar10
+from training.loops import AutoencoderConfig, train_autoencoder
+from training.nets import GuidedReformer, MagnetAE32
+from training.provenance import provenance
+from training.reformer import ReformerConfig, parse_mix, train_reformer
+
+SHAPE = (3, 32, 32)
+REFORMER_FILE = "reformer.onnx"
+
+
+def parser():
+    p = B.base_parser("magnet train cifar10-guided", __doc__, "cifar10")
+    p.add_argument("--classifier", type=Path, default=Path("models/shared/cifar10-resnet9.onnx"),
+                   help="the classifier's ONNX file (kept where it is and referenced by the bundle)")
+    p.add_argument("--name", default="cifar10", help="the bundle's name (the upstream model name by default)")
+    p.add_argument("--kind", choices=("guided", "magnet32", "magnet32-bottleneck"), default="guided",
+                   help="guided: the residual U-Net trained through the classifier; magnet32[-bottleneck]: the "
+                        "MagNet authors' 32-channel autoencoder trained on pixel MSE alone (denoising, --ae-noise)")
+    p.add_argument("--ae-noise", type=float, default=0.025, help="magnet32: denoising noise std")
+    p.add_argument("--ae-epochs", type=int, default=100, help="magnet32: max epochs (stops early, 5 patience)")
+    p.add_argument("--width", type=int, default=32, help="reformer width (channels at full resolution)")
+    p.add_argument("--depth", type=int, default=2, help="reformer stride-2 stages")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
+    p.add_argument("--batch-size", type=int, default=128, help="clean images per step (as many perturbed join)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam peak learning rate (cosine decay to 5 %%)")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(f(x) || f(D(x_in)))")
+    p.add_argument("--pixel-weight", type=float, default=1.0, help="weight of |D(x_in) - x|_1")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the KL term")
+    p.add_argument("--mix", type=parse_mix, default={"noise": 1.0},
+                   help="perturbed copies by kind and share: noise, fgsm, pgd, clean (e.g. fgsm=1,pgd=1)")
+    p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
+    p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
+    p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (resume later)")
+    p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector")
+    p.add_argument("--jsd-fpr", type=float, default=0.01, help="FPR of each divergence detector")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[10.0, 40.0],
+                   help="temperatures of the divergence detectors")
+    p.add_argument("--candidate", action="store_true",
+                   help="a candidate for selection: touch no test image (no test figures in the manifest, "
+                        "parity checked on validation images); build the chosen one again without this flag")
+    p.add_argument("--seen-attacks", action="store_true",
+                   help="record in the manifest that the reformer was trained on adversarial examples "
+                        "(set automatically when --mix has fgsm or pgd)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    ds = load_cifar10(args.data_dir)
+    train = ds.train.head(args.train_limit) if args.train_limit else ds.train
+    cfg = ReformerConfig(width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,
+                         temperature=args.temperature, mix=args.mix, noise_max=args.noise_max,
+                         eps_max=args.eps_max, pgd_steps=args.pgd_steps, max_minutes=args.max_minutes,
+                         device=args.device, seed=args.seed)
+    B.save_config(args.work_dir, args, reformer=cfg)
+    classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)
+    if args.kind == "guided":
+        reformer = GuidedReformer(3, args.width, args.depth)
+        history = train_reformer(reformer, classifier, train, ds.val, cfg, args.work_dir)
+    else:
+        reformer = MagnetAE32(3, args.width, bottleneck=args.kind.endswith("bottleneck"))
+        ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=5, noise=args.ae_noise,
+                                   max_seconds=args.max_minutes * 60, device=args.device, seed=args.seed)
+        hist = B.stage(args.work_dir, "ae", [reformer], args.fresh,
+                       lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=args.kind), {"ae": asdict(ae_cfg)})
+        history = {"finished": True, "seconds": hist["seconds"], "rows": hist["epochs"]}
+    if args.train_only or not history["finished"]:
+        print(f"training stopped at step {history['rows'][-1]['step'] if history['rows'] else 0}/{cfg.steps}; "
+              "run again with the same --work-dir to continue" if not history["finished"] else "trained")
+        return 0
+
+    classifier = classifier.to("cpu", memory_format=torch.contiguous_format)
+    out = B.fresh_dir(args.out)
+    check = (ds.val if args.candidate else ds.test).x[:500]
+    parity = {**B.export_all({REFORMER_FILE: reformer}, out, SHAPE, check),
+              args.classifier.name: B.shared_classifier(classifier, args.classifier, SHAPE, check)}
+    dets = detectors(REFORMER_FILE, args.recon_fpr, args.jsd_fpr, args.temperatures)
+    member = {"name": "default", "reformer": REFORMER_FILE,
+              "detectors": B.calibrate(out, dets, ds.val.x, args.classifier)}
+    attacks_seen = args.seen_attacks or bool({"fgsm", "pgd"} & {k for k, v in args.mix.items() if v > 0})
+    measurements = {
+        "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
+        "reformer": {"kind": {"guided": "classifier-guided residual U-Net"}.get(args.kind, f"{args.kind}, pixel MSE, "
+                     f"denoising noise {args.ae_noise:g}"), "width": args.width, "depth": args.depth,
+                     "parameters": sum(p.numel() for p in reformer.parameters()), "mix": args.mix,
+                     "trained_on_adversarial_examples": attacks_seen},
+        "training_seconds": history["seconds"], "training_steps": cfg.steps if args.kind == "guided" else None,
+        "last_validation": history["rows"][-1] if history["rows"] else None,
+        "onnx_parity_max_abs_diff": parity,
+        "validation_images": len(ds.val), "test_images": len(ds.test), "train_images": len(train),
+    }
+    prov = provenance(["magnet", "train", "cifar10-guided", *(argv if argv is not None else sys.argv[1:])], args.seed)
+    write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), [member], m, prov,  # noqa: E731
+                                     args.classifier)
+    if args.candidate:
+        measurements["candidate"] = "built for the validation selection: no test figures"
+    measure = (lambda defense: {}) if args.candidate else (lambda defense: clean_figures(defense, ds.test))
+    return B.publish(out, write, measurements, measure, started)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Training a reformer through a frozen classifier (the CIFAR-10 defense's reformer).
+
+MagNet's pixel-loss autoencoders stay close to the identity on CIFAR-10, so the perturbation passes
+through them. Here the reformer D is trained with the classifier f in the loss:
+
+    loss = KL(softmax(f(x)/T) || softmax(f(D(x_in))/T)) + pixel_weight * |D(x_in) - x|_1
+
+over a batch holding the clean images (x_in = x) and as many perturbed copies, drawn per image from
+``mix``: ``noise`` (Gaussian, std ~ U(0, noise_max)) trains without attacks (the "stability" loss of
+denoised smoothing); ``fgsm`` and ``pgd`` are crafted against f on the *training* images as training
+goes (eps ~ U(0, eps_max) per image), which makes a reformer that has seen attacks.
+
+Resumable: a checkpoint (weights, optimizer, step, random state) is written every few minutes and at
+the end, and a run with the same work directory continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.attacks.pgd import fgsm, pgd_linf
+from training.data import Split
+from training.loops import predict_logits
+
+KINDS = ("clean", "noise", "fgsm", "pgd")
+
+
+@dataclass
+class ReformerConfig:
+    width: int = 32
+    depth: int = 2
+    steps: int = 1000  # optimizer steps in all (the cosine schedule spans them)
+    batch_size: int = 128  # clean images per step; as many perturbed copies join them
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    pixel_weight: float = 1.0
+    temperature: float = 1.0
+    mix: dict = field(default_factory=lambda: {"noise": 1.0})  # kind -> share of the perturbed copies
+    noise_max: float = 0.05
+    eps_max: float = 8 / 255
+    pgd_steps: int = 3
+    max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed in this run
+    checkpoint_minutes: float = 10.0
+    val_every: int = 100
+    bf16: bool = True  # the classifier under bf16 autocast: ~2x faster on this CPU
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(KINDS)
+        if unknown or not self.mix or any(v < 0 for v in self.mix.values()):
+            raise ValueError(f"mix wants shares >= 0 of {KINDS}, got {self.mix}")
+
+
+def parse_mix(text: str) -> dict:
+    """``"fgsm=1,pgd=1"`` -> {"fgsm": 1.0, "pgd": 1.0}."""
+    out = {}
+    for item in text.split(","):
+        kind, _, share = item.partition("=")
+        out[kind.strip()] = float(share or 1)
+    return out
+
+
+def kinds_for(n: int, mix: dict, gen: torch.Generator) -> list[str]:
+    """A kind per perturbed copy, in proportion to ``mix`` (the remainder drawn at random)."""
+    total = sum(mix.values())
+    counts = {k: int(n * v / total) for k, v in mix.items()}
+    names = list(mix)
+    while sum(counts.values()) < n:
+        counts[names[int(torch.randint(len(names), (1,), generator=gen))]] += 1
+    return [k for k in names for _ in range(counts[k])]
+
+
+def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list[str], cfg: ReformerConfig,
+            gen: torch.Generator) -> torch.Tensor:
+    """The perturbed copies of ``x``, each of its kind."""
+    out = x.clone()
+    u = torch.rand(len(x), generator=gen).to(x.device)
+    kinds_arr = np.array(kinds)
+    for kind in set(kinds):
+        idx = torch.from_numpy(np.flatnonzero(kinds_arr == kind)).to(x.device)
+        xs, ys = x[idx], y[idx]
+        if kind == "noise":
+            std = (u[idx] * cfg.noise_max).view(-1, 1, 1, 1)
+            noise = torch.randn(xs.shape, generator=gen).to(x.device)
+            out[idx] = (xs + std * noise).clamp(0.0, 1.0)
+        elif kind == "fgsm":
+            out[idx] = fgsm(classifier, xs, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
+        elif kind == "pgd":
+            eps = u[idx] * cfg.eps_max
+            out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
+                                generator=gen, bf16=cfg.bf16)
+    return out
+
+
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+    p_log = F.log_softmax(target_logits / t, 1)
+    return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="batchmean")
+
+
+def _lr(cfg: ReformerConfig, step: int) -> float:
+    warm = min(100, cfg.steps // 10)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
+
+
+@torch.no_grad()
+def _val_row(model: nn.Module, classifier: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor,
+             val_adv: torch.Tensor) -> dict:
+    model.eval()
+    clean = classifier(model(val_x)).argmax(1)
+    adv = classifier(model(val_adv)).argmax(1)
+    model.train()
+    return {"val_reformed_acc": float((clean == val_y).float().mean()),
+            "val_fgsm_reformed_acc": float((adv == val_y).float().mean()),
+            "val_l1": float((model(val_x) - val_x).abs().mean())}
+
+
+def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: Split, cfg: ReformerConfig,
+                   work: Path, log=print) -> dict:
+    """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
+    ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images)."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    classifier = classifier.to(device, memory_format=torch.channels_last).eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt_path = work / "reformer.ckpt"
+    history = {"config": asdict(cfg), "rows": [], "seconds": 0.0}
+    step = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step, history = ckpt["step"], ckpt["history"]
+        log(f"reformer: resuming at step {step}/{cfg.steps} from {ckpt_path}")
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                    "history": history}, ckpt_path)
+
+    logits_path = work / "train_logits.npy"
+    if not logits_path.exists():
+        np.save(logits_path, predict_logits(classifier, train.x, batch_size=500))
+    train_logits = torch.from_numpy(np.load(logits_path)).to(device)
+    x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
+    # a fixed validation probe: 500 images and their FGSM at eps 0.025 against f
+    val_x, val_y = torch.from_numpy(val.x[:500]).to(device), torch.from_numpy(val.y[:500]).to(device)
+    val_adv = fgsm(classifier, val_x, val_y, 0.025)
+    started, last_save = time.perf_counter(), time.perf_counter()
+    run_seconds0 = history["seconds"]
+    sums = {"kl": 0.0, "pixel": 0.0, "n": 0}
+    while step < cfg.steps:
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
+        xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
+        kinds = kinds_for(len(idx), cfg.mix, gen)
+        x_in = torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen)])
+        target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(x_in.contiguous(memory_format=torch.channels_last))
+            z = classifier(out.contiguous(memory_format=torch.channels_last))
+        kl = _kl(target, z.float(), cfg.temperature)
+        pixel = (out.float() - clean).abs().mean()
+        loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        sums["kl"] += kl.item()
+        sums["pixel"] += pixel.item()
+        sums["n"] += 1
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
+                   "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,
+                   **_val_row(model, classifier, val_x, val_y, val_adv)}
+            history["rows"].append(row)
+            sums = {"kl": 0.0, "pixel": 0.0, "n": 0}
+            log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        history["seconds"] = run_seconds0 + time.perf_counter() - started
+        if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
+            save()
+            last_save = time.perf_counter()
+        if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
+            log(f"reformer: {cfg.max_minutes:g} min budget spent at step {step}/{cfg.steps}; checkpointed")
+            break
+    save()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    history["finished"] = step >= cfg.steps
+    (work / "reformer.history.json").write_text(json.dumps(history, indent=1))
+    return history
