@@ -78,14 +78,27 @@ def test_smoke_evaluation_report(tmp_path, mnist):
     assert report["rows"][1]["no_defense"] <= 0.1  # DeepFool fools the bare classifier
     assert report["clean"]["classifier_test_accuracy"] > 0.99
     md = (out / "report.md").read_text()
-    assert "| deepfool | 24 |" in md and "19.1 → 99.4" in md
+    assert "| deepfool | 24 (reduced: 24 examples < 1000) |" in md and "19.1 → 99.4" in md
     assert report["rows"][1]["residual"] is not None and report["rows"][1]["residual"] > 0
 
     from training.evaluate.summary import summary
 
     text = summary([out / "report.json"], tmp_path / "docs" / "evaluation.md")
-    assert "| deepfool | 24 |" in text and "19.1 → 99.4" in text
+    assert "| deepfool | 24 (reduced) |" in text and "19.1 → 99.4" in text
     assert (tmp_path / "docs" / "evaluation.png").stat().st_size > 1000
+
+
+def test_cached_adversarial_examples_are_reused_for_the_same_classifier_attack_and_images(tmp_path, mnist, capsys):
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "fgsm_eps0.01", "--n", "12",
+            "--kappas", "--cache", str(tmp_path / "cache")]
+    assert run.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert run.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "fgsm_eps0.01: reusing" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["rows"][0] for d in "ab")
+    assert not a["reused_examples"] and b["reused_examples"]
+    assert {k: a[k] for k in ("full_defense", "mean_l2", "seconds")} == {k: b[k] for k in ("full_defense", "mean_l2", "seconds")}
+    assert run.main([*args[:-5], "--n", "13", "--kappas", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # other images: crafted anew
 
 
 def test_set_overrides_one_attacks_parameters():
@@ -134,3 +147,17 @@ def test_own_carlini_rows_report_progress(twin, mnist, capsys):
     printer(1, 4)
     printer(4, 4)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("x: 4/4 images")
+
+
+def test_rows_below_full_strength_are_marked_reduced():
+    from training.evaluate.attacks import Attack, reduced, registry
+
+    full = registry("cifar10")
+    assert reduced(full["fgsm_eps0.025"], full["fgsm_eps0.025"], 1000) is None
+    assert reduced(full["fgsm_eps0.025"], full["fgsm_eps0.025"], 999) == "999 examples < 1000"
+    cw = full["carlini_l2"]
+    weaker = Attack(cw.name, cw.family, {**cw.params, "binary_search_steps": 3, "max_iterations": 100}, cw.run)
+    assert reduced(cw, cw, 200) is None
+    assert reduced(weaker, cw, 200) == "max_iterations 100 < 1000; binary_search_steps 3 < 9"
+    l0 = full["carlini_l0"]
+    assert "max_iterations 10 < 50" in reduced(Attack(l0.name, l0.family, {**l0.params, "max_iterations": 10}, l0.run), l0, 50)

@@ -19,6 +19,11 @@ def _l0(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
+def _n(row: dict) -> str:
+    """The example count, with the reason when the row runs below full strength."""
+    return f"{row['examples']} (reduced: {row['reduced']})" if row.get("reduced") else str(row["examples"])
+
+
 def markdown(report: dict) -> str:
     paper = PAPER.get(report["dataset"], {})
     clean = report["clean"]
@@ -36,7 +41,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         p = paper.get(r["attack"])
-        lines.append(f"| {r['attack']} | {r['examples']} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
+        lines.append(f"| {r['attack']} | {_n(r)} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
                      f"| {_l0(r.get('mean_l0'))} | {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "
                      f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} "

@@ -12,6 +12,7 @@ checked against onnxruntime) on the first test images it classifies correctly, t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
-from training.evaluate.attacks import Attack, default_names, registry
+from training.evaluate.attacks import Attack, default_names, reduced, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.provenance import provenance
@@ -64,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-weight", type=float, default=10.0,
                    help="weight of the detector penalty (relative to the margin loss, both times c)")
     p.add_argument("--device", default="cpu", help="torch device for the attacks")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep the adversarial examples here and reuse them: they depend only on the classifier "
+                        "(by sha256), the attack's parameters and the images, so bundles sharing a classifier "
+                        "share them")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     return p
 
@@ -128,14 +133,34 @@ class Progress:
             print(f"{self.name}: {done}/{total} images, {now:.0f} s", flush=True)
 
 
-def run_attack(attack: Attack, twin, defense, x, y, device) -> dict:
-    started = time.perf_counter()
-    x_adv = attack(twin, x, y, device=device, progress=Progress(attack.name))
-    seconds = time.perf_counter() - started
+def _cache_file(cache: Path, defense: Defense, attack: Attack, idx: np.ndarray) -> Path:
+    """Adversarial examples depend only on the classifier, the attack and the images, not on the defense:
+    bundles sharing a classifier reuse them."""
+    key = json.dumps([defense.manifest.files[[f.path for f in defense.manifest.files].index(
+        defense.manifest.classifier.file)].sha256, attack.name, attack.params, idx.tolist()], sort_keys=True, default=str)
+    return cache / f"{attack.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None = None,
+               idx: np.ndarray | None = None) -> dict:
+    path = _cache_file(cache, defense, attack, idx) if cache is not None and idx is not None else None
+    reused = path is not None and path.exists()
+    if reused:
+        stored = np.load(path)
+        x_adv, seconds = stored["x_adv"], float(stored["seconds"])
+        print(f"{attack.name}: reusing {path} (crafted in {seconds:.0f} s)", flush=True)
+    else:
+        started = time.perf_counter()
+        x_adv = attack(twin, x, y, device=device, progress=Progress(attack.name))
+        seconds = time.perf_counter() - started
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, x_adv=x_adv, seconds=seconds)
     judged = judge(defense, x_adv, y)
     fooled, reformed = judged.pop("fooled"), judged.pop("reformed")
     row = {"attack": attack.name, "family": attack.family, "params": attack.params, "examples": len(x),
-           "seconds": seconds, "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled),
+           "seconds": seconds, "reused_examples": reused,
+           "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled),
            "residual": residual(defense, x, x_adv, reformed, fooled), **judged,
            "same_size_noise": same_size_noise(defense, x, x_adv, y)}
     print(f"{attack.name}: {len(x)} examples in {seconds:.0f} s; no defense {row['no_defense']:.3f}, "
@@ -168,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         attack = Attack(attack.name, attack.family, {**attack.params, **_overrides(args.overrides, name)}, attack.run)
         n = args.n_carlini if attack.family.startswith("carlini") else args.n
         idx = correct[:n]
-        rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device))
+        rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx))
+        rows[-1]["reduced"] = reduced(attack, attacks[name], len(idx))
         _write(report, args.out)  # after every row, so a long run that is cut short keeps what it did
     for kappa in args.kappas:
         base = attacks["carlini_l2"]

@@ -46,7 +46,7 @@ def summary(paths: list[Path], out: Path) -> str:
             link = _link(p, out)
             for row in r["rows"]:
                 ref = paper.get(row["attack"])
-                lines.append(f"| {row['attack']} | {row['examples']} | {_pct(row['no_defense'])} "
+                lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if row.get('reduced') else ''} | {_pct(row['no_defense'])} "
                              f"| **{_pct(row['full_defense'])}** | {f'{ref[0]} → {ref[1]}' if ref else '—'} "
                              f"| {_pct(row['detectors_only'])} | {_pct(row['reformer_only'])} "
                              f"| {_distortion(row)} | {link} |")
