@@ -59,10 +59,15 @@ def parser():
     p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (resume later)")
-    p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector")
-    p.add_argument("--jsd-fpr", type=float, default=0.01, help="FPR of each divergence detector")
+    p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector (0: none)")
+    p.add_argument("--jsd-fpr", type=float, nargs="+", default=[0.01],
+                   help="FPR of each divergence detector: one value for all, or one per temperature (0: none)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[10.0, 40.0],
                    help="temperatures of the divergence detectors")
+    p.add_argument("--members", type=int, default=1,
+                   help="a diverse pool of this many reformers, trained jointly (each its own detectors)")
+    p.add_argument("--alpha", type=float, default=0.0, help="weight of the pool's diversity term")
+    p.add_argument("--figures-limit", type=int, default=0, help="test images for the manifest's figures (0: all)")
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: touch no test image (no test figures in the manifest, "
                         "parity checked on validation images); build the chosen one again without this flag")
@@ -70,6 +75,21 @@ def parser():
                    help="record in the manifest that the reformer was trained on adversarial examples "
                         "(set automatically when --mix has fgsm or pgd)")
     return p
+
+
+def chosen_detectors(recon_fpr: float, jsd_fprs: list[float], temperatures: list[float]) -> list[dict]:
+    """MagNet's CIFAR-10 detectors on the reformer, those with an FPR of 0 left out."""
+    if len(jsd_fprs) not in (1, len(temperatures)):
+        raise SystemExit(f"--jsd-fpr takes one value or one per temperature ({len(temperatures)})")
+    fprs = dict(zip(temperatures, jsd_fprs * len(temperatures) if len(jsd_fprs) == 1 else jsd_fprs))
+    dets = detectors(REFORMER_FILE, recon_fpr or 0.5, 0.5, temperatures)
+    keep = [d for d in dets if (d["kind"] == "reconstruction" and recon_fpr > 0)
+            or (d["kind"] == "divergence" and fprs[d["temperature"]] > 0)]
+    for d in keep:
+        d["fpr"] = recon_fpr if d["kind"] == "reconstruction" else fprs[d["temperature"]]
+    if not keep:
+        raise SystemExit("every detector is off: give --recon-fpr or --jsd-fpr a value above 0")
+    return keep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,15 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     B.save_config(args.work_dir, args, reformer=cfg)
     classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)
     if args.kind == "guided":
-        reformer = GuidedReformer(3, args.width, args.depth)
-        history = train_reformer(reformer, classifier, train, ds.val, cfg, args.work_dir)
+        reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
+        history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
+                                 args.work_dir, alpha=args.alpha)
     else:
+        if args.members > 1:
+            raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")
         reformer = MagnetAE32(3, args.width, bottleneck=args.kind.endswith("bottleneck"))
         ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=5, noise=args.ae_noise,
                                    max_seconds=args.max_minutes * 60, device=args.device, seed=args.seed)
         hist = B.stage(args.work_dir, "ae", [reformer], args.fresh,
                        lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=args.kind), {"ae": asdict(ae_cfg)})
         history = {"finished": True, "seconds": hist["seconds"], "rows": hist["epochs"]}
+        reformers = [reformer]
     if args.train_only or not history["finished"]:
         print(f"training stopped at step {history['rows'][-1]['step'] if history['rows'] else 0}/{cfg.steps}; "
               "run again with the same --work-dir to continue" if not history["finished"] else "trained")
@@ -104,17 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     classifier = classifier.to("cpu", memory_format=torch.contiguous_format)
     out = B.fresh_dir(args.out)
     check = (ds.val if args.candidate else ds.test).x[:500]
-    parity = {**B.export_all({REFORMER_FILE: reformer}, out, SHAPE, check),
+    files = [REFORMER_FILE] if len(reformers) == 1 else [f"reformer_{k}.onnx" for k in range(len(reformers))]
+    parity = {**B.export_all(dict(zip(files, reformers)), out, SHAPE, check),
               args.classifier.name: B.shared_classifier(classifier, args.classifier, SHAPE, check)}
-    dets = detectors(REFORMER_FILE, args.recon_fpr, args.jsd_fpr, args.temperatures)
-    member = {"name": "default", "reformer": REFORMER_FILE,
-              "detectors": B.calibrate(out, dets, ds.val.x, args.classifier)}
+    members = []
+    for k, file in enumerate(files):
+        dets = [{**d, "autoencoder": file} for d in chosen_detectors(args.recon_fpr, args.jsd_fpr, args.temperatures)]
+        members.append({"name": "default" if len(files) == 1 else f"member-{k}", "reformer": file,
+                        "detectors": B.calibrate(out, dets, ds.val.x, args.classifier)})
     attacks_seen = args.seen_attacks or bool({"fgsm", "pgd"} & {k for k, v in args.mix.items() if v > 0})
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "reformer": {"kind": {"guided": "classifier-guided residual U-Net"}.get(args.kind, f"{args.kind}, pixel MSE, "
                      f"denoising noise {args.ae_noise:g}"), "width": args.width, "depth": args.depth,
-                     "parameters": sum(p.numel() for p in reformer.parameters()), "mix": args.mix,
+                     "parameters": sum(p.numel() for p in reformers[0].parameters()), "mix": args.mix,
+                     "members": len(reformers), "diversity_alpha": args.alpha if len(reformers) > 1 else None,
                      "trained_on_adversarial_examples": attacks_seen},
         "training_seconds": history["seconds"], "training_steps": cfg.steps if args.kind == "guided" else None,
         "last_validation": history["rows"][-1] if history["rows"] else None,
@@ -122,11 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         "validation_images": len(ds.val), "test_images": len(ds.test), "train_images": len(train),
     }
     prov = provenance(["magnet", "train", "cifar10-guided", *(argv if argv is not None else sys.argv[1:])], args.seed)
-    write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), [member], m, prov,  # noqa: E731
+    write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), members, m, prov,  # noqa: E731
                                      args.classifier)
     if args.candidate:
         measurements["candidate"] = "built for the validation selection: no test figures"
-    measure = (lambda defense: {}) if args.candidate else (lambda defense: clean_figures(defense, ds.test))
+    test = ds.test.head(args.figures_limit) if args.figures_limit else ds.test
+
+    def measure(defense) -> dict:
+        if args.candidate:
+            return {}
+        if len(files) == 1:
+            return clean_figures(defense, test)
+        return {"member_clean_figures": {m["name"]: clean_figures(defense, test, k) for k, m in enumerate(members)},
+                "figures_test_images": len(test)}
+
     return B.publish(out, write, measurements, measure, started)
 
 

@@ -126,10 +126,27 @@ def _val_row(model: nn.Module, classifier: nn.Module, val_x: torch.Tensor, val_y
             "val_l1": float((model(val_x) - val_x).abs().mean())}
 
 
-def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: Split, cfg: ReformerConfig,
-                   work: Path, log=print) -> dict:
+def _states(models: nn.ModuleList) -> dict:
+    if len(models) == 1:
+        return {"model": models[0].state_dict()}
+    return {"models": [m.state_dict() for m in models]}
+
+
+def _load_states(models: nn.ModuleList, ckpt: dict) -> None:
+    states = [ckpt["model"]] if "model" in ckpt else ckpt["models"]
+    if len(states) != len(models):
+        raise ValueError(f"the checkpoint holds {len(states)} reformers, the run trains {len(models)}")
+    for m, state in zip(models, states):
+        m.load_state_dict(state)
+
+
+def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
+                   cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
-    ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images)."""
+    ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images).
+
+    A list of models trains a diverse pool (MagNet section 4.3): each member's loss, averaged, minus
+    ``alpha`` times the mean squared distance of each member's output from the members' mean."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -137,22 +154,23 @@ def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: S
     classifier = classifier.to(device, memory_format=torch.channels_last).eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    models = nn.ModuleList(model if isinstance(model, list) else [model])
+    models = models.to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(models.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt_path = work / "reformer.ckpt"
     history = {"config": asdict(cfg), "rows": [], "seconds": 0.0}
     step = 0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        _load_states(models, ckpt)
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
         log(f"reformer: resuming at step {step}/{cfg.steps} from {ckpt_path}")
 
     def save() -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+        torch.save({**_states(models), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
                     "history": history}, ckpt_path)
 
     logits_path = work / "train_logits.npy"
@@ -165,7 +183,7 @@ def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: S
     val_adv = fgsm(classifier, val_x, val_y, 0.025)
     started, last_save = time.perf_counter(), time.perf_counter()
     run_seconds0 = history["seconds"]
-    sums = {"kl": 0.0, "pixel": 0.0, "n": 0}
+    sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
     while step < cfg.steps:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
         xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
@@ -175,24 +193,30 @@ def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: S
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = model(x_in.contiguous(memory_format=torch.channels_last))
-            z = classifier(out.contiguous(memory_format=torch.channels_last))
-        kl = _kl(target, z.float(), cfg.temperature)
-        pixel = (out.float() - clean).abs().mean()
-        loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel
+            x_cl = x_in.contiguous(memory_format=torch.channels_last)
+            out = torch.stack([m(x_cl) for m in models]).float()  # M x 2B x C x H x W
+            z = classifier(out.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+        z = z.float().view(len(models), len(x_in), -1)
+        kl = torch.stack([_kl(target, z[i], cfg.temperature) for i in range(len(models))]).mean()
+        pixel = (out - clean).abs().mean()
+        diversity = (out - out.mean(0, keepdim=True)).pow(2).mean() if len(models) > 1 else out.new_zeros(())
+        loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel - alpha * diversity
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         sums["kl"] += kl.item()
         sums["pixel"] += pixel.item()
+        sums["diversity"] += diversity.item()
         sums["n"] += 1
         if step % cfg.val_every == 0 or step == cfg.steps:
+            vals = [_val_row(m, classifier, val_x, val_y, val_adv) for m in models]
             row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
+                   **({"diversity": sums["diversity"] / sums["n"]} if len(models) > 1 else {}),
                    "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,
-                   **_val_row(model, classifier, val_x, val_y, val_adv)}
+                   **{k: float(np.mean([v[k] for v in vals])) for k in vals[0]}}
             history["rows"].append(row)
-            sums = {"kl": 0.0, "pixel": 0.0, "n": 0}
+            sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
             log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         history["seconds"] = run_seconds0 + time.perf_counter() - started
         if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
@@ -202,7 +226,7 @@ def train_reformer(model: nn.Module, classifier: nn.Module, train: Split, val: S
             log(f"reformer: {cfg.max_minutes:g} min budget spent at step {step}/{cfg.steps}; checkpointed")
             break
     save()
-    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    models.to("cpu", memory_format=torch.contiguous_format).eval()
     history["finished"] = step >= cfg.steps
     (work / "reformer.history.json").write_text(json.dumps(history, indent=1))
     return history

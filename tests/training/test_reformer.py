@@ -104,3 +104,35 @@ def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, 
     assert {d.name for d in manifest.members[0].detectors} == {"recon", "jsd_t10", "jsd_t40"}
     verdict = Defense(out).inspect(cifar10.val.x[:16])
     assert verdict.reformed.shape == (16, 3, 32, 32)
+
+
+def test_a_diverse_pool_trains_jointly_and_resumes(tmp_path):
+    classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=4, batch_size=8, val_every=2, mix={"noise": 1}, bf16=False, lr=1e-2)
+    pool = [GuidedReformer(3, 8, 1) for _ in range(3)]
+    history = train_reformer(pool, classifier, train, val, cfg, tmp_path, alpha=1.0)
+    assert [r["step"] for r in history["rows"]] == [2, 4] and history["rows"][-1]["diversity"] > 0
+    x = torch.rand(2, 3, 32, 32)
+    outs = [m(x) for m in pool]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    with pytest.raises(ValueError, match="holds 3 reformers"):
+        train_reformer([GuidedReformer(3, 8, 1)] * 2, classifier, train, val, cfg, tmp_path)
+
+
+def test_smoke_guided_pool_recipe_calibrates_each_member(tmp_path, cifar10):
+    from training import build_guided
+
+    classifier = tmp_path / "shared" / "tiny.onnx"
+    classifier.parent.mkdir(parents=True)
+    export_onnx(_tiny_classifier(), classifier, (3, 32, 32), "logits")
+    out = tmp_path / "pool"
+    assert build_guided.main(["--data-dir", str(DATA_DIR), "--classifier", str(classifier), "--work-dir",
+                              str(tmp_path / "w"), "--out", str(out), "--width", "8", "--depth", "1", "--steps", "2",
+                              "--batch-size", "8", "--members", "2", "--alpha", "1", "--train-limit", "200",
+                              "--figures-limit", "40", "--recon-fpr", "0.01", "--jsd-fpr", "0.02", "0"]) == 0
+    manifest = read_manifest(out)
+    assert [m.reformer for m in manifest.members] == ["reformer_0.onnx", "reformer_1.onnx"]
+    assert [[d.name for d in m.detectors] for m in manifest.members] == [["recon", "jsd_t10"]] * 2
+    assert manifest.members[0].detectors[0].threshold != manifest.members[1].detectors[0].threshold
+    assert set(manifest.measurements["member_clean_figures"]) == {"member-0", "member-1"}
+    assert manifest.measurements["reformer"]["trained_on_adversarial_examples"] is False
