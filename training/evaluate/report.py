@@ -28,7 +28,7 @@ def markdown(report: dict) -> str:
     paper = PAPER.get(report["dataset"], {})
     clean = report["clean"]
     lines = [
-        f"# Adversarial evaluation: `{report['bundle']}`", "",
+        f"# Adversarial evaluation: `{report['bundle']}`", "", *([report["note"], ""] if report.get("note") else []),
         f"Examples: {report['examples']}. Accuracy on adversarial examples, in %: an example counts as "
         "defended when a detector rejects it or the reformed example gets its true label.", "",
         "Distortions are means over the examples that fool the undefended classifier.", "",
