@@ -139,19 +139,28 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
                 best = r
         if best:
             best["best_of_candidate"] = True
+            m = cand.defense.manifest
+            best["reformer"] = m.measurements.get("reformer") or {"kind": "MagNet sigmoid autoencoder (paper)"}
+            best["trained_on_adversarial_examples"] = bool(best["reformer"].get("trained_on_adversarial_examples"))
+            best["command"] = m.provenance.get("command")
         print(f"{cand.name}: scored in {time.perf_counter() - started:.0f} s; best within budget: "
               f"{json.dumps(best and {k: best[k] for k in ('fprs', 'clean_defended', 'fgsm_defended', 'pgd_defended')})}",
               flush=True)
     bests = [r for r in rows if r.get("best_of_candidate")]
-    chosen = max(bests, key=lambda r: (r["attack_min"], r["clean_defended"])) if bests else None
+    rank = lambda r: (r["attack_min"], r["clean_defended"])  # noqa: E731
+    chosen = max(bests, key=rank) if bests else None
+    clean_bests = [r for r in bests if not r["trained_on_adversarial_examples"]]
+    chosen_attack_free = max(clean_bests, key=rank) if clean_bests else None
     result = {"classifier_val_accuracy": f_acc, "undefended": undefended, "max_clean_cost": MAX_CLEAN_COST,
               "selection_set": json.loads(set_path.with_suffix(".json").read_text()),
               "rule": "within the clean budget, the largest min(FGSM, PGD) accuracy with the defense; ties: "
                       "the larger clean accuracy", "labels": labels,
-              "chosen": chosen, "best_per_candidate": bests, "rows": rows}
+              "chosen": chosen, "chosen_attack_free": chosen_attack_free, "best_per_candidate": bests, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "table.md").write_text(markdown(result))
+    selection = {k: v for k, v in result.items() if k != "rows"}
+    (out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
     return result
 
 
@@ -169,15 +178,20 @@ def markdown(result: dict) -> str:
              f"Clean = accepted and right, over all 5,000 images; budget: at most {_pct(result['max_clean_cost'])} "
              "points below the classifier.", "", f"Rule: {result['rule']}.", "",
              "## Best FPRs of each candidate", "",
-             "| candidate | what | FPRs (recon / JSD) | clean defended | clean reformer only | FGSM defended | "
-             "FGSM reformer only | PGD defended | PGD reformer only |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| candidate | what | seen attacks | FPRs (recon / JSD) | clean defended | clean reformer only | FGSM defended | "
+             "FGSM reformer only | PGD defended | PGD reformer only |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["best_per_candidate"]:
         fprs = " / ".join("off" if v is None else f"{v:g}" for v in r["fprs"].values())
         mark = " **(chosen)**" if result["chosen"] and r is result["chosen"] or (
             result["chosen"] and r["candidate"] == result["chosen"]["candidate"] and r["fprs"] == result["chosen"]["fprs"]) else ""
-        lines.append(f"| {r['candidate']}{mark} | {result['labels'].get(r['candidate'], '')} | {fprs} | "
+        seen = "yes" if r.get("trained_on_adversarial_examples") else "no"
+        lines.append(f"| {r['candidate']}{mark} | {result['labels'].get(r['candidate'], '')} | {seen} | {fprs} | "
                      f"{_pct(r['clean_defended'])} | {_pct(r['clean_reformer_only'])} | {_pct(r['fgsm_defended'])} | "
                      f"{_pct(r['fgsm_reformer_only'])} | {_pct(r['pgd_defended'])} | {_pct(r['pgd_reformer_only'])} |")
+    free = result.get("chosen_attack_free")
+    if result["chosen"]:
+        lines += ["", f"Chosen: **{result['chosen']['candidate']}**" + (
+            f"; best candidate trained without adversarial examples: **{free['candidate']}**." if free else ".")]
     lines += ["", "Every FPR combination of every candidate is in `table.json` (`rows`)."]
     return "\n".join(lines) + "\n"
 
@@ -205,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     result = table(args.data_dir, args.set, args.bundles, args.out, labels)
     result["provenance"] = provenance(["python", "-m", "training.evaluate.selection", *(argv or sys.argv[1:])], 0)
     (args.out / "table.json").write_text(json.dumps(result, indent=1) + "\n")
+    selection = {k: v for k, v in result.items() if k != "rows"}
+    (args.out / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
     return 0
 
 

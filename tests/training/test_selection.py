@@ -1,0 +1,36 @@
+"""The validation selection's arithmetic on a toy bundle whose scores are known by hand."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from tests import fakes  # noqa: E402
+from training.evaluate.selection import Candidate, grid  # noqa: E402
+
+
+def test_thresholds_come_from_clean_scores_and_rejections_count_as_defended(tmp_path):
+    bundle = fakes.make_bundle(tmp_path / "toy")
+    # clean: constant images v in [0.3, 0.7]; the toy classifier calls an image bright when its mean is above 0.25
+    v = np.array([0.30, 0.34, 0.38, 0.42, 0.46, 0.54, 0.58, 0.62, 0.66, 0.70])
+    clean, y_clean = fakes.images(*v), np.zeros(len(v), np.int64)  # all "bright" (mean > 0.25) once reformed
+    # attack set: all-white images labelled 'dark' (reformed: class 0, wrong), score 0.25 above every clean one,
+    # and mid-grey ones labelled 'dark' whose score 0.0 passes every threshold and whose label is also wrong
+    attack, y_attack = fakes.images(1.0, 1.0, 0.52, 0.52), np.array([1, 1, 1, 1])
+    sets = {"clean": clean, "fgsm": attack, "pgd": attack}
+    logits = {k: np.zeros((len(x), 3), np.float32) for k, x in sets.items()}
+    cand = Candidate(bundle, sets, logits)
+    np.testing.assert_allclose(cand.scores["clean"]["recon"], np.abs(0.5 * v - 0.25), atol=1e-6)
+    y = {"clean": y_clean, "fgsm": y_attack, "pgd": y_attack}
+    right = {k: np.ones(len(y[k]), bool) for k in y}
+    # fpr 0.1 of 10 clean scores: the threshold is the largest, and that image (v = 0.30 or 0.70) is rejected
+    row = cand.evaluate({"recon": 0.1}, y, right)
+    assert row["clean_rejected"] == pytest.approx(0.1) and row["clean_defended"] == pytest.approx(0.9)
+    assert row["clean_reformer_only"] == 1.0
+    assert row["fgsm_rejected"] == 0.5 and row["fgsm_defended"] == 0.5 and row["fgsm_reformer_only"] == 0.0
+    off = cand.evaluate({"recon": None}, y, right)
+    assert off["clean_defended"] == 1.0 and off["fgsm_defended"] == 0.0
+    # only the examples the classifier got right count in the attack rows
+    row = cand.evaluate({"recon": 0.1}, y, {**right, "fgsm": np.array([True, False, False, False])})
+    assert row["fgsm_defended"] == 1.0
+    assert {tuple(g.items()) for g in grid(cand)} == {(("recon", f),) for f in (None, 0.002, 0.005, 0.01, 0.02)}
