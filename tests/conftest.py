@@ -31,6 +31,8 @@ def mnist():
 
 SHIPPED_CIFAR10 = ROOT / "models" / "cifar10"
 SHIPPED_CIFAR10_POOL = ROOT / "models" / "cifar10-pool"
+SHIPPED_CIFAR10_CLEAN = ROOT / "models" / "cifar10-clean"
+SHIPPED_CIFAR10_PAPER = ROOT / "models" / "cifar10-paper"
 SHIPPED_MNIST_POOL = ROOT / "models" / "mnist-pool"
 
 

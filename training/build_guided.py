@@ -58,6 +58,8 @@ def parser():
     p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
     p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="warm start: another run's reformer.ckpt (weights only; new optimizer and schedule)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (resume later)")
     p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector (0: none)")
     p.add_argument("--jsd-fpr", type=float, nargs="+", default=[0.01],
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "guided":
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
-                                 args.work_dir, alpha=args.alpha)
+                                 args.work_dir, alpha=args.alpha, init_from=args.init_from)
     else:
         if args.members > 1:
             raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                      "members": len(reformers), "diversity_alpha": args.alpha if len(reformers) > 1 else None,
                      "trained_on_adversarial_examples": attacks_seen},
         "training_seconds": history["seconds"], "training_steps": cfg.steps if args.kind == "guided" else None,
+        **({"warm_start": history["init_from"]} if history.get("init_from") else {}),
         "last_validation": history["rows"][-1] if history["rows"] else None,
         "onnx_parity_max_abs_diff": parity,
         "validation_images": len(ds.val), "test_images": len(ds.test), "train_images": len(train),

@@ -141,12 +141,16 @@ def _load_states(models: nn.ModuleList, ckpt: dict) -> None:
 
 
 def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
-                   cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0) -> dict:
+                   cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0,
+                   init_from: Path | None = None) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
     ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images).
 
     A list of models trains a diverse pool (MagNet section 4.3): each member's loss, averaged, minus
-    ``alpha`` times the mean squared distance of each member's output from the members' mean."""
+    ``alpha`` times the mean squared distance of each member's output from the members' mean.
+
+    ``init_from`` (another run's ``reformer.ckpt``) warm-starts a fresh run: its weights only, with a new
+    optimizer and schedule; ignored when ``work`` already holds this run's own checkpoint."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -168,6 +172,10 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
         log(f"reformer: resuming at step {step}/{cfg.steps} from {ckpt_path}")
+    elif init_from is not None:
+        _load_states(models, torch.load(init_from, weights_only=False))
+        history["init_from"] = str(init_from)
+        log(f"reformer: starting from the weights in {init_from}")
 
     def save() -> None:
         torch.save({**_states(models), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,

@@ -140,7 +140,7 @@ def test_shipped_bundles_carry_no_second_copy_of_a_large_file():
         if path.stat().st_size > 5_000_000:
             large.setdefault(sha256_of(path), []).append(path.relative_to(SHIPPED_MNIST.parent).as_posix())
     assert large and all(len(paths) == 1 for paths in large.values()), large
-    for name in ("cifar10", "cifar10-paper", "cifar10-pool"):
+    for name in ("cifar10", "cifar10-paper", "cifar10-clean", "cifar10-pool"):
         if (SHIPPED_MNIST.parent / name / "manifest.json").exists():
             assert Defense(SHIPPED_MNIST.parent / name).classifier_file.resolve() == \
                 (SHIPPED_MNIST.parent / "shared" / "cifar10-resnet9.onnx").resolve()

@@ -11,7 +11,8 @@ from training.evaluate.adaptive import adaptive_attack  # noqa: E402
 from training.evaluate.graybox import graybox_table  # noqa: E402
 from training.evaluate.run import judge  # noqa: E402
 from training.evaluate.torch_defense import Twins  # noqa: E402
-from tests.conftest import SHIPPED_CIFAR10_POOL, SHIPPED_MNIST, SHIPPED_MNIST_POOL  # noqa: E402
+from tests.conftest import (SHIPPED_CIFAR10, SHIPPED_CIFAR10_CLEAN, SHIPPED_CIFAR10_POOL, SHIPPED_MNIST,  # noqa: E402
+                            SHIPPED_MNIST_POOL)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,16 @@ def test_twin_scores_and_logits_equal_the_cores(mnist_pool, mnist, members):
         np.testing.assert_allclose(ev.logits[k].numpy(), defense.classifier(verdict.reformed), atol=1e-4)
 
 
-def test_divergence_scores_of_the_cifar_twin_equal_the_cores(cifar10):
-    defense = Defense(SHIPPED_CIFAR10_POOL, device="cpu")
+@pytest.mark.parametrize("bundle, member", [(SHIPPED_CIFAR10_POOL, 2), (SHIPPED_CIFAR10, 0), (SHIPPED_CIFAR10_CLEAN, 0)])
+def test_divergence_scores_of_the_cifar_twin_equal_the_cores(cifar10, bundle, member):
+    """The pool's sigmoid AEs, the default's guided U-Net and the attack-free bundle's 32-channel AE."""
+    if not (bundle / "manifest.json").exists():
+        pytest.skip(f"{bundle} is not built")
+    defense = Defense(bundle, device="cpu")
     x = cifar10.test.x[:16]
     with torch.no_grad():
-        ev = Twins(defense).members([2]).evaluate(torch.from_numpy(x))
-    verdict = defense.inspect(x, 2)
+        ev = Twins(defense).members([member]).evaluate(torch.from_numpy(x))
+    verdict = defense.inspect(x, member)
     assert {"jsd_t10", "jsd_t40"} <= set(verdict.scores)
     for name, score in verdict.scores.items():
         np.testing.assert_allclose(ev.scores[0][name].numpy(), score, rtol=5e-3, atol=1e-7)

@@ -86,6 +86,22 @@ def test_training_lowers_the_loss_and_resumes_where_it_stopped(tmp_path):
     assert not torch.equal(model(torch.rand(1, 3, 32, 32) * 0 + 0.5), torch.full((1, 3, 32, 32), 0.5))
 
 
+def test_a_warm_start_takes_the_weights_but_a_fresh_schedule(tmp_path):
+    classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=3, batch_size=8, val_every=3, mix={"fgsm": 1}, bf16=False, lr=1e-2)
+    first = GuidedReformer(3, 8, 1)
+    train_reformer(first, classifier, train, val, cfg, tmp_path / "a")
+    warm = GuidedReformer(3, 8, 1)
+    train_reformer(warm, classifier, train, val, ReformerConfig(**{**cfg.__dict__, "steps": 0}), tmp_path / "b",
+                   init_from=tmp_path / "a" / "reformer.ckpt")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(warm(x), first(x))  # no step taken: exactly the weights it started from
+    second = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / "c",
+                            init_from=tmp_path / "a" / "reformer.ckpt")
+    assert [r["step"] for r in second["rows"]] == [3]  # its own schedule, from step 0
+    assert second["init_from"].endswith("reformer.ckpt")
+
+
 def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, cifar10):
     from training import build_guided
 
