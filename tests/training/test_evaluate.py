@@ -161,3 +161,12 @@ def test_rows_below_full_strength_are_marked_reduced():
     assert reduced(weaker, cw, 200) == "max_iterations 100 < 1000; binary_search_steps 3 < 9"
     l0 = full["carlini_l0"]
     assert "max_iterations 10 < 50" in reduced(Attack(l0.name, l0.family, {**l0.params, "max_iterations": 10}, l0.run), l0, 50)
+
+
+def test_reports_of_a_bundle_trained_on_attacks_say_so():
+    from service.defense import read_manifest
+    from tests.conftest import SHIPPED_CIFAR10, SHIPPED_CIFAR10_CLEAN
+
+    assert run.seen_attacks(read_manifest(SHIPPED_CIFAR10))
+    assert not run.seen_attacks(read_manifest(SHIPPED_CIFAR10_CLEAN))
+    assert not run.seen_attacks(read_manifest(SHIPPED_MNIST))

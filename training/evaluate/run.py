@@ -141,6 +141,17 @@ def _cache_file(cache: Path, defense: Defense, attack: Attack, idx: np.ndarray) 
     return cache / f"{attack.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
+SEEN_ATTACKS_NOTE = ("**This bundle's reformer was trained with adversarial examples** (its manifest: "
+                     "`measurements.reformer.trained_on_adversarial_examples`): rows of the kinds it saw are attacks "
+                     "it was trained against, on test images it has not seen.")
+
+
+def seen_attacks(manifest) -> bool:
+    """Whether the bundle says its reformer was trained on adversarial examples."""
+    reformer = (manifest.measurements or {}).get("reformer") or {}
+    return bool(reformer.get("trained_on_adversarial_examples"))
+
+
 def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None = None,
                idx: np.ndarray | None = None) -> dict:
     path = _cache_file(cache, defense, attack, idx) if cache is not None and idx is not None else None
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
               "rows": rows, "carlini_confidence_curve": curve,
+              **({"note": SEEN_ATTACKS_NOTE} if seen_attacks(manifest) else {}),
               "provenance": provenance(["magnet", "evaluate", *(argv if argv is not None else sys.argv[1:])],
                                        args.seed)}
     args.out.mkdir(parents=True, exist_ok=True)
