@@ -170,3 +170,19 @@ def test_reports_of_a_bundle_trained_on_attacks_say_so():
     assert run.seen_attacks(read_manifest(SHIPPED_CIFAR10))
     assert not run.seen_attacks(read_manifest(SHIPPED_CIFAR10_CLEAN))
     assert not run.seen_attacks(read_manifest(SHIPPED_MNIST))
+
+
+def test_failure_analysis_splits_the_fooled_examples(mnist):
+    from service.defense import Defense
+    from training.evaluate.failures import analyse
+
+    defense = Defense(SHIPPED_MNIST, device="cpu")
+    x, y = mnist.test.x[:64], mnist.test.y[:64]
+    rng = np.random.default_rng(0)
+    x_adv = np.clip(x + rng.choice([-0.3, 0.3], size=x.shape), 0, 1).astype(np.float32)  # strong sign noise
+    out = analyse(defense, x, y, x_adv)
+    assert out["failures"]["n"] + out["stopped"]["n"] == out["fooled"] <= 64
+    assert out["stopped"]["n"] > 0 and set(out["stopped"]["median_score_over_threshold"]) == {
+        d.name for d in defense.members[0].detectors}
+    with pytest.raises(ValueError, match="shapes"):
+        analyse(defense, x, y, x_adv[:10])
