@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [measure(b, args.calls) for b in args.bundle]
     result = {"rows": rows, "threads": 1, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.defense_latency " + " ".join(argv or [])}
+              "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.defense_latency " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Defense latency, one image, onnxruntime CPU, one intra-op thread", "",
