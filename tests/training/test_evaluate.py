@@ -186,3 +186,19 @@ def test_failure_analysis_splits_the_fooled_examples(mnist):
         d.name for d in defense.members[0].detectors}
     with pytest.raises(ValueError, match="shapes"):
         analyse(defense, x, y, x_adv[:10])
+
+
+def test_summary_relinks_report_notes_and_lists_each_paragraph_once(tmp_path):
+    from training.evaluate.summary import summary
+
+    docs = tmp_path / "docs"
+    reports = []
+    for name, note in [("eval-a", "Shared.\n\nSee [the page](../page.md) and [web](https://x.org/y)."),
+                       ("eval-b", "Shared.")]:
+        (docs / name).mkdir(parents=True)
+        report = {"bundle": "models/x", "dataset": "cifar10", "rows": [], "note": note, "clean": {}}
+        (docs / name / "report.json").write_text(json.dumps(report))
+        reports.append(docs / name / "report.json")
+    text = summary(reports, docs / "evaluation.md")
+    assert text.count("Shared.") == 1
+    assert "[the page](page.md)" in text and "[web](https://x.org/y)" in text

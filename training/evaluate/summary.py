@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
 
 from training.evaluate.paper import PAPER, PAPER_GRAYBOX
@@ -38,8 +40,9 @@ def summary(paths: list[Path], out: Path) -> str:
         mine = [(p, r) for p, r in reports if r["dataset"] == dataset and r["bundle"] == bundle]
         paper = PAPER[dataset]
         lines += [f"## {dataset.upper() if dataset == 'mnist' else 'CIFAR-10'}: `{bundle}`", ""]
-        notes = {r["note"] for _, r in mine if r.get("note")}
-        lines += [*(f"{n}" for n in sorted(notes)), *([""] if notes else [])]
+        notes = list(dict.fromkeys(para for p, r in mine if r.get("note")
+                                   for para in _relink(r["note"], p.parent, out.parent).split("\n\n")))
+        lines += [*(line for n in notes for line in (n, "")), *([] if notes else [])]
         if any(r['rows'] for _, r in mine):
             lines += ["| attack | n | no defense | full defense | paper: no defense → full | detectors only | reformer only "
                       "| distortion | report |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -84,6 +87,16 @@ def summary(paths: list[Path], out: Path) -> str:
     text = "\n".join(lines)
     out.write_text(text)
     return text
+
+
+def _relink(text: str, base: Path, to: Path) -> str:
+    """Markdown links written relative to a report's folder, rewritten relative to the summary's."""
+    def fix(m: re.Match) -> str:
+        target = m.group(1)
+        if "://" in target or target.startswith("#"):
+            return m.group(0)
+        return f"]({os.path.relpath(os.path.normpath(base / target), to)})"
+    return re.sub(r"\]\(([^)\s]+)\)", fix, text)
 
 
 def _groups(reports: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
