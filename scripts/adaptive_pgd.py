@@ -11,7 +11,9 @@ what keeps the divergence detectors quiet. Each iterate that beats the defense o
 kept; every example is then judged by the ONNX core the gateway serves.
 
     python scripts/adaptive_pgd.py --bundle models/cifar10 --data-dir ../shared/data --n 100 \
-        --eps 0.03137 --steps 100 --out docs/results/eval-cifar10-adaptive-pgd.json
+        --eps 0.01 0.025 0.03137 --steps 50 --out docs/results/eval-cifar10-adaptive-pgd.json
+
+The step is ε/4, divided by steps // 40 when that is above 1 (ε/4 at 50 steps).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step
         adv.requires_grad_(True)
         ev = model.evaluate(adv)
         z_ref = ev.logits[0]
-        z_x = model.classifier(adv)
+        z_x = ev.logits_x if ev.logits_x is not None else model.classifier(adv)
         loss = F.cross_entropy(z_ref, y, reduction="none") + F.cross_entropy(z_x, y, reduction="none") \
             - weight * model.excess(adv)
         grad, = torch.autograd.grad(loss.sum(), adv)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         advs, wins = [], []
         for i in range(0, len(x_all), args.batch):
             x, y = torch.from_numpy(x_all[i:i + args.batch]), torch.from_numpy(y_all[i:i + args.batch])
-            adv, won = attack(model, x, y, eps, args.steps, eps / 10 * 2.5 / max(1, args.steps // 40), args.weight)
+            adv, won = attack(model, x, y, eps, args.steps, eps / 4 / max(1, args.steps // 40), args.weight)
             advs.append(adv.numpy())
             wins.append(won.numpy())
         adv, won = np.concatenate(advs), np.concatenate(wins)

@@ -1,6 +1,6 @@
 """What the examples that beat an oblivious attack's row have in common.
 
-    python -m training.evaluate.failures --bundle models/cifar10 --data-dir ../shared/data \
+    python -m training.evaluate.failures --bundle models/cifar10 --data-dir DATA \
         --examples runs/adv-cache/fgsm_eps0.025-5ff08040d14d801e.npz
 
 ``--examples`` is a cached ``magnet evaluate --cache`` file (``x_adv`` for the first test images the
@@ -19,14 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from service.defense import Defense
+from service.defense.scores import softmax
 from training.bundles import run_batched
 from training.data import load
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def analyse(defense: Defense, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, member: int = 0) -> dict:
@@ -45,7 +40,7 @@ def analyse(defense: Defense, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, m
             return {"n": 0}
         return {"n": int(mask.sum()),
                 "median_logit_margin_over_true": float(np.median(margin[mask])),
-                "median_p_adversarial_label": float(np.median(_softmax(logits_adv[mask]).max(1))),
+                "median_p_adversarial_label": float(np.median(softmax(logits_adv[mask]).max(1))),
                 "median_score_over_threshold": {k: float(np.median(v.scores[k][mask] / t)) for k, t in thresholds.items()},
                 "reformer_keeps_adversarial_label": float(np.mean(
                     logits_ref[mask].argmax(1) == logits_adv[mask].argmax(1)))}

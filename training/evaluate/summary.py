@@ -42,7 +42,7 @@ def summary(paths: list[Path], out: Path) -> str:
         lines += [f"## {dataset.upper() if dataset == 'mnist' else 'CIFAR-10'}: `{bundle}`", ""]
         notes = list(dict.fromkeys(para for p, r in mine if r.get("note")
                                    for para in _relink(r["note"], p.parent, out.parent).split("\n\n")))
-        lines += [*(line for n in notes for line in (n, "")), *([] if notes else [])]
+        lines += [line for n in notes for line in (n, "")]
         if any(r['rows'] for _, r in mine):
             lines += ["| attack | n | no defense | full defense | paper: no defense → full | detectors only | reformer only "
                       "| distortion | report |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -25,6 +25,7 @@ class Evaluation:
     x: torch.Tensor
     logits: torch.Tensor  # M x N x K, classifier(reformer_m(x))
     scores: list[dict[str, torch.Tensor]]  # per member: detector name -> (N,)
+    logits_x: torch.Tensor | None = None  # N x K, classifier(x), when a divergence detector needed it
 
 
 class Members(nn.Module):
@@ -67,7 +68,7 @@ class Members(nn.Module):
                 else:
                     member[d.name] = _jsd(z[-1], own[d.autoencoder], d.temperature)
             scores.append(member)
-        self.last = Evaluation(x, z[:m], scores)
+        self.last = Evaluation(x, z[:m], scores, z[-1] if divergence else None)
         return self.last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
