@@ -60,6 +60,9 @@ def parser():
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm start: another run's reformer.ckpt (weights only; new optimizer and schedule)")
+    p.add_argument("--init-spread", type=float, default=0.05,
+                   help="pools warm-started from one reformer: each member gets Gaussian noise of this times each "
+                        "weight tensor's std, so the diversity term can pull them apart")
     p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (resume later)")
     p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector (0: none)")
     p.add_argument("--jsd-fpr", type=float, nargs="+", default=[0.01],
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "guided":
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
-                                 args.work_dir, alpha=args.alpha, init_from=args.init_from)
+                                 args.work_dir, alpha=args.alpha, init_from=args.init_from,
+                                 init_spread=args.init_spread)
     else:
         if args.members > 1:
             raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      "trained_on_adversarial_examples": attacks_seen},
         "training_seconds": history["seconds"], "training_steps": cfg.steps if args.kind == "guided" else None,
         **({"warm_start": history["init_from"]} if history.get("init_from") else {}),
+        **({"warm_start_spread": history["init_spread"]} if history.get("init_spread") else {}),
         "last_validation": history["rows"][-1] if history["rows"] else None,
         "onnx_parity_max_abs_diff": parity,
         "validation_images": len(ds.val), "test_images": len(ds.test), "train_images": len(train),

@@ -132,17 +132,31 @@ def _states(models: nn.ModuleList) -> dict:
     return {"models": [m.state_dict() for m in models]}
 
 
-def _load_states(models: nn.ModuleList, ckpt: dict) -> None:
+def _load_states(models: nn.ModuleList, ckpt: dict, spread: float = 0.0, seed: int = 0) -> None:
+    """Load a checkpoint's reformer(s) into ``models``. With ``spread`` > 0 a single reformer may seed a
+    pool: every member starts from its weights plus Gaussian noise of ``spread`` times each tensor's std
+    (a different draw per member), so that the diversity term has something to push apart; identical
+    members would get identical gradients forever."""
     states = [ckpt["model"]] if "model" in ckpt else ckpt["models"]
+    if len(states) == 1 and len(models) > 1 and spread > 0:
+        gen = torch.Generator().manual_seed(seed)
+        for m in models:
+            m.load_state_dict(states[0])
+            with torch.no_grad():
+                for t in m.parameters():
+                    if t.numel() > 1:
+                        t.add_(torch.randn(t.shape, generator=gen) * (spread * float(t.float().std())))
+        return
     if len(states) != len(models):
-        raise ValueError(f"the checkpoint holds {len(states)} reformers, the run trains {len(models)}")
+        raise ValueError(f"the checkpoint holds {len(states)} reformers, the run trains {len(models)}"
+                         + (" (a single reformer seeds a pool with init_spread > 0)" if len(states) == 1 else ""))
     for m, state in zip(models, states):
         m.load_state_dict(state)
 
 
 def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
                    cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0,
-                   init_from: Path | None = None) -> dict:
+                   init_from: Path | None = None, init_spread: float = 0.0) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
     ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images).
 
@@ -150,7 +164,8 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     ``alpha`` times the mean squared distance of each member's output from the members' mean.
 
     ``init_from`` (another run's ``reformer.ckpt``) warm-starts a fresh run: its weights only, with a new
-    optimizer and schedule; ignored when ``work`` already holds this run's own checkpoint."""
+    optimizer and schedule; ignored when ``work`` already holds this run's own checkpoint. A single
+    reformer may seed every member of a pool when ``init_spread`` > 0 (see ``_load_states``)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -173,8 +188,10 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         step, history = ckpt["step"], ckpt["history"]
         log(f"reformer: resuming at step {step}/{cfg.steps} from {ckpt_path}")
     elif init_from is not None:
-        _load_states(models, torch.load(init_from, weights_only=False))
+        _load_states(models, torch.load(init_from, weights_only=False), spread=init_spread, seed=cfg.seed)
         history["init_from"] = str(init_from)
+        if init_spread and len(models) > 1:
+            history["init_spread"] = init_spread
         log(f"reformer: starting from the weights in {init_from}")
 
     def save() -> None:

@@ -152,3 +152,26 @@ def test_smoke_guided_pool_recipe_calibrates_each_member(tmp_path, cifar10):
     assert manifest.members[0].detectors[0].threshold != manifest.members[1].detectors[0].threshold
     assert set(manifest.measurements["member_clean_figures"]) == {"member-0", "member-1"}
     assert manifest.measurements["reformer"]["trained_on_adversarial_examples"] is False
+
+
+def test_one_reformer_seeds_a_pool_only_with_a_spread_and_the_members_then_differ(tmp_path):
+    classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=2, batch_size=8, val_every=2, mix={"fgsm": 1}, bf16=False, lr=1e-2)
+    single = GuidedReformer(3, 8, 1)
+    torch.nn.init.normal_(single.out.weight, std=0.1)
+    train_reformer(single, classifier, train, val, cfg, tmp_path / "one")
+    ckpt = tmp_path / "one" / "reformer.ckpt"
+    with pytest.raises(ValueError, match="init_spread"):
+        train_reformer([GuidedReformer(3, 8, 1) for _ in range(3)], classifier, train, val, cfg, tmp_path / "bad",
+                       init_from=ckpt)
+    pool = [GuidedReformer(3, 8, 1) for _ in range(3)]
+    zero = ReformerConfig(**{**cfg.__dict__, "steps": 0})
+    history = train_reformer(pool, classifier, train, val, zero, tmp_path / "pool", init_from=ckpt, init_spread=0.05)
+    assert history["init_spread"] == 0.05
+    x = torch.rand(4, 3, 32, 32)
+    outs = [m(x) for m in pool]
+    base = single(x)
+    for k, out in enumerate(outs):  # near the seed, each a little off it, and no two alike
+        assert 0 < (out - base).abs().max() < 0.1
+        for other in outs[k + 1:]:
+            assert not torch.equal(out, other)
