@@ -3,47 +3,26 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 
+from service.dataplane import Gateway
+from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
-from service.defense.pool import MemberSelector
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.routes import router
+from service.sessions import make_selector
 from service.settings import Settings
 from service.upstream import Upstream, make_upstream
 from service.v2_front import router as v2_router
 
 log = logging.getLogger("magnet")
-
-
-@dataclass
-class Gateway:
-    """Everything a request handler needs, hung on ``app.state.gateway``."""
-
-    settings: Settings
-    defense: Defense
-    upstream: Upstream
-    metrics: Metrics
-    pipeline: Pipeline
-    selector: MemberSelector
-
-
-def make_selector(settings: Settings, members: int) -> MemberSelector:
-    if settings.session_secret is not None:
-        return MemberSelector(settings.session_secret.get_secret_value().encode(), members)
-    if members > 1:
-        log.warning("MAGNET_SESSION_SECRET is unset: using a random secret, so replicas of this gateway "
-                    "will pick different pool members for the same session")
-    return MemberSelector(secrets.token_bytes(32), members)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -61,14 +40,18 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))
     metrics.declare_members([m.name for m in defense.members])
+    metrics.declare_bundle(defense.manifest.name, manifest_version(defense.bundle_dir),
+                           sha256_of(defense.bundle_dir / MANIFEST))
     gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor),
-                      make_selector(settings, len(defense.members)))
+                      make_selector(settings.session_secret.get_secret_value().encode()
+                                    if settings.session_secret is not None else None, len(defense.members)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await upstream.start()
-        log.info("serving bundle %s (%d member(s)) on %s; upstream: %s", defense.manifest.name,
-                 len(defense.members), ", ".join(defense.providers), upstream.describe())
+        log.info("serving bundle %s (%d member(s), manifest format %s) on %s; upstream: %s", defense.manifest.name,
+                 len(defense.members), manifest_version(defense.bundle_dir), ", ".join(defense.providers),
+                 upstream.describe())
         try:
             yield
         finally:

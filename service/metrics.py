@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("decode", "defense", "upstream", "total")
 # Latency buckets from 0.5 ms to 10 s: the defense stage is sub-millisecond per digit on a CPU.
@@ -26,6 +26,9 @@ class Metrics:
                                        "(timeout, unavailable, bad_response).", ["reason"], registry=registry)
         self.pool_selections = Counter("magnet_pool_selections", "Requests defended by each pool member.",
                                        ["member"], registry=registry)
+        self.bundle_info = Gauge("magnet_bundle_info", "The bundle served: its name, the manifest's format "
+                                 "version as written (before migration) and the manifest file's sha256; always 1.",
+                                 ["bundle", "version", "sha256"], registry=registry)
         for stage in STAGES:  # export every series from the start, so dashboards have data at zero
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
@@ -38,3 +41,6 @@ class Metrics:
     def declare_members(self, names: list[str]) -> None:
         for name in names:
             self.pool_selections.labels(name)
+
+    def declare_bundle(self, name: str, version: int | None, sha256: str) -> None:
+        self.bundle_info.labels(name, str(version), sha256).set(1)

@@ -14,19 +14,14 @@ and ``parameters.rejected_count``. With ``explain`` on, ``scores_<detector>`` FP
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.codecs import decode_v2_infer_request
+from service.dataplane import Gateway, answer, defend, json_response
 from service.errors import BadInput, UnknownModel
 from service.pipeline import Outcome
-from service.routes import answer, defend, json_response
-
-if TYPE_CHECKING:
-    from service.app import Gateway
 
 router = APIRouter(prefix="/v2")
 

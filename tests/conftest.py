@@ -43,3 +43,20 @@ def cifar10():
     if not (DATA_DIR / "cifar10").is_dir():
         pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set MAGNET_TEST_DATA)")
     return load_cifar10(DATA_DIR)
+
+
+# Markers (registered in pyproject.toml): everything under these folders starts real processes ...
+E2E_DIRS = ("e2e", "deploy")
+# ... and these modules train or attack for more than a few seconds on 2 CPU cores.
+SLOW_MODULES = {"test_build_smoke", "test_evaluate", "test_knowing_attacks", "test_adaptive_pgd", "test_carlini",
+                "test_reformer", "test_selection", "test_defense_latency", "test_detector_registry"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if any(d in parts for d in E2E_DIRS):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+        if Path(str(item.fspath)).stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -139,15 +139,16 @@ async def against_fake_server(routes: list[tuple[str, str, object]], make_upstre
     server that answers ``routes`` ((method, path, handler) triples); everything is closed afterwards."""
     from aiohttp import web
 
-    from tests.procs import free_port, url_of
+    from tests.procs import url_of
 
     app = web.Application()
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # the OS picks the port as it binds: no race
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
     upstream = make_upstream(url_of(port))
     await upstream.start()
     try:

@@ -5,9 +5,8 @@ the whole group, which also reaches any workers it forked. Readiness is awaited 
 HTTP URL until it answers 200, never by a fixed sleep. Output goes to a log file, so a chatty
 server can never block on a full pipe, and the log's tail is put into any startup error.
 
-    port = free_port()
-    proc = start_process([sys.executable, "server.py", "--port", str(port)],
-                         f"http://127.0.0.1:{port}/health", timeout=30)
+    proc, base = start_on_free_port(lambda port: [sys.executable, "server.py", "--port", str(port)],
+                                    "/health", timeout=30)
     try:
         ...
     finally:
@@ -24,11 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import httpx
 
-__all__ = ["ManagedProcess", "free_port", "start_process"]
+__all__ = ["ManagedProcess", "free_port", "start_on_free_port", "start_process"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,6 +138,26 @@ def start_process(cmd: Sequence[Union[str, os.PathLike[str]]], ready_url: str,
     return proc
 
 
+ADDRESS_IN_USE = ("address already in use", "errno 98", "eaddrinuse")
+
+
+def start_on_free_port(make_cmd: Callable[[int], Sequence[Union[str, os.PathLike[str]]]], ready_path: str,
+                       timeout: float = 30.0, attempts: int = 5, **kwargs) -> tuple[ManagedProcess, str]:
+    """Start ``make_cmd(port)`` on a port that was free a moment ago; returns (process, base URL).
+
+    ``free_port`` releases the port before the child binds it, so another process may take it in
+    between. When the child then dies saying its address is in use, this tries again on a new port
+    (``attempts`` in all); any other startup failure is raised at once."""
+    for attempt in range(attempts):
+        base = url_of(free_port())
+        try:
+            return start_process(make_cmd(int(base.rsplit(":", 1)[1])), base + ready_path, timeout, **kwargs), base
+        except RuntimeError as e:
+            if attempt == attempts - 1 or not any(m in str(e).lower() for m in ADDRESS_IN_USE):
+                raise
+    raise AssertionError("unreachable")
+
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SERVER = REPO / "docker" / "kserve" / "serve_onnx.py"
 
@@ -150,15 +169,13 @@ def url_of(port: int) -> str:
 def start_model_server(model_file: Union[str, os.PathLike[str]], name: str, timeout: float = 60.0,
                        **kwargs) -> tuple[ManagedProcess, str]:
     """The project's KServe model server on ``model_file`` at a free port; returns (process, base URL)."""
-    base = url_of(free_port())
-    cmd = [sys.executable, MODEL_SERVER, "--model-file", model_file, "--model-name", name,
-           "--http-port", base.rsplit(":", 1)[1]]
-    return start_process(cmd, f"{base}/v2/health/ready", timeout, **kwargs), base
+    return start_on_free_port(lambda port: [sys.executable, MODEL_SERVER, "--model-file", model_file,
+                                            "--model-name", name, "--http-port", str(port)],
+                              "/v2/health/ready", timeout, **kwargs)
 
 
 def start_gateway(*args: str, ready_path: str = "/readyz", timeout: float = 60.0,
                   **kwargs) -> tuple[ManagedProcess, str]:
     """``magnet serve ARGS`` at a free port from the repository root; returns (process, base URL)."""
-    base = url_of(free_port())
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", base.rsplit(":", 1)[1], *args]
-    return start_process(cmd, base + ready_path, timeout, cwd=REPO, **kwargs), base
+    return start_on_free_port(lambda port: [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+                              ready_path, timeout, cwd=REPO, **kwargs)

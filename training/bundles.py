@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.defense import scores as S
+from service.defense.detectors import DetectorSpec, kind_of
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
 from service.defense.runtime import CPU, OnnxModel
-from service.defense.thresholds import threshold_at_fpr
 from training.export import export_onnx, parity
 
 if TYPE_CHECKING:
@@ -93,14 +92,16 @@ def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: P
 
     calibrated = []
     for d in detectors:
+        spec = DetectorSpec.model_validate({**d, "threshold": 0.0})
+        kind = kind_of(spec)
         rec = run(out / d["autoencoder"], x_val, "x")
-        if d["kind"] == "reconstruction":
-            scores = S.reconstruction_error(x_val, rec, d["p"])
-        else:
+        if kind.needs_logits:
             logits_x = run(classifier, x_val, "x")
-            logits_rec = run(classifier, np.clip(rec, 0, 1), d["autoencoder"])
-            scores = S.divergence_score(logits_x, logits_rec, d["temperature"])
-        calibrated.append({**d, "threshold": threshold_at_fpr(scores, d["fpr"])})
+            rec_c = np.clip(rec, 0, 1)
+            scores = kind.score(spec, x_val, rec_c, logits_x, run(classifier, rec_c, d["autoencoder"]))
+        else:
+            scores = kind.score(spec, x_val, rec)
+        calibrated.append({**d, "threshold": kind.infer_threshold(scores, d["fpr"])})
     return calibrated
 
 

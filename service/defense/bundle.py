@@ -18,9 +18,14 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-FORMAT_VERSION = 1
+from service.defense.detectors import DetectorSpec, kind_of
+
+# The manifest's schema version. 2: each detector entry holds only its kind's fields (version 1 wrote
+# ``p`` and ``temperature`` on every detector, null where unused). ``read_manifest`` reads every
+# earlier version (``migrate``); writers write this one.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -53,32 +58,21 @@ class FileEntry(_Strict):
         return self
 
 
-class DetectorSpec(_Strict):
-    """One detector. ``reconstruction`` uses ``p``; ``divergence`` uses ``temperature``."""
-
-    name: str
-    kind: Literal["reconstruction", "divergence"]
-    autoencoder: str = Field(description="path of the autoencoder's ONNX file in the bundle")
-    fpr: float = Field(gt=0, lt=1)
-    threshold: float
-    p: int | None = None
-    temperature: float | None = None
-
-    @model_validator(mode="after")
-    def _kind_fields(self) -> "DetectorSpec":
-        if self.kind == "reconstruction" and self.p not in (1, 2):
-            raise ValueError(f"detector {self.name}: a reconstruction detector needs p = 1 or 2")
-        if self.kind == "divergence" and not (self.temperature and self.temperature > 0):
-            raise ValueError(f"detector {self.name}: a divergence detector needs temperature > 0")
-        return self
-
-
 class MemberSpec(_Strict):
     """One defense of the pool: its reformer and its calibrated detectors."""
 
     name: str
     reformer: str = Field(description="path of the reformer autoencoder's ONNX file in the bundle")
-    detectors: list[DetectorSpec]
+    detectors: list[SerializeAsAny[DetectorSpec]]
+
+    @model_validator(mode="after")
+    def _logits_on_the_reformer(self) -> "MemberSpec":
+        for d in self.detectors:
+            if kind_of(d).needs_logits and d.autoencoder != self.reformer:
+                raise ValueError(f"member {self.name}: detector {d.name} ({d.kind}) compares the classifier on x and "
+                                 f"on ae(x), so its autoencoder must be the member's reformer ({self.reformer}), "
+                                 f"not {d.autoencoder}")
+        return self
 
 
 class ClassifierSpec(_Strict):
@@ -88,7 +82,7 @@ class ClassifierSpec(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     name: str
     dataset: str
     input: InputSpec
@@ -122,14 +116,45 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def migrate(data: dict) -> dict:
+    """A manifest of any earlier ``format_version`` as the current version would write it (in memory;
+    ``magnet migrate`` rewrites the file). Raises BundleError for a version this code does not know."""
+    version = data.get("format_version")
+    if version == FORMAT_VERSION:
+        return data
+    if version == 1:
+        data = json.loads(json.dumps(data))  # a deep copy
+        for member in data.get("members", []):
+            for d in member.get("detectors", []):
+                for unused in ("p", "temperature"):
+                    if d.get(unused, 0) is None:
+                        del d[unused]
+        data["format_version"] = 2
+        return data
+    raise BundleError(f"manifest format_version {version!r} is not one this gateway reads (1 to {FORMAT_VERSION}); "
+                      f"a newer bundle needs a newer magnet, or rebuild the bundle with this one")
+
+
 def read_manifest(bundle_dir: Path) -> Manifest:
+    """The bundle's manifest, migrated in memory from any earlier format version."""
     path = Path(bundle_dir) / MANIFEST
     if not path.is_file():
         raise BundleError(f"no {MANIFEST} in bundle directory {bundle_dir}")
     try:
-        return Manifest.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise BundleError(f"{path} is not a valid bundle manifest: not a JSON object")
+        return Manifest.model_validate(migrate(data))
     except (json.JSONDecodeError, ValidationError) as e:
         raise BundleError(f"{path} is not a valid bundle manifest: {e}") from e
+
+
+def manifest_version(bundle_dir: Path) -> int | None:
+    """The format version written in the bundle's manifest file (before any migration)."""
+    try:
+        return json.loads((Path(bundle_dir) / MANIFEST).read_text()).get("format_version")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def locate(bundle_dir: Path, entry: FileEntry) -> Path:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from service.defense import scores as S
+from service.defense import detectors as D
 from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.runtime import Device, OnnxModel, choose_providers
 from service.defense.thresholds import passes
@@ -111,7 +111,7 @@ class Defense:
 
     def needs_logits(self, member: int = 0) -> bool:
         """Whether ``decide`` needs the classifier's logits on x and ae(x) for this member."""
-        return any(d.kind == "divergence" for d in self.members[member].detectors)
+        return any(D.kind_of(d).needs_logits for d in self.members[member].detectors)
 
     def screen(self, x: np.ndarray, member: int = 0) -> Screening:
         """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1])."""
@@ -123,32 +123,33 @@ class Defense:
                 outputs[path] = self.autoencoders[path](x)
             return outputs[path]
 
-        scores = {d.name: S.reconstruction_error(x, ae(d.autoencoder), d.p)
-                  for d in spec.detectors if d.kind == "reconstruction"}
+        scores = {d.name: D.score(d, x, ae(d.autoencoder))
+                  for d in spec.detectors if not D.kind_of(d).needs_logits}
         reformed = np.clip(ae(spec.reformer), 0.0, 1.0).astype(np.float32, copy=False)
         return Screening(x=x, reformed=reformed, scores=scores, member=member)
 
     def screened_out(self, screening: Screening) -> np.ndarray:
-        """Rows already rejected by a reconstruction detector (no need to send them upstream)."""
+        """Rows already rejected by a detector that needs no logits (no need to send them upstream)."""
         spec = self.members[screening.member]
         mask = np.zeros(len(screening.x), dtype=bool)
         for d in spec.detectors:
-            if d.kind == "reconstruction":
+            if d.name in screening.scores:
                 mask |= ~passes(screening.scores[d.name], d.threshold)
         return mask
 
     def decide(self, screening: Screening, logits_x: np.ndarray | None = None,
                logits_reformed: np.ndarray | None = None) -> Verdict:
-        """Apply every detector of the member. Divergence detectors need both logit arrays (N x K);
-        rows where they are NaN (not sent upstream) count as not fired by those detectors."""
+        """Apply every detector of the member. Detectors that need logits (divergences) need both logit
+        arrays (N x K), on x and on the reformed x; rows where they are NaN (not sent upstream) count as
+        not fired by those detectors."""
         spec = self.members[screening.member]
         scores = dict(screening.scores)
         fired = {}
         for d in spec.detectors:
-            if d.kind == "divergence":
+            if d.name not in scores:
                 if logits_x is None or logits_reformed is None:
                     raise ValueError(f"detector {d.name} needs logits on x and ae(x); call decide with both")
-                scores[d.name] = S.divergence_score(logits_x, logits_reformed, d.temperature)
+                scores[d.name] = D.score(d, screening.x, screening.reformed, logits_x, logits_reformed)
             s = scores[d.name]
             fired[d.name] = ~passes(s, d.threshold) & ~np.isnan(s)
         accepted = ~np.logical_or.reduce(list(fired.values())) if fired else np.ones(len(screening.x), bool)

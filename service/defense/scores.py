@@ -1,4 +1,5 @@
-"""Detector scores (MagNet section 3).
+"""Detector scores (MagNet section 3), as plain functions; the detector kinds that the gateway, the
+calibration and the twin use live in ``service.defense.detectors`` and compute the same.
 
 All functions take batches: ``x`` and ``reconstruction`` are N x C x H x W float32 arrays, logits are
 N x K. They return one float64 score per row; a larger score means "further from the data manifold".
@@ -7,6 +8,8 @@ N x K. They return one float64 score per row; a larger score means "further from
 from __future__ import annotations
 
 import numpy as np
+
+from service.defense import detectors as D
 
 
 def reconstruction_error(x: np.ndarray, reconstruction: np.ndarray, p: int) -> np.ndarray:
@@ -24,8 +27,7 @@ def reconstruction_error(x: np.ndarray, reconstruction: np.ndarray, p: int) -> n
     """
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
-    diff = np.abs(x.astype(np.float64) - reconstruction.astype(np.float64)).reshape(len(x), -1)
-    return (diff**p).mean(axis=1)
+    return D.NUMPY.row_mean(np.abs(x.astype(np.float64) - reconstruction.astype(np.float64)) ** p)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -60,14 +62,7 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     -------
     ndarray, shape (N,), values in [0, ln 2]
     """
-    m = 0.5 * (p + q)
-
-    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)
-        return terms.sum(axis=1)
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return D.jensen_shannon(np.asarray(p, np.float64), np.asarray(q, np.float64))
 
 
 def divergence_score(logits_x: np.ndarray, logits_ae: np.ndarray, temperature: float) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.defense import BundleError, Defense, read_manifest, verify_files
-from service.defense.bundle import pack, sha256_of
+from service.defense.bundle import FORMAT_VERSION, MemberSpec, manifest_version, pack, sha256_of
 from tests import fakes
 from tests.conftest import SHIPPED_MNIST
 
@@ -49,14 +49,48 @@ def test_detector_on_unlisted_file_is_refused(toy_bundle):
 
 def test_reconstruction_detector_without_p_is_refused(toy_bundle):
     _edit_manifest(toy_bundle, lambda d: d["members"][0]["detectors"][0].update(p=None))
-    with pytest.raises(BundleError, match="p = 1 or 2"):
+    with pytest.raises(BundleError, match=r"detectors\.0\.p\n.*1 or 2"):
         read_manifest(toy_bundle)
 
 
 def test_unknown_format_version_is_refused(toy_bundle):
-    _edit_manifest(toy_bundle, lambda d: d.update(format_version=2))
-    with pytest.raises(BundleError, match="format_version"):
+    _edit_manifest(toy_bundle, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(BundleError, match="format_version 3 is not one this gateway reads.*newer magnet"):
         read_manifest(toy_bundle)
+
+
+def _as_version_1(data):
+    """What the first manifest format wrote: p and temperature on every detector, null where unused."""
+    data["format_version"] = 1
+    for d in data["members"][0]["detectors"]:
+        d.setdefault("p", None)
+        d.setdefault("temperature", None)
+
+
+def test_a_version_1_manifest_is_read_and_migrated(toy_bundle):
+    current = read_manifest(toy_bundle)
+    _edit_manifest(toy_bundle, _as_version_1)
+    assert manifest_version(toy_bundle) == 1
+    migrated = read_manifest(toy_bundle)
+    assert migrated == current and migrated.format_version == FORMAT_VERSION
+    assert "temperature" not in migrated.model_dump()["members"][0]["detectors"][0]
+    verdict = Defense(toy_bundle).inspect(np.random.default_rng(0).uniform(size=(4, *fakes.SHAPE)).astype(np.float32))
+    assert verdict.accepted.shape == (4,)
+    packed = pack(toy_bundle, toy_bundle.parent / "packed")  # a rewrite writes the current version
+    assert manifest_version(packed) == FORMAT_VERSION
+
+
+def test_an_unknown_detector_kind_is_refused_with_the_known_ones(toy_bundle):
+    _edit_manifest(toy_bundle, lambda d: d["members"][0]["detectors"][0].update(kind="mahalanobis"))
+    with pytest.raises(BundleError, match="unknown kind 'mahalanobis' \\(known: divergence, kl, reconstruction"):
+        read_manifest(toy_bundle)
+
+
+def test_a_divergence_detector_must_use_the_members_reformer(tmp_path):
+    data = {"name": "R", "reformer": "a.onnx", "detectors": [
+        {"name": "jsd", "kind": "divergence", "autoencoder": "b.onnx", "temperature": 10, "fpr": 0.01, "threshold": 0.1}]}
+    with pytest.raises(ValueError, match="its autoencoder must be the member's reformer \\(a.onnx\\), not b.onnx"):
+        MemberSpec.model_validate(data)
 
 
 def test_shipped_mnist_bundle_verifies():

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHIPPED_MNIST
-from tests.procs import free_port, start_gateway, start_model_server, start_process
+from tests.procs import start_gateway, start_model_server, start_on_free_port
 
 PROMETHEUS = shutil.which("prometheus")
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "magnet.json"
@@ -92,12 +92,12 @@ def stack(tmp_path: Path):
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: magnet-gateway\n    metrics_path: /metrics\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{gw_port}']\n")
-        prom_port = free_port()
-        procs.append(start_process(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            f"http://127.0.0.1:{prom_port}/-/ready", timeout=60, log_path=tmp_path / "prometheus.log"))
-        yield model_server, f"http://127.0.0.1:{gw_port}", Prom(f"http://127.0.0.1:{prom_port}")
+        prometheus, prom_url = start_on_free_port(
+            lambda port: [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{port}"],
+            "/-/ready", timeout=60, log_path=tmp_path / "prometheus.log")
+        procs.append(prometheus)
+        yield model_server, f"http://127.0.0.1:{gw_port}", Prom(prom_url)
     finally:
         for proc in reversed(procs):
             proc.stop()

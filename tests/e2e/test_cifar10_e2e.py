@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.defense import Defense
-from service.defense.pool import MemberSelector
+from service.sessions import MemberSelector
 from tests.conftest import SHIPPED_CIFAR10, SHIPPED_CIFAR10_POOL
 from tests.procs import start_gateway, start_model_server
 
@@ -49,14 +49,18 @@ def core(defense, x, member=0):
     return decisions
 
 
-def test_1000_test_images_get_the_cores_decisions(model_server, cifar10):
+@pytest.fixture(scope="module")
+def default_gateway(model_server):
+    """One gateway on the default bundle for the module's tests."""
     proc, client = gateway(SHIPPED_CIFAR10, model_server)
-    try:
-        x = cifar10.test.x[:1000]
-        assert served(client, x) == core(Defense(SHIPPED_CIFAR10, device="cpu"), x)
-    finally:
-        client.close()
-        proc.stop()
+    yield client
+    client.close()
+    proc.stop()
+
+
+def test_1000_test_images_get_the_cores_decisions(default_gateway, cifar10):
+    x = cifar10.test.x[:1000]
+    assert served(default_gateway, x) == core(Defense(SHIPPED_CIFAR10, device="cpu"), x)
 
 
 @pytest.mark.skipif(not (SHIPPED_CIFAR10_POOL / "manifest.json").exists(), reason="no CIFAR-10 pool bundle")
@@ -83,16 +87,11 @@ def test_pool_gateway_defends_each_session_with_its_member(model_server, cifar10
         proc.stop()
 
 
-def test_210_adversarial_images_get_the_cores_decisions(model_server, cifar10):
+def test_210_adversarial_images_get_the_cores_decisions(default_gateway, cifar10):
     from tests.e2e.test_gateway_e2e import adversarial_set
 
     defense, x, y = adversarial_set(SHIPPED_CIFAR10, cifar10, 70, ["fgsm_eps0.025", "deepfool", "iterative_l2_eps0.25"])
-    proc, client = gateway(SHIPPED_CIFAR10, model_server)
-    try:
-        got = served(client, x)
-    finally:
-        client.close()
-        proc.stop()
+    got = served(default_gateway, x)
     assert got == core(defense, x)
     rejected = np.array([rej for rej, _ in got])
     assert (defense.classifier(x).argmax(1) != y).mean() > 0.3 and rejected.any() and (~rejected).any()

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.procs import ManagedProcess, free_port, start_process
+from tests.procs import ManagedProcess, start_on_free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "docker" / "kserve" / "serve_onnx.py"
@@ -26,11 +26,10 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """Start the server on a free port (gRPC disabled); yield its base URL; stop its group."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, SERVER, "--model-file", MODEL_FILE, "--model-name", MODEL_NAME,
-           "--http-port", str(port), "--workers", "1"]
-    proc: ManagedProcess = start_process(cmd, f"{base}/v2/health/ready", timeout=30.0)
+    proc: ManagedProcess
+    proc, base = start_on_free_port(lambda port: [sys.executable, SERVER, "--model-file", MODEL_FILE, "--model-name",
+                                                  MODEL_NAME, "--http-port", str(port), "--workers", "1"],
+                                    "/v2/health/ready", timeout=30.0)
     print(f"serve_onnx.py ready after {proc.startup_s:.2f} s (pid {proc.pid})")
     try:
         yield base

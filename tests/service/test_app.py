@@ -167,8 +167,23 @@ def test_health_ready_and_metrics(client):
     assert 'magnet_stage_seconds_count{stage="defense"} 1.0' in text
 
 
+def test_bundle_info_names_the_manifests_format_version_and_sha256(toy_bundle):
+    import json
+
+    from service.defense.bundle import sha256_of
+
+    path = toy_bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 1  # an old manifest: served after migration, reported as written
+    path.write_text(json.dumps(data))
+    c, _ = make_client(toy_bundle)
+    with c:
+        text = c.get("/metrics").text
+    assert f'magnet_bundle_info{{bundle="toy",sha256="{sha256_of(path)}",version="1"}} 1.0' in text
+
+
 def test_session_picks_the_member_that_defends_it(tmp_path):
-    from service.defense.pool import MemberSelector
+    from service.sessions import MemberSelector
 
     # member m0 rejects black images (score 0.25 >= 0.1), member m1 accepts them (0.25 < 0.3)
     bundle = fakes.make_bundle(tmp_path / "pool", thresholds=[0.1, 0.3])

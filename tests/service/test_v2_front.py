@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from service.defense.pool import MemberSelector
+from service.sessions import MemberSelector
 from service.errors import UpstreamUnavailable
 from tests import fakes
 from tests.fakes import make_client

@@ -35,12 +35,22 @@ def test_smoke_build_writes_a_verified_calibrated_bundle(tmp_path, mnist):
     assert max(m["onnx_parity_max_abs_diff"].values()) < 1e-5
     defense = Defense(out, device="cpu")
     assert defense.inspect(mnist.test.x[:10]).accepted.shape == (10,)
-    # a second run reuses the trained weights instead of training again
+    # a second run reuses the saved weights instead of training again: weights edited on disk show up in
+    # the new bundle (a retrained autoencoder, same seed, would give the first run's threshold again)
+    import torch
+
+    states = torch.load(work / "ae_i.pt")
+    for state in states:
+        for v in state.values():
+            if v.is_floating_point():
+                v.mul_(0.8)
+    torch.save(states, work / "ae_i.pt")
     assert build_mnist.main(["--data-dir", str(DATA_DIR), "--out", str(out), "--work-dir", str(work),
                              "--classifier-epochs", "1", "--ae-epochs", "1", "--train-limit", "1000",
                              "--fpr", "0.01"]) == 0
-    assert np.isclose(read_manifest(out).members[0].detectors[0].threshold,
-                      manifest.members[0].detectors[0].threshold)
+    again = {d.name: d.threshold for d in read_manifest(out).members[0].detectors}
+    first = {d.name: d.threshold for d in manifest.members[0].detectors}
+    assert again["II"] == pytest.approx(first["II"]) and again["I"] != pytest.approx(first["I"], rel=1e-3)
 
 
 def test_smoke_pool_on_a_smoke_bundle(tmp_path, mnist):
@@ -77,7 +87,8 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
                                "--train-limit", "500"]) == 0
     manifest = read_manifest(out)
     verify_files(out, manifest)
-    kinds = {d.name: (d.kind, d.p, d.temperature, d.fpr) for d in manifest.members[0].detectors}
+    kinds = {d.name: (d.kind, getattr(d, "p", None), getattr(d, "temperature", None), d.fpr)
+             for d in manifest.members[0].detectors}
     assert kinds == {"recon": ("reconstruction", 1, None, 0.005), "jsd_t10": ("divergence", None, 10.0, 0.01),
                      "jsd_t40": ("divergence", None, 40.0, 0.01)}
     verdict = Defense(out, device="cpu").inspect(cifar10.test.x[:20])

@@ -63,12 +63,17 @@ def test_deepfool_fools_the_undefended_classifier(twin, mnist):
         assert (twin(torch.from_numpy(x_adv)).argmax(1).numpy() != y).mean() >= 0.9
 
 
-def test_smoke_evaluation_report(tmp_path, mnist):
+def test_smoke_evaluation_report(tmp_path, mnist, capsys):
     out = tmp_path / "eval"
+    # no --kappas: with --attacks given, only those rows run (no Carlini curve), after the printed plan
     assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(out),
-                     "--attacks", "fgsm_eps0.01", "deepfool", "--n", "24", "--kappas"]) == 0
+                     "--attacks", "fgsm_eps0.01", "deepfool", "--n", "24"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("plan (2 jobs;") < printed.index("fgsm_eps0.01: 24 examples in")
+    assert "fgsm_eps0.01" in printed and "1 gradients each (exact)" in printed and "carlini" not in printed
     report = json.loads((out / "report.json").read_text())
     assert [r["attack"] for r in report["rows"]] == ["fgsm_eps0.01", "deepfool"]
+    assert report["carlini_confidence_curve"] == []
     for row in report["rows"]:
         assert row["examples"] == 24
         for key in ("no_defense", "detectors_only", "reformer_only", "full_defense"):
@@ -99,6 +104,34 @@ def test_cached_adversarial_examples_are_reused_for_the_same_classifier_attack_a
     assert {k: a[k] for k in ("full_defense", "mean_l2", "seconds")} == {k: b[k] for k in ("full_defense", "mean_l2", "seconds")}
     assert run.main([*args[:-5], "--n", "13", "--kappas", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # other images: crafted anew
+
+
+def test_plan_lists_what_would_run_with_estimates_and_runs_nothing(tmp_path, mnist, capsys):
+    out = tmp_path / "never"
+    assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(out), "--plan",
+                     "--attacks", "carlini_l2", "iterative_l2_eps0.5", "--n-carlini", "50", "--kappas", "0", "10",
+                     "--carlini-iterations", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    lines = {line.split()[0]: line for line in printed.splitlines()[1:]}
+    assert "900 gradients each (at most)" in lines["carlini_l2"] and "50 examples" in lines["carlini_l2"]
+    assert "100 gradients each (exact)" in lines["iterative_l2_eps0.5"]
+    assert {"carlini_l2_k0", "carlini_l2_k10", "total:"} <= set(lines)
+
+
+def test_the_carlini_curve_runs_only_when_asked_for_or_with_the_whole_evaluation():
+    parse = run.parser().parse_args
+    base = ["--bundle", "b", "--data-dir", "d", "--out", "o"]
+    assert run.kappas(parse(base)) == [0, 10, 20, 30, 40]
+    assert run.kappas(parse([*base, "--attacks", "deepfool"])) == []
+    assert run.kappas(parse([*base, "--attacks", "deepfool", "--kappas", "5"])) == [5]
+    assert run.kappas(parse([*base, "--kappas"])) == []
+
+
+def test_an_unknown_attack_is_named_before_anything_runs(tmp_path, mnist):
+    with pytest.raises(SystemExit, match="unknown attack.*fgsm_eps0.3; mnist has: fgsm_eps0.005"):
+        run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "x"),
+                  "--attacks", "fgsm_eps0.3"])
 
 
 def test_set_overrides_one_attacks_parameters():

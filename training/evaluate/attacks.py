@@ -125,3 +125,25 @@ def reduced(attack: Attack, full: Attack, examples: int) -> str | None:
 def default_names(dataset: str) -> list[str]:
     """What ``magnet evaluate`` runs without ``--attacks``: every row of the paper's table."""
     return [name for name in registry(dataset) if not name.endswith("_art")]
+
+
+def gradient_budget(attack: Attack, classes: int) -> tuple[float, str]:
+    """Classifier gradients per example that ``attack`` takes, for ``magnet evaluate``'s plan: the
+    estimate and how good it is ("exact", "at most": the budget, early stops make it less, or "rough":
+    the number of rounds depends on the data)."""
+    p, family = attack.params, attack.family
+    if family == "fgsm":
+        return 1.0, "exact"
+    if family.startswith("iterative"):
+        return float(p.get("max_iter", 1)) * max(1, p.get("num_random_init", 0) or 1), "exact"
+    if family == "deepfool":
+        return 3.0 * classes, "rough"  # about 3 iterations of one gradient per class (at most max_iter)
+    if attack.name.endswith("_art"):
+        return 100.0 * p.get("max_iter", 100), "rough"
+    if family == "carlini_l2":
+        return float(p.get("binary_search_steps", 9) * p.get("max_iterations", 1000)), "at most"
+    if family == "carlini_linf":
+        return 20.0 * p.get("max_iterations", 1000), "rough"  # tau rounds, each cut short by its success
+    if family == "carlini_l0":
+        return 15.0 * p.get("max_iterations", 50), "rough"  # about 15 mask rounds
+    return float(p.get("max_iter", p.get("max_iterations", 1))), "rough"

@@ -30,7 +30,7 @@ from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
-from training.evaluate.attacks import Attack, default_names, reduced, registry
+from training.evaluate.attacks import Attack, default_names, gradient_budget, reduced, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.provenance import provenance
@@ -45,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", nargs="*", help="attack names (default: all of the paper's; none: no table rows)")
     p.add_argument("--n", type=int, default=1000, help="examples per FGSM / iterative / DeepFool row")
     p.add_argument("--n-carlini", type=int, default=200, help="examples per Carlini row")
-    p.add_argument("--kappas", type=float, nargs="*", default=[0, 10, 20, 30, 40],
-                   help="Carlini L2 confidences for the accuracy-vs-confidence plot (empty: no plot)")
+    p.add_argument("--kappas", type=float, nargs="*", default=None,
+                   help="Carlini L2 confidences for the accuracy-vs-confidence plot. Default: the paper's "
+                        f"{' '.join(f'{k:g}' for k in PAPER_KAPPAS)} when --attacks is not given (the whole "
+                        "evaluation), none when it is; --kappas alone: none")
     p.add_argument("--n-kappa", type=int, default=100, help="examples per confidence of the plot")
     p.add_argument("--carlini-iterations", type=int, default=1000, help="Adam steps per Carlini search step")
     p.add_argument("--carlini-steps", type=int, default=9, help="binary-search steps of Carlini L2")
@@ -70,7 +72,51 @@ def parser() -> argparse.ArgumentParser:
                         "(by sha256), the attack's parameters and the images, so bundles sharing a classifier "
                         "share them")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
+    p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its time, then stop")
     return p
+
+
+PAPER_KAPPAS = (0.0, 10.0, 20.0, 30.0, 40.0)
+
+
+def kappas(args) -> list[float]:
+    """The confidences of the Carlini curve: only when asked for, or with the whole default evaluation."""
+    if args.kappas is not None:
+        return list(args.kappas)
+    return list(PAPER_KAPPAS) if args.attacks is None else []
+
+
+def seconds_per_gradient(twin, x: np.ndarray, device: str, batch: int = 64) -> float:
+    """Measured seconds of one classifier gradient per example (forward + backward on a batch)."""
+    xb = torch.from_numpy(x[:batch]).to(device)
+    times = []
+    for _ in range(3):
+        z = xb.clone().requires_grad_(True)
+        started = time.perf_counter()
+        twin(z).logsumexp(1).sum().backward()
+        times.append(time.perf_counter() - started)
+    return min(times[1:]) / len(xb)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def plan(jobs: list[dict], per_gradient: float, device: str) -> str:
+    """The plan ``magnet evaluate`` prints before it starts: one line per job, with an estimate."""
+    lines = [f"plan ({len(jobs)} jobs; one classifier gradient takes {per_gradient * 1e3:.2f} ms per example on "
+             f"{device}, measured now; estimates for the attacks only):"]
+    total = 0.0
+    for job in jobs:
+        if job.get("cached"):
+            lines.append(f"  {job['name']:<28} {job['examples']:>5} examples  cached: the examples are reused")
+            continue
+        seconds = job["examples"] * job["gradients"] * per_gradient
+        total += seconds
+        lines.append(f"  {job['name']:<28} {job['examples']:>5} examples  {job['gradients']:>8.0f} gradients each "
+                     f"({job['quality']})  ~{_duration(seconds)}")
+    lines.append(f"  total: ~{_duration(total)}")
+    return "\n".join(lines)
 
 
 def judge(defense: Defense, x_adv: np.ndarray, y: np.ndarray, member: int = 0) -> dict:
@@ -190,6 +236,44 @@ def main(argv: list[str] | None = None) -> int:
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
     attacks = registry(manifest.dataset)
     names = default_names(manifest.dataset) if args.attacks is None else args.attacks
+    unknown = [name for name in names if name not in attacks]
+    if unknown:
+        raise SystemExit(f"unknown attack(s) {', '.join(unknown)}; {manifest.dataset} has: {', '.join(attacks)}")
+    chosen = []
+    for name in names:
+        attack = attacks[name]
+        if attack.family.startswith("carlini"):
+            attack = Attack(attack.name, attack.family, {**attack.params, **_iterations(attack, args)}, attack.run)
+        attack = Attack(attack.name, attack.family, {**attack.params, **_overrides(args.overrides, name)}, attack.run)
+        chosen.append((name, attack, correct[: args.n_carlini if attack.family.startswith("carlini") else args.n]))
+    base = attacks["carlini_l2"]
+    curve_attacks = [Attack(f"carlini_l2_k{kappa:g}", "carlini_l2", {**base.params, "confidence": kappa,
+                                                                       **_iterations(base, args)}, base.run)
+                     for kappa in kappas(args)]
+    budget = {"binary_search_steps": args.carlini_steps, "max_iterations": args.carlini_iterations,
+              "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
+    classes = len(manifest.classifier.classes)
+    budget_attack = Attack("carlini_l2", "carlini_l2", budget)
+    l2_grads = gradient_budget(budget_attack, classes)[0]
+    jobs = [{"name": a.name, "examples": len(idx), "cached": args.cache is not None
+             and _cache_file(args.cache, defense, a, idx).exists(), **dict(zip(("gradients", "quality"),
+                                                                           gradient_budget(a, classes)))}
+            for _, a, idx in chosen]
+    jobs += [{"name": a.name, "examples": min(args.n_kappa, len(correct)),
+              **dict(zip(("gradients", "quality"), gradient_budget(a, classes)))} for a in curve_attacks]
+    members = len(defense.members)
+    if args.graybox and members < 2:
+        raise SystemExit("--graybox needs a pool bundle (several members)")
+    if args.graybox:
+        jobs.append({"name": f"graybox ({members} columns)", "examples": min(args.n_graybox, len(correct)) * members,
+                     "gradients": l2_grads, "quality": "at most"})
+    if args.adaptive:
+        runs = 1 + (members > 1)
+        jobs.append({"name": f"adaptive ({runs} runs + baseline)", "examples": min(args.n_adaptive, len(correct)),
+                     "gradients": l2_grads * (1 + runs), "quality": "at most"})
+    print(plan(jobs, seconds_per_gradient(twin, test.x[correct[:64]], args.device), args.device), flush=True)
+    if args.plan:
+        return 0
     rows, curve = [], []
     report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
@@ -198,27 +282,17 @@ def main(argv: list[str] | None = None) -> int:
               "provenance": provenance(["magnet", "evaluate", *(argv if argv is not None else sys.argv[1:])],
                                        args.seed)}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        attack = attacks[name]
-        if attack.family.startswith("carlini"):
-            attack = Attack(attack.name, attack.family, {**attack.params, **_iterations(attack, args)}, attack.run)
-        attack = Attack(attack.name, attack.family, {**attack.params, **_overrides(args.overrides, name)}, attack.run)
-        n = args.n_carlini if attack.family.startswith("carlini") else args.n
-        idx = correct[:n]
+    for name, attack, idx in chosen:
         rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx))
         rows[-1]["reduced"] = reduced(attack, attacks[name], len(idx))
         _write(report, args.out)  # after every row, so a long run that is cut short keeps what it did
-    for kappa in args.kappas:
-        base = attacks["carlini_l2"]
-        attack = Attack(f"carlini_l2_k{kappa:g}", "carlini_l2", {**base.params, "confidence": kappa,
-                                                                   **_iterations(base, args)}, base.run)
+    for attack in curve_attacks:
         idx = correct[: args.n_kappa]
-        curve.append({"confidence": kappa, **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
+        curve.append({"confidence": attack.params["confidence"],
+                      **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
         _write(report, args.out)
     if args.graybox or args.adaptive:
         twins = Twins(defense, twin)
-        budget = {"binary_search_steps": args.carlini_steps, "max_iterations": args.carlini_iterations,
-                  "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
     if args.graybox:
         if len(twins) < 2:
             raise SystemExit("--graybox needs a pool bundle (several members)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from service.defense import detectors as D
 from service.defense.bundle import MemberSpec
 from service.defense.core import Defense
 from training.from_onnx import torch_twin
@@ -51,22 +52,19 @@ class Members(nn.Module):
             return self.last
         outs = {p: ae(x) for p, ae in zip(self.paths, self.autoencoders)}
         reformed = [outs[s.reformer].clamp(0.0, 1.0) for s in self.specs]
-        divergence = self.detectors and any(d.kind == "divergence" for s in self.specs for d in s.detectors)
-        divergent = sorted({d.autoencoder for s in self.specs for d in s.detectors if d.kind == "divergence"}
-                           - {s.reformer for s in self.specs}) if divergence else []
-        batch = reformed + [outs[p].clamp(0.0, 1.0) for p in divergent] + ([x] if divergence else [])
+        # the core sends x and the reformed x upstream; a detector that needs logits uses those two
+        divergence = self.detectors and any(D.kind_of(d).needs_logits for s in self.specs for d in s.detectors)
+        batch = reformed + ([x] if divergence else [])
         z = self.classifier(torch.cat(batch)).view(len(batch), len(x), -1)
         m = len(self.specs)
-        logits_of = {p: z[m + k] for k, p in enumerate(divergent)}
         scores = []
         for k, spec in enumerate(self.specs if self.detectors else []):
-            own = {**logits_of, spec.reformer: z[k]}
             member = {}
             for d in spec.detectors:
-                if d.kind == "reconstruction":
-                    member[d.name] = (x - outs[d.autoencoder]).abs().pow(d.p).flatten(1).mean(1)
+                if D.kind_of(d).needs_logits:
+                    member[d.name] = D.score(d, x, reformed[k], z[-1], z[k], ops=TORCH)
                 else:
-                    member[d.name] = _jsd(z[-1], own[d.autoencoder], d.temperature)
+                    member[d.name] = D.score(d, x, outs[d.autoencoder], ops=TORCH)
             scores.append(member)
         self.last = Evaluation(x, z[:m], scores, z[-1] if divergence else None)
         return self.last
@@ -92,11 +90,32 @@ class Members(nn.Module):
         return ok
 
 
-def _jsd(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
-    p, q = torch.softmax(za / temperature, 1), torch.softmax(zb / temperature, 1)
-    m = (0.5 * (p + q)).clamp_min(1e-30)
-    kl = lambda a: (a * (torch.log(a.clamp_min(1e-30)) - torch.log(m))).sum(1)  # noqa: E731
-    return 0.5 * kl(p) + 0.5 * kl(q)
+class TorchOps:
+    """``service.defense.detectors``' array operations in torch (float32, differentiable), so the twin's
+    detector scores are the core's formulas."""
+
+    @staticmethod
+    def asfloat(a: torch.Tensor) -> torch.Tensor:
+        return a.float()
+
+    @staticmethod
+    def row_mean(a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(1).mean(1)
+
+    @staticmethod
+    def row_sum(a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(1).sum(1)
+
+    @staticmethod
+    def softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(z / temperature, 1)
+
+    @staticmethod
+    def log(a: torch.Tensor) -> torch.Tensor:
+        return torch.log(a.clamp_min(D.TINY))
+
+
+TORCH = TorchOps()
 
 
 class Twins:

@@ -1,4 +1,5 @@
-"""Per-session choice of a pool member (MagNet's graybox defense).
+"""Per-session choice of a pool member (MagNet's graybox defense), the gateway's business: the core
+defends with whichever member it is told.
 
 member = HMAC-SHA256(secret, session id) mod n: sticky for a session, unpredictable without the
 secret, and identical on every replica that shares the secret, so no shared state is needed.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import secrets
+
+log = logging.getLogger("magnet")
 
 
 class MemberSelector:
@@ -26,3 +31,13 @@ class MemberSelector:
         digest = hmac.new(self._secret, session_id.encode(), hashlib.sha256).digest()
         # 256 bits mod a small n: the bias is below 2**-250, far under any measurable skew
         return int.from_bytes(digest, "big") % self.members
+
+
+def make_selector(secret: bytes | None, members: int) -> MemberSelector:
+    """The selector for ``members`` members; a random secret (with a warning for pools) when none is set."""
+    if secret is not None:
+        return MemberSelector(secret, members)
+    if members > 1:
+        log.warning("MAGNET_SESSION_SECRET is unset: using a random secret, so replicas of this gateway "
+                    "will pick different pool members for the same session")
+    return MemberSelector(secrets.token_bytes(32), members)

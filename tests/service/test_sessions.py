@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from service.defense.pool import MemberSelector
+from service.sessions import MemberSelector
 
 SECRET = b"0123456789abcdef-test-secret"
 # chi-square critical value for 7 degrees of freedom at p = 0.001 (statistical tables)

@@ -1,0 +1,137 @@
+"""The gateway's data plane: what every defended route shares (``Gateway`` on ``app.state``, the
+session, the body limit, decoding, the pool member, the pipeline, the counters, the answer).
+
+``routes`` (/classify, health, metrics) and ``v2_front`` (the Open Inference Protocol front) both import
+this module and nothing of each other; ``app`` wires them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from service.defense.core import Defense
+from service.errors import BadInput, MagnetError, PayloadTooLarge
+from service.metrics import Metrics
+from service.pipeline import Outcome, Pipeline
+from service.sessions import MemberSelector
+from service.settings import Settings
+from service.upstream.base import Upstream
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, hung on ``app.state.gateway``."""
+
+    settings: Settings
+    defense: Defense
+    upstream: Upstream
+    metrics: Metrics
+    pipeline: Pipeline
+    selector: MemberSelector
+
+
+OUTCOMES = {400: "bad_request", 413: "too_large", 502: "upstream_error", 503: "upstream_error",
+            504: "upstream_error"}
+
+
+def json_response(content: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+MAX_SESSION_ID = 256
+
+
+def session_of(request: Request, header: str, cookie: str) -> tuple[str, bool]:
+    """The client's session id (header, else cookie), or a new one; True when newly issued."""
+    session = request.headers.get(header) or request.cookies.get(cookie)
+    if session is None:
+        return secrets.token_urlsafe(24), True
+    if not 0 < len(session) <= MAX_SESSION_ID:
+        raise BadInput(f"session id must be 1 to {MAX_SESSION_ID} characters")
+    return session, False
+
+
+def encode_results(outcome: Outcome, explain: bool) -> list[dict]:
+    verdict, probabilities = outcome.verdict, outcome.probabilities
+    results = []
+    for i, accepted in enumerate(verdict.accepted.tolist()):
+        row = probabilities[i]
+        if accepted:
+            result = {"rejected": False, "label": int(np.argmax(row)), "probabilities": row.tolist()}
+        else:
+            result = {"rejected": True, "label": None, "probabilities": None}
+        if explain:
+            result["scores"] = {name: float(s[i]) for name, s in verdict.scores.items() if not np.isnan(s[i])}
+            result["fired"] = verdict.fired_by(i)
+        results.append(result)
+    return results
+
+
+@dataclass(frozen=True)
+class Defended:
+    """A request after the pipeline: its outcome, the member that judged it, and its session."""
+
+    outcome: Outcome
+    member: int
+    extra: Any  # whatever the decoder returned beside the batch (e.g. a v2 request id)
+    session: str
+    issued: bool
+    started: float
+
+
+async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.ndarray, Any]]) -> Defended:
+    """The bookkeeping every defended route shares: session, body limit, decode, member, pipeline,
+    and the request counters by outcome."""
+    gw = request.app.state.gateway
+    settings, metrics = gw.settings, gw.metrics
+    started = time.perf_counter()
+    try:
+        session, issued = session_of(request, settings.session_header, settings.session_cookie)
+        body = await read_body(request, settings.max_body_bytes)
+        with metrics.stage_seconds.labels("decode").time():
+            x, extra = decode(body, gw)
+        member = gw.selector.member(session)
+        metrics.pool_selections.labels(gw.defense.members[member].name).inc()
+        outcome = await gw.pipeline.classify(x, member=member)
+    except MagnetError as e:
+        metrics.requests.labels(OUTCOMES.get(e.status, "error")).inc()
+        raise
+    except Exception:
+        metrics.requests.labels("error").inc()
+        raise
+    metrics.requests.labels("ok").inc()
+    return Defended(outcome, member, extra, session, issued, started)
+
+
+def answer(request: Request, defended: Defended, content: object) -> Response:
+    """The JSON response, with the session cookie when one was issued; records the total latency."""
+    gw = request.app.state.gateway
+    response = json_response(content)
+    if defended.issued:
+        response.set_cookie(gw.settings.session_cookie, defended.session, httponly=True, samesite="lax")
+    gw.metrics.stage_seconds.labels("total").observe(time.perf_counter() - defended.started)
+    return response
+
+
