@@ -1,5 +1,6 @@
-"""``magnet``: ``serve`` runs the gateway; ``pack`` makes a self-contained copy of a bundle; ``train``
-rebuilds a bundle and ``evaluate`` attacks one (both need the 'train' extra, evaluate also 'eval')."""
+"""``magnet``: ``serve`` runs the gateway; ``pack`` makes a self-contained copy of a bundle; ``migrate``
+rewrites a bundle's manifest in the current format; ``train`` rebuilds a bundle and ``evaluate`` attacks
+one (both need the 'train' extra, evaluate also 'eval')."""
 
 from __future__ import annotations
 
@@ -86,7 +87,30 @@ def pack(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "train": train, "evaluate": evaluate, "pack": pack}
+def migrate(argv: list[str]) -> int:
+    from service.defense.bundle import FORMAT_VERSION, manifest_version, read_manifest, verify_files, write_manifest
+
+    p = argparse.ArgumentParser(prog="magnet migrate", description="Rewrite a bundle's manifest in the current "
+                                f"format (version {FORMAT_VERSION}); the gateway reads older ones as they are, "
+                                "this makes the file itself current. The model files are not touched.")
+    p.add_argument("--bundle", required=True, help="the bundle whose manifest.json to rewrite")
+    args = p.parse_args(argv)
+    try:
+        before = manifest_version(args.bundle)
+        manifest = read_manifest(args.bundle)
+        verify_files(args.bundle, manifest)
+    except BundleError as e:
+        print(f"magnet migrate: {e}", file=sys.stderr)
+        return 2
+    if before == FORMAT_VERSION:
+        print(f"{args.bundle}: manifest already at format version {FORMAT_VERSION}")
+        return 0
+    write_manifest(args.bundle, manifest)
+    print(f"{args.bundle}: manifest rewritten from format version {before} to {FORMAT_VERSION}")
+    return 0
+
+
+COMMANDS = {"serve": serve, "train": train, "evaluate": evaluate, "pack": pack, "migrate": migrate}
 
 
 def main(argv: list[str] | None = None) -> int:

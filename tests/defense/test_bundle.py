@@ -78,6 +78,10 @@ def test_a_version_1_manifest_is_read_and_migrated(toy_bundle):
     assert verdict.accepted.shape == (4,)
     packed = pack(toy_bundle, toy_bundle.parent / "packed")  # a rewrite writes the current version
     assert manifest_version(packed) == FORMAT_VERSION
+    from service.cli import main
+
+    assert main(["migrate", "--bundle", str(toy_bundle)]) == 0
+    assert manifest_version(toy_bundle) == FORMAT_VERSION and read_manifest(toy_bundle) == current
 
 
 def test_an_unknown_detector_kind_is_refused_with_the_known_ones(toy_bundle):
