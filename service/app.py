@@ -6,6 +6,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
@@ -25,6 +26,15 @@ from service.v2_front import router as v2_router
 log = logging.getLogger("magnet")
 
 
+def expected_rejection(defense: Defense) -> float:
+    """The clean rejection rate the bundle was calibrated for (see ``magnet_expected_rejection_ratio``)."""
+    measured = (defense.manifest.measurements or {}).get("defense_test_rejected")
+    if isinstance(measured, (int, float)):
+        return float(measured)
+    per_member = [1 - float(np.prod([1 - d.fpr for d in m.detectors])) for m in defense.members]
+    return float(np.mean(per_member))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; see the gateway's log")
@@ -40,6 +50,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))
     metrics.declare_members([m.name for m in defense.members])
+    metrics.declare_mode(settings.mode == "shadow", expected_rejection(defense))
     metrics.declare_bundle(defense.manifest.name, manifest_version(defense.bundle_dir),
                            sha256_of(defense.bundle_dir / MANIFEST))
     gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor),
@@ -49,9 +60,10 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await upstream.start()
-        log.info("serving bundle %s (%d member(s), manifest format %s) on %s; upstream: %s", defense.manifest.name,
-                 len(defense.members), manifest_version(defense.bundle_dir), ", ".join(defense.providers),
-                 upstream.describe())
+        log.info("serving bundle %s (%d member(s), manifest format %s) on %s; upstream: %s; mode: %s%s",
+                 defense.manifest.name, len(defense.members), manifest_version(defense.bundle_dir),
+                 ", ".join(defense.providers), upstream.describe(), settings.mode,
+                 " (nothing is rejected: every input goes upstream as it came)" if settings.mode == "shadow" else "")
         try:
             yield
         finally:

@@ -20,6 +20,7 @@ SERVE_FLAGS = {
     "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
     "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),
+    "--mode": ("mode", str, "enforce (default) or shadow: score and count everything, reject nothing"),
     "--log-level": ("log_level", str, "debug, info, warning or error"),
 }
 

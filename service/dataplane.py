@@ -74,17 +74,22 @@ def session_of(request: Request, header: str, cookie: str) -> tuple[str, bool]:
 
 
 def encode_results(outcome: Outcome, explain: bool) -> list[dict]:
+    """/classify's results. With ``explain``: the scores, the detectors that fired and, in shadow mode,
+    ``would_reject`` (what enforcing would have answered); without it a shadow answer looks like a
+    plain classifier's."""
     verdict, probabilities = outcome.verdict, outcome.probabilities
     results = []
-    for i, accepted in enumerate(verdict.accepted.tolist()):
+    for i, rejected in enumerate(outcome.rejected.tolist()):
         row = probabilities[i]
-        if accepted:
+        if not rejected:
             result = {"rejected": False, "label": int(np.argmax(row)), "probabilities": row.tolist()}
         else:
             result = {"rejected": True, "label": None, "probabilities": None}
         if explain:
             result["scores"] = {name: float(s[i]) for name, s in verdict.scores.items() if not np.isnan(s[i])}
             result["fired"] = verdict.fired_by(i)
+            if outcome.shadow:
+                result["would_reject"] = bool(verdict.rejected[i])
         results.append(result)
     return results
 
@@ -114,7 +119,7 @@ async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.n
             x, extra = decode(body, gw)
         member = gw.selector.member(session)
         metrics.pool_selections.labels(gw.defense.members[member].name).inc()
-        outcome = await gw.pipeline.classify(x, member=member)
+        outcome = await gw.pipeline.classify(x, member=member, shadow=settings.mode == "shadow")
     except MagnetError as e:
         metrics.requests.labels(OUTCOMES.get(e.status, "error")).inc()
         raise

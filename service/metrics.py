@@ -29,6 +29,12 @@ class Metrics:
         self.bundle_info = Gauge("magnet_bundle_info", "The bundle served: its name, the manifest's format "
                                  "version as written (before migration) and the manifest file's sha256; always 1.",
                                  ["bundle", "version", "sha256"], registry=registry)
+        self.expected_rejection = Gauge(
+            "magnet_expected_rejection_ratio", "Share of clean inputs the bundle rejects by calibration: the "
+            "clean test rejection measured when it was built, else 1 - prod(1 - fpr) over each member's detectors, "
+            "averaged over members. The drift alert compares traffic with it.", registry=registry)
+        self.shadow_mode = Gauge("magnet_shadow_mode", "1 when the gateway only watches (MAGNET_MODE=shadow): "
+                                 "inputs it counts as rejected were answered anyway.", registry=registry)
         for stage in STAGES:  # export every series from the start, so dashboards have data at zero
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
@@ -44,3 +50,7 @@ class Metrics:
 
     def declare_bundle(self, name: str, version: int | None, sha256: str) -> None:
         self.bundle_info.labels(name, str(version), sha256).set(1)
+
+    def declare_mode(self, shadow: bool, expected_rejection: float) -> None:
+        self.shadow_mode.set(1 if shadow else 0)
+        self.expected_rejection.set(expected_rejection)

@@ -1,7 +1,9 @@
 """The classify pipeline: defense (off the event loop) -> one upstream call -> results in input order.
 
 Inputs rejected by a reconstruction detector never go upstream. When the member has divergence
-detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)): 2N rows.
+detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)): 2N rows. In shadow
+mode (``MAGNET_MODE=shadow``) every row goes upstream as it came and nothing is rejected; the verdict
+is still computed and counted, so the metrics show what enforcing would do.
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ UPSTREAM_ERROR_REASONS = {UpstreamTimeout: "timeout", UpstreamUnavailable: "unav
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the gateway answers for one batch: the verdict and, per accepted row, probabilities."""
+    """What the gateway answers for one batch: the verdict and, per answered row, probabilities.
+
+    Enforcing, the answered rows are the accepted ones, classified after reforming. In shadow mode
+    every row is answered, classified as it came (the defense only watches), and ``verdict`` says what
+    the defense would have done."""
 
     verdict: Verdict
-    probabilities: np.ndarray  # N x K, NaN rows for rejected inputs
+    probabilities: np.ndarray  # N x K, NaN rows for inputs not answered
+    shadow: bool = False
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """Rows the answer rejects: the verdict's rejections, none in shadow mode."""
+        return np.zeros(len(self.verdict.accepted), bool) if self.shadow else ~self.verdict.accepted
 
 
 class Pipeline:
@@ -72,20 +84,30 @@ class Pipeline:
         logits_reformed = self._scatter(out[len(idx):], idx, n)
         return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
 
-    async def classify(self, x: np.ndarray, member: int = 0) -> Outcome:
-        """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1])."""
+    async def _watch(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
+        """Shadow mode: every row goes upstream as it came (with its reformed copy when a detector needs
+        logits); the verdict is scored and counted, and the logits on x are what gets answered."""
+        n = len(screening.x)
+        if not self.defense.needs_logits(screening.member):
+            return self.defense.decide(screening), await self._call_upstream(screening.x)
+        out = await self._call_upstream(np.concatenate([screening.x, screening.reformed]))
+        return self.defense.decide(screening, out[:n], out[n:]), out[:n]
+
+    async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
+        """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1]); ``shadow``: score and count,
+        but answer every row with the classifier's output on the row itself."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         screening = await loop.run_in_executor(self.executor, self.defense.screen, x, member)
         t_screen = time.perf_counter() - t0
-        verdict, logits = await self._decide(screening)
+        verdict, logits = await (self._watch(screening) if shadow else self._decide(screening))
         self.metrics.stage_seconds.labels("defense").observe(t_screen)
         self._count(verdict)
         probabilities = np.full(logits.shape, np.nan)
-        ok = verdict.accepted & ~np.isnan(logits).any(axis=1)
+        ok = (np.ones(len(x), bool) if shadow else verdict.accepted) & ~np.isnan(logits).any(axis=1)
         if ok.any():
             probabilities[ok] = S.softmax(logits[ok])
-        return Outcome(verdict=verdict, probabilities=probabilities)
+        return Outcome(verdict=verdict, probabilities=probabilities, shadow=shadow)
 
     def _count(self, verdict: Verdict) -> None:
         accepted = int(verdict.accepted.sum())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                             "'auto' uses CUDA when the CUDA provider is installed.")
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = all cores.")
     inference_threads: int = Field(4, ge=1, description="Worker threads that run onnxruntime off the event loop.")
+    mode: Literal["enforce", "shadow"] = Field(
+        "enforce", description="'enforce' rejects what the detectors flag and reforms the rest; 'shadow' scores "
+                               "and counts everything (the same metrics) but rejects nothing and sends every input "
+                               "upstream as it came: the way to try the defense on live traffic first.")
     explain: bool = Field(
         False, description="Add detector scores and the detectors that fired to each result. Scores help "
                            "an attacker: leave off in production.")
@@ -57,3 +61,11 @@ class Settings(BaseSettings):
     session_cookie: str = Field(
         "magnet_session", description="Cookie that carries the session id when the header is absent; "
                                       "the gateway sets it on responses to requests that had neither.")
+
+    @field_validator("mode", "upstream_layout", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info) -> object:
+        """Case-insensitive vocabularies: 'SHADOW' is 'shadow', 'nhwc' is 'NHWC'."""
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "upstream_layout" else value.lower()

@@ -69,7 +69,7 @@ def score_outputs(outcome: Outcome, detectors: list[str]) -> list[dict]:
 
 def encode_outputs(outcome: Outcome) -> list[dict]:
     """``probabilities``, ``label`` and ``rejected``, rejected rows as the module's docstring says."""
-    rejected = ~outcome.verdict.accepted
+    rejected = outcome.rejected
     probabilities = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities)
     labels = np.where(rejected, REJECTED_LABEL, outcome.probabilities.argmax(axis=1)).astype(np.int64)
     return [_tensor("probabilities", "FP32", probabilities), _tensor("label", "INT64", labels),
@@ -110,8 +110,10 @@ async def infer(name: str, request: Request) -> Response:
     content: dict = {"model_name": name}
     if defended.extra is not None:
         content["id"] = defended.extra
-    content["parameters"] = {"rejected_count": int((~defended.outcome.verdict.accepted).sum())}
+    content["parameters"] = {"rejected_count": int(defended.outcome.rejected.sum())}
     content["outputs"] = encode_outputs(defended.outcome)
     if gw.settings.explain:
         content["outputs"] += score_outputs(defended.outcome, detector_names(gw))
+        if defended.outcome.shadow:
+            content["outputs"].append(_tensor("would_reject", "BOOL", defended.outcome.verdict.rejected))
     return answer(request, defended, content)

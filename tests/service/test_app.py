@@ -240,3 +240,50 @@ def test_divergence_member_sends_x_and_reformed_in_one_call(tmp_path):
     # JSD of 0.3 vs its reconstruction is 0.0487 >= 0.04: rejected; 0.5 is its own reconstruction
     assert [r["rejected"] for r in results] == [False, True, True]
     assert results[0]["label"] == 0
+
+
+def test_shadow_mode_rejects_nothing_sends_inputs_as_they_came_and_counts_what_it_would_do(toy_bundle):
+    c, upstream = make_client(toy_bundle, mode="SHADOW")  # the vocabulary is case-insensitive
+    with c:
+        results = post(c, {"inputs": fakes.images(0.5, 0.0, 0.3, 1.0).tolist()}).json()["results"]
+        text = c.get("/metrics").text
+    # every input answered, none reformed: one upstream call with the four inputs as they came
+    assert [r["rejected"] for r in results] == [False] * 4 and all("would_reject" not in r for r in results)
+    assert len(upstream.batches) == 1
+    np.testing.assert_allclose(upstream.batches[0][:, 0, 0, 0], [0.5, 0.0, 0.3, 1.0], atol=1e-6)
+    # 0.3 unreformed: sum 4.8 -> logits (4.8, 3.2, 0) -> class 0 (reformed it would be 6.4, 1.6, 0)
+    p = np.exp([4.8, 3.2, 0.0]) / np.exp([4.8, 3.2, 0.0]).sum()
+    np.testing.assert_allclose(results[2]["probabilities"], p, rtol=1e-5)
+    assert results[1]["label"] == 1  # a black image, which enforcing rejects, gets the classifier's answer
+    # the metrics count what enforcing would have done
+    assert 'magnet_inputs_total{decision="rejected"} 2.0' in text and "magnet_shadow_mode 1.0" in text
+    assert 'magnet_detector_rejections_total{detector="R"} 2.0' in text
+
+
+def test_shadow_mode_with_explain_says_what_enforcing_would_have_answered(tmp_path):
+    detectors = [
+        {"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1, "fpr": 0.01, "threshold": 0.1},
+        {"name": "jsd", "kind": "divergence", "autoencoder": "half.onnx", "temperature": 1.0, "fpr": 0.01,
+         "threshold": 0.04},
+    ]
+    c, upstream = make_client(fakes.make_bundle(tmp_path / "div", detectors=detectors), mode="shadow", explain=True)
+    with c:
+        results = post(c, {"inputs": fakes.images(0.5, 0.0, 0.3).tolist()}).json()["results"]
+        v2 = c.post("/v2/models/toy/infer", json={"inputs": [{"name": "input", "shape": [1, 1, 4, 4], "datatype": "FP32",
+                                                               "data": [0.0] * 16}]}).json()
+    # x and ae(x) of all three rows in one call (enforcing would have kept the black image back)
+    assert upstream.batches[0].shape[0] == 6
+    assert [r["would_reject"] for r in results] == [False, True, True]
+    # in shadow mode every row is scored by every detector (the black image also went upstream)
+    assert [r["rejected"] for r in results] == [False] * 3 and results[1]["fired"] == ["R", "jsd"]
+    outputs = {o["name"]: o["data"] for o in v2["outputs"]}
+    assert outputs["rejected"] == [False] and outputs["would_reject"] == [True] and outputs["label"] == [1]
+    assert v2["parameters"]["rejected_count"] == 0
+
+
+def test_expected_rejection_is_exported_from_the_manifest_or_the_detectors_fprs(toy_bundle):
+    c, _ = make_client(toy_bundle)
+    with c:
+        text = c.get("/metrics").text
+    # the toy bundle measured nothing: 1 - (1 - 0.01) for its one detector at FPR 0.01
+    assert "magnet_expected_rejection_ratio 0.01" in text and "magnet_shadow_mode 0.0" in text
