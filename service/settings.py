@@ -24,17 +24,23 @@ class Settings(BaseSettings):
     upstream_protocol: Literal["v2", "tfserving"] = Field(
         "v2", description="Protocol the upstream speaks: 'v2' is the Open Inference Protocol "
                           "(Triton, KServe, MLServer); 'tfserving' is TensorFlow Serving's REST predict API.")
-    upstream_layout: Literal["NCHW", "NHWC"] = Field(
-        "NCHW", description="Tensor layout the upstream model server takes: the gateway transposes its "
-                            "N x C x H x W batches to 'NHWC' for models that want channels last (most TF "
-                            "models). Ignored without MAGNET_UPSTREAM (the embedded classifier is NCHW).")
+    # The upstream classifier's input contract: unset fields take the bundle manifest's
+    # ``classifier.input`` / ``output`` / ``output_name`` (whose defaults are NCHW, [0, 1], input
+    # "input", logits, first output); the gateway logs which applies at start. Without
+    # MAGNET_UPSTREAM the embedded classifier always uses the manifest's.
+    upstream_layout: Literal["NCHW", "NHWC"] | None = Field(
+        None, description="Tensor layout the upstream model server takes (any case): the gateway transposes "
+                          "its N x C x H x W batches to 'NHWC' for models that want channels last (most TF models).")
+    upstream_scale: float | None = Field(None, gt=0, description="Multiply [0, 1] pixels by this (255: 0..255).")
+    upstream_mean: tuple[float, ...] | None = Field(None, description="Per-channel mean subtracted after scaling.")
+    upstream_std: tuple[float, ...] | None = Field(None, description="Per-channel std divided after the mean.")
     upstream_model: str | None = Field(
         None, description="Model name on the upstream server; defaults to the bundle's name.")
-    upstream_input: str = Field("input", description="Name of the upstream model's input tensor.")
+    upstream_input: str | None = Field(None, description="Name of the upstream model's input tensor.")
     upstream_output: str | None = Field(
         None, description="Name of the upstream output tensor to read; unset: the first output.")
-    upstream_outputs: Literal["logits", "probabilities"] = Field(
-        "logits", description="Whether the upstream returns logits or probabilities (softmax outputs).")
+    upstream_outputs: Literal["logits", "probabilities"] | None = Field(
+        None, description="Whether the upstream returns logits or probabilities (softmax outputs).")
     upstream_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one upstream call, seconds.")
     upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")

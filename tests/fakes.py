@@ -46,22 +46,39 @@ def affine_autoencoder(path: Path, scale: float, shift: float) -> Path:
     return path
 
 
-def brightness_classifier(path: Path) -> Path:
-    """Three classes; logits = [sum(x), 8 - sum(x), 0]: bright images -> 0, dark -> 1."""
+def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, mean: float = 0.0,
+                          std: float = 1.0, probabilities: bool = False, input_name: str = "input") -> Path:
+    """Three classes; logits = [sum(x), 8 - sum(x), 0] for x in [0, 1]: bright images -> 0, dark -> 1.
+
+    The other arguments give the same classifier behind another input contract: it takes
+    ``(x * scale - mean) / std`` in ``layout`` (tensor ``input_name``) and, with ``probabilities``,
+    ends in a softmax."""
+    k = std / scale  # undo the contract inside the model: x = (v * std + mean) / scale
     w = np.zeros((PIXELS, 3), np.float32)
-    w[:, 0], w[:, 1] = 1.0, -1.0
-    b = np.array([0.0, 8.0, 0.0], np.float32)
+    w[:, 0], w[:, 1] = k, -k
+    offset = PIXELS * mean / scale
+    b = np.array([offset, 8.0 - offset, 0.0], np.float32)
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
              numpy_helper.from_array(np.array([-1, PIXELS], np.int64), "flat")]
-    nodes = [helper.make_node("Reshape", ["input", "flat"], ["x"]),
+    nodes = [helper.make_node("Reshape", [input_name, "flat"], ["x"]),  # one channel: same order in NHWC
              helper.make_node("MatMul", ["x", "w"], ["xw"]),
-             helper.make_node("Add", ["xw", "b"], ["logits"])]
-    _save(path, nodes, inits, "logits", [3])
+             helper.make_node("Add", ["xw", "b"], ["scores" if probabilities else "logits"])]
+    if probabilities:
+        nodes.append(helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1))
+    shape = [SHAPE[1], SHAPE[2], SHAPE[0]] if layout == "NHWC" else list(SHAPE)
+    graph = helper.make_graph(
+        nodes, path.stem, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("probabilities" if probabilities else "logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
     return path
 
 
 def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
-                members: int = 1, thresholds: list[float] | None = None) -> Path:
+                members: int = 1, thresholds: list[float] | None = None, contract: dict | None = None) -> Path:
     """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
 
     The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
@@ -72,7 +89,14 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
     directory.mkdir(parents=True, exist_ok=True)
     affine_autoencoder(directory / "half.onnx", 0.5, 0.25)
     affine_autoencoder(directory / "steep.onnx", 2.0, -0.5)
-    brightness_classifier(directory / "classifier.onnx")
+    # ``contract``: the classifier's input contract in the manifest (layout, scale, mean, std, name) and
+    # "output"; the classifier file is built to take exactly that
+    contract = dict(contract or {})
+    output = contract.pop("output", "logits")
+    brightness_classifier(directory / "classifier.onnx", layout=contract.get("layout", "NCHW").upper(),
+                          scale=contract.get("scale", 1.0), mean=(contract.get("mean") or [0.0])[0],
+                          std=(contract.get("std") or [1.0])[0], probabilities=output == "probabilities",
+                          input_name=contract.get("name") or "input")
     if detectors is None:
         detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1,
                       "fpr": 0.01, "threshold": 0.1}]
@@ -80,7 +104,8 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
     manifest = Manifest(
         name="toy", dataset="toy", input={"shape": SHAPE},
         files=[FileEntry(path=f, sha256=sha256_of(directory / f), role=r) for f, r in roles.items()],
-        classifier={"file": "classifier.onnx", "classes": ["bright", "dark", "never"]},
+        classifier={"file": "classifier.onnx", "classes": ["bright", "dark", "never"], "output": output,
+                    "input": contract},
         members=[{"name": f"m{i}", "reformer": reformer,
                   "detectors": [{**d, "threshold": thresholds[i]} for d in detectors] if thresholds else detectors}
                  for i in range(len(thresholds) if thresholds else members)],

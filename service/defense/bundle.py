@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
+from service.defense.contract import ClassifierInput
 from service.defense.detectors import DetectorSpec, kind_of
 
 # The manifest's schema version. 2: each detector entry holds only its kind's fields (version 1 wrote
@@ -79,6 +80,9 @@ class ClassifierSpec(_Strict):
     file: str
     output: Literal["logits", "probabilities"] = "logits"
     classes: list[str]
+    input: ClassifierInput = Field(default_factory=ClassifierInput,
+                                   description="how the classifier takes the bundle's images (default: as they are)")
+    output_name: str | None = Field(None, description="the output tensor to read (default: the first)")
 
 
 class Manifest(_Strict):
@@ -91,6 +95,11 @@ class Manifest(_Strict):
     members: list[MemberSpec] = Field(min_length=1)
     measurements: dict = Field(default_factory=dict, description="figures measured when the bundle was built")
     provenance: dict = Field(default_factory=dict, description="command, seed, date, git revision")
+
+    @model_validator(mode="after")
+    def _channels(self) -> "Manifest":
+        self.classifier.input.check_channels(self.input.shape[0])
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> "Manifest":

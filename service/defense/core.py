@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 
 from service.defense import detectors as D
+from service.defense.contract import ClassifierInput, prepare
+from service.defense.scores import logits_from_probabilities
 from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.runtime import Device, OnnxModel, choose_providers
 from service.defense.thresholds import passes
@@ -70,6 +72,30 @@ class Verdict:
         return [name for name, mask in self.fired.items() if mask[i]]
 
 
+class Classifier:
+    """An ONNX classifier that takes the bundle's images: its input contract is applied on each call.
+    Calling it returns what the model outputs (logits or probabilities, ``output``); ``logits`` returns
+    logits either way (log p for probabilities: equal up to a per-row constant, which softmax ignores)."""
+
+    def __init__(self, model: OnnxModel, contract: ClassifierInput, output: str = "logits") -> None:
+        self.model, self.contract, self.output = model, contract, output
+
+    @property
+    def path(self) -> Path:
+        return self.model.path
+
+    @property
+    def providers(self) -> list[str]:
+        return self.model.providers
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.model(prepare(x, self.contract))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        out = self(x)
+        return logits_from_probabilities(out) if self.output == "probabilities" else out
+
+
 class Defense:
     """A loaded, verified bundle with onnxruntime sessions for every autoencoder and the classifier."""
 
@@ -82,7 +108,7 @@ class Defense:
                              for f in self.manifest.autoencoder_files()}
         self._classifier_providers = providers
         self._threads = threads
-        self._classifier: OnnxModel | None = None
+        self._classifier: Classifier | None = None
 
     @property
     def providers(self) -> list[str]:
@@ -97,11 +123,14 @@ class Defense:
         return self.manifest.input.shape
 
     @property
-    def classifier(self) -> OnnxModel:
-        """The bundle's own classifier (built on first use: a gateway with an upstream never needs it)."""
+    def classifier(self) -> "Classifier":
+        """The bundle's own classifier, taking the bundle's images (its input contract applied), built on
+        first use: a gateway with an upstream never needs it."""
         if self._classifier is None:
-            path = self.classifier_file
-            self._classifier = OnnxModel(path, self._classifier_providers, self._threads)
+            spec = self.manifest.classifier
+            model = OnnxModel(self.classifier_file, self._classifier_providers, self._threads,
+                              input_name=spec.input.name, output_name=spec.output_name)
+            self._classifier = Classifier(model, spec.input, spec.output)
         return self._classifier
 
     @property
@@ -162,6 +191,6 @@ class Defense:
         screening = self.screen(x, member)
         if not self.needs_logits(member):
             return self.decide(screening)
-        classify = classify or self.classifier
+        classify = classify or self.classifier.logits
         logits = classify(np.concatenate([x, screening.reformed]))
         return self.decide(screening, logits[: len(x)], logits[len(x):])

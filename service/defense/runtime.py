@@ -32,13 +32,18 @@ def choose_providers(device: Device) -> list[str]:
 class OnnxModel:
     """One ONNX graph with a single input and a single output, batch axis first."""
 
-    def __init__(self, path: Path, providers: list[str], threads: int = 0) -> None:
+    def __init__(self, path: Path, providers: list[str], threads: int = 0, input_name: str | None = None,
+                 output_name: str | None = None) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+        for name, names, what in ((input_name, inputs, "input"), (output_name, outputs, "output")):
+            if name is not None and name not in names:
+                raise ValueError(f"{self.path.name} has no {what} named {name!r} (it has {', '.join(names)})")
+        self.input_name = input_name or inputs[0]
+        self.output_name = output_name or outputs[0]
 
     @property
     def providers(self) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Executor
 
+from service.defense.contract import ClassifierInput
 from service.defense.core import Defense
 from service.settings import Settings
 from service.upstream.base import Upstream
@@ -11,17 +13,45 @@ from service.upstream.embedded import EmbeddedUpstream
 from service.upstream.oip import OipUpstream
 from service.upstream.tfserving import TfServingUpstream
 
-__all__ = ["EmbeddedUpstream", "OipUpstream", "TfServingUpstream", "Upstream", "make_upstream"]
+__all__ = ["EmbeddedUpstream", "OipUpstream", "TfServingUpstream", "Upstream", "make_upstream", "upstream_contract"]
+
+log = logging.getLogger("magnet")
+
+
+# manifest field -> the setting that overrides it for an upstream model server
+OVERRIDES = {"input name": "upstream_input", "layout": "upstream_layout", "scale": "upstream_scale",
+             "mean": "upstream_mean", "std": "upstream_std", "outputs": "upstream_outputs",
+             "output name": "upstream_output"}
+
+
+def upstream_contract(settings: Settings, defense: Defense) -> tuple[dict, dict]:
+    """The classifier contract an upstream gets: the manifest's, each field overridden by its
+    ``MAGNET_UPSTREAM_*`` setting when set. Returns (values, where each value came from)."""
+    spec = defense.manifest.classifier
+    manifest = {"input name": spec.input.name or "input", "layout": spec.input.layout, "scale": spec.input.scale,
+                "mean": spec.input.mean, "std": spec.input.std, "outputs": spec.output,
+                "output name": spec.output_name}
+    values, sources = {}, {}
+    for field, setting in OVERRIDES.items():
+        given = getattr(settings, setting)
+        values[field] = manifest[field] if given is None else given
+        sources[field] = "manifest" if given is None else f"MAGNET_{setting.upper()}"
+    return values, sources
 
 
 def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> Upstream:
-    """The upstream the settings name: none given -> the bundle's classifier in-process."""
+    """The upstream the settings name: none given -> the bundle's classifier in-process (with the
+    manifest's contract; the upstream settings do not apply to it)."""
     if settings.upstream is None:
         return EmbeddedUpstream(defense.classifier, executor, defense.manifest.classifier.output)
     model = settings.upstream_model or defense.manifest.name
-    common = dict(output_name=settings.upstream_output, outputs=settings.upstream_outputs,
+    values, sources = upstream_contract(settings, defense)
+    log.info("upstream classifier contract: %s", ", ".join(f"{k} {values[k]!r} ({sources[k]})" for k in OVERRIDES))
+    contract = ClassifierInput(layout=values["layout"], scale=values["scale"], mean=values["mean"], std=values["std"])
+    contract.check_channels(defense.input_shape[0])
+    common = dict(output_name=values["output name"], outputs=values["outputs"],
                   timeout_s=settings.upstream_timeout_s, max_connections=settings.upstream_max_connections,
-                  layout=settings.upstream_layout)
+                  contract=contract)
     if settings.upstream_protocol == "tfserving":
         return TfServingUpstream(settings.upstream, model, **common)
-    return OipUpstream(settings.upstream, model, input_name=settings.upstream_input, **common)
+    return OipUpstream(settings.upstream, model, input_name=values["input name"], **common)

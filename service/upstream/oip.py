@@ -7,20 +7,24 @@ from typing import Literal
 import numpy as np
 import orjson
 
+from service.defense.contract import ClassifierInput, Layout, prepare
 from service.errors import UpstreamError
-from service.upstream.pooled import Layout, PooledHttp, to_layout
+from service.upstream.pooled import PooledHttp
 
 
 class OipUpstream(PooledHttp):
     def __init__(self, url: str, model: str, input_name: str = "input", output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
-                 max_connections: int = 64, layout: Layout = "NCHW") -> None:
+                 max_connections: int = 64, layout: Layout = "NCHW",
+                 contract: ClassifierInput | None = None) -> None:
         super().__init__(url, timeout_s, max_connections)
         self.model = model
         self.input_name = input_name
         self.output_name = output_name
         self.outputs = outputs
-        self.layout = layout
+        # the classifier's input contract (scale, mean/std, layout); ``layout`` alone when none is given
+        self.contract = contract or ClassifierInput(layout=layout)
+        self.layout = self.contract.layout
 
     def describe(self) -> str:
         return f"Open Inference Protocol v2 model {self.model!r} at {self.base}"
@@ -30,7 +34,7 @@ class OipUpstream(PooledHttp):
         return answer is not None and answer[0] == 200
 
     def encode(self, x: np.ndarray) -> bytes:
-        x = to_layout(x, self.layout)
+        x = prepare(x, self.contract)
         tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}
         return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
 

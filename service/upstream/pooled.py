@@ -1,5 +1,6 @@
 """What the HTTP upstream adapters share: one pooled keep-alive ``aiohttp`` session, the mapping of
-transport failures to the gateway's errors, and the tensor layout the upstream model expects.
+transport failures to the gateway's errors (the classifier's input contract is in
+``service.defense.contract``).
 
 aiohttp rather than httpx: measured here, httpx's AsyncClient reached less than half of aiohttp's
 throughput on this hop (encode/httpx#3215), which is the gateway's hot path.
@@ -8,19 +9,10 @@ throughput on this hop (encode/httpx#3215), which is the gateway's hot path.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
 
 import aiohttp
-import numpy as np
 
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-
-Layout = Literal["NCHW", "NHWC"]
-
-
-def to_layout(x: np.ndarray, layout: Layout) -> np.ndarray:
-    """An N x C x H x W batch in the upstream's layout, C-contiguous (what the JSON encoders need)."""
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if layout == "NHWC" else x, np.float32)
 
 
 class PooledHttp:

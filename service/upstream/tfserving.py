@@ -11,19 +11,23 @@ from typing import Literal
 import numpy as np
 import orjson
 
+from service.defense.contract import ClassifierInput, Layout, prepare
 from service.errors import UpstreamError
-from service.upstream.pooled import Layout, PooledHttp, to_layout
+from service.upstream.pooled import PooledHttp
 
 
 class TfServingUpstream(PooledHttp):
     def __init__(self, url: str, model: str, output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
-                 max_connections: int = 64, layout: Layout = "NCHW") -> None:
+                 max_connections: int = 64, layout: Layout = "NCHW",
+                 contract: ClassifierInput | None = None) -> None:
         super().__init__(url, timeout_s, max_connections)
         self.model = model
         self.output_name = output_name
         self.outputs = outputs
-        self.layout = layout
+        # the classifier's input contract (scale, mean/std, layout); ``layout`` alone when none is given
+        self.contract = contract or ClassifierInput(layout=layout)
+        self.layout = self.contract.layout
 
     def describe(self) -> str:
         return f"TF Serving model {self.model!r} ({self.layout}) at {self.base}"
@@ -39,7 +43,7 @@ class TfServingUpstream(PooledHttp):
             return False
 
     def encode(self, x: np.ndarray) -> bytes:
-        return orjson.dumps({"instances": to_layout(x, self.layout)}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps({"instances": prepare(x, self.contract)}, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def _rows(self, predictions: list) -> list:
         """Rows of a multi-output model are objects: pick the named output (or the only one)."""
