@@ -132,26 +132,31 @@ def jensen_shannon(p: Any, q: Any, ops: Any = NUMPY) -> Any:
     return 0.5 * kl_divergence(p, m, ops) + 0.5 * kl_divergence(q, m, ops)
 
 
-class Divergence(DetectorKind):
-    """The paper's probability divergence: JSD(softmax(z(x)/T), softmax(z(ae(x))/T)), natural log."""
+class SoftmaxDivergence(DetectorKind):
+    """A divergence between softmax(z(x)/T) and softmax(z(ae(x))/T); subclasses name it (``measure``)."""
 
-    kind, spec, needs_logits = "divergence", DivergenceSpec, True
+    needs_logits = True
+
+    @staticmethod
+    def measure(p: Any, q: Any, ops: Any) -> Any:
+        raise NotImplementedError
 
     def score(self, spec, x, reconstruction, logits_x=None, logits_reconstruction=None, ops=NUMPY):
         p = ops.softmax(ops.asfloat(logits_x), spec.temperature)
         q = ops.softmax(ops.asfloat(logits_reconstruction), spec.temperature)
-        return jensen_shannon(p, q, ops)
+        return self.measure(p, q, ops)
 
 
-class KL(DetectorKind):
+class Divergence(SoftmaxDivergence):
+    """The paper's probability divergence: Jensen-Shannon, natural log."""
+
+    kind, spec, measure = "divergence", DivergenceSpec, staticmethod(jensen_shannon)
+
+
+class KL(SoftmaxDivergence):
     """KL(softmax(z(x)/T) || softmax(z(ae(x))/T)): asymmetric, unbounded; Alibi Detect's choice."""
 
-    kind, spec, needs_logits = "kl", KLSpec, True
-
-    def score(self, spec, x, reconstruction, logits_x=None, logits_reconstruction=None, ops=NUMPY):
-        p = ops.softmax(ops.asfloat(logits_x), spec.temperature)
-        q = ops.softmax(ops.asfloat(logits_reconstruction), spec.temperature)
-        return kl_divergence(p, q, ops)
+    kind, spec, measure = "kl", KLSpec, staticmethod(kl_divergence)
 
 
 REGISTRY: dict[str, DetectorKind] = {}
