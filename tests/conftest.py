@@ -48,8 +48,8 @@ def cifar10():
 # Markers (registered in pyproject.toml): everything under these folders starts real processes ...
 E2E_DIRS = ("e2e", "deploy")
 # ... and these modules train or attack for more than a few seconds on 2 CPU cores.
-SLOW_MODULES = {"test_build_smoke", "test_evaluate", "test_knowing_attacks", "test_adaptive_pgd", "test_carlini",
-                "test_reformer", "test_selection", "test_defense_latency", "test_detector_registry"}
+SLOW_MODULES = {"test_onnx_torch", "test_build_smoke", "test_evaluate", "test_knowing_attacks", "test_adaptive_pgd",
+                "test_carlini", "test_reformer", "test_selection", "test_defense_latency", "test_detector_registry"}
 
 
 def pytest_collection_modifyitems(config, items):

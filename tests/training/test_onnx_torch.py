@@ -1,0 +1,94 @@
+"""The generic ONNX -> torch twin: equal to onnxruntime on the shipped models, on models exported by
+torch with many operators and layouts, and differentiable with respect to its input."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from tests import fakes  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from training.onnx_torch import OnnxModule, OnnxTwinError, check_twin  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("path, shape", [("models/shared/cifar10-resnet9.onnx", (3, 32, 32)),
+                                         ("models/mnist/classifier.onnx", (1, 28, 28)),
+                                         ("models/cifar10/reformer.onnx", (3, 32, 32)),
+                                         ("models/cifar10-clean/reformer.onnx", (3, 32, 32)),
+                                         ("models/cifar10-paper/ae.onnx", (3, 32, 32))])
+def test_the_shipped_models(path, shape):
+    file = ROOT / path
+    if not file.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    x = RNG.uniform(size=(8, *shape)).astype(np.float32)
+    assert check_twin(OnnxModule(file), file, x) < 1e-4
+
+
+class Zoo(nn.Module):
+    """Operators a user's classifier may have, behind an NHWC 0..255 input with a softmax output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.c3 = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12 * 4 * 4, 10)
+        self.ln = nn.LayerNorm(10)
+        self.eval()
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):  # N x H x W x C in 0..255
+        x = (x.permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.25
+        a = nn.functional.leaky_relu(self.bn(self.c1(x)), 0.1)
+        b = torch.sigmoid(self.c2(a)) * torch.tanh(self.c2(a))
+        m = nn.functional.max_pool2d(a, 3, 2, 1)
+        h = torch.cat([b, nn.functional.avg_pool2d(m, 3, 1, 1, count_include_pad=False)], 1)
+        h = nn.functional.adaptive_avg_pool2d(nn.functional.gelu(self.c3(h)), 4)
+        z = self.ln(self.fc(torch.flatten(h, 1)))
+        z = z - z.mean(dim=1, keepdim=True) + nn.functional.hardswish(z).clamp(-1, 1)
+        return torch.softmax(z, dim=1)
+
+
+def test_a_model_with_many_operators_nhwc_and_a_softmax(tmp_path):
+    torch.manual_seed(0)
+    model = Zoo()
+    path = tmp_path / "zoo.onnx"
+    torch.onnx.export(model, (torch.rand(2, 16, 16, 3) * 255,), str(path), input_names=["pixels"],
+                      output_names=["probabilities"], dynamic_axes={"pixels": {0: "N"}, "probabilities": {0: "N"}},
+                      opset_version=17, dynamo=False)
+    x = (RNG.uniform(size=(5, 16, 16, 3)) * 255).astype(np.float32)
+    twin = OnnxModule(path)
+    assert twin.input_name == "pixels"
+    assert check_twin(twin, path, x) < 1e-5
+    z = torch.from_numpy(x).requires_grad_(True)
+    twin(z)[:, 3].sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_hand_built_graphs_from_the_gateway_tests(tmp_path):
+    for contract in ({}, {"layout": "NHWC", "scale": 255.0, "mean": [127.5], "std": [64.0], "output": "probabilities"}):
+        bundle = fakes.make_bundle(tmp_path / str(len(contract)), contract=contract)
+        shape = (4, 4, 1) if contract else (1, 4, 4)
+        x = RNG.uniform(size=(3, *shape)).astype(np.float32)
+        assert check_twin(OnnxModule(bundle / "classifier.onnx"), bundle / "classifier.onnx", x) < 1e-4
+
+
+def test_an_unsupported_operator_is_named_at_load_time(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NonMaxSuppression", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 3])])
+    path = tmp_path / "nms.onnx"
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(OnnxTwinError, match="not supported by the torch twin: NonMaxSuppression"):
+        OnnxModule(path)
