@@ -17,7 +17,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from service.defense.contract import ClassifierInput, prepare
 from service.defense.runtime import CPU, OnnxModel
+from training.onnx_torch import OnnxModule, OnnxTwinError
 from training.nets import AE_SPECS, GuidedReformer, MagnetAE32, MnistClassifier, ResNet9, SigmoidAutoencoder
 
 
@@ -80,12 +82,72 @@ def _candidates(dataset: str, role: str, inits: dict[str, np.ndarray]) -> list[n
     return paper + [MagnetAE32(c, w, bottleneck=False), MagnetAE32(c, w, bottleneck=True)]
 
 
+class ContractTwin(nn.Module):
+    """A classifier twin that takes the bundle's images: the input contract (scale, mean/std, layout)
+    in torch, then the graph; a graph that ends in a softmax is read before it, so the twin returns
+    logits and attacks get gradients that a saturated softmax would hide."""
+
+    def __init__(self, inner: nn.Module, contract: ClassifierInput) -> None:
+        super().__init__()
+        self.inner, self.contract = inner, contract
+        self.register_buffer("mean", torch.tensor(contract.mean or (0.0,), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(contract.std or (1.0,), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x * self.contract.scale - self.mean) / self.std
+        if self.contract.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        return self.inner(x)
+
+
+def _logits_before_softmax(path: Path, output_name: str | None) -> tuple[str | None, bool]:
+    """(the tensor to read, whether it is the input of a final Softmax rather than the output itself)."""
+    graph = onnx.load(str(path)).graph
+    out = output_name or graph.output[0].name
+    for node in graph.node:
+        if out in node.output and node.op_type == "Softmax":
+            return node.input[0], True
+    return out, False
+
+
+def generic_twin(path: Path, input_shape: tuple[int, int, int], contract: ClassifierInput | None = None,
+                 output_name: str | None = None, tolerance: float = 1e-4) -> nn.Module:
+    """Any classifier graph as a torch twin on the bundle's images (``training.onnx_torch``), checked
+    against onnxruntime through the same contract; it returns logits (the softmax's input when the graph
+    ends in one, else what the graph outputs)."""
+    contract = contract or ClassifierInput()
+    read, before_softmax = _logits_before_softmax(path, output_name)
+    try:
+        twin = ContractTwin(OnnxModule(path, output_name=read, input_name=contract.name), contract).eval()
+    except OnnxTwinError as e:
+        raise TwinError(str(e)) from e
+    x = np.random.default_rng(0).uniform(size=(8, *input_shape)).astype(np.float32)
+    model = OnnxModel(path, [CPU], input_name=contract.name, output_name=output_name)
+    with torch.no_grad():
+        ours = twin(torch.from_numpy(x))
+        ours = (torch.softmax(ours, 1) if before_softmax else ours).numpy()
+    diff = float(np.abs(ours - model(prepare(x, contract))).max())
+    if diff > tolerance:
+        raise TwinError(f"{path}: the generic torch twin differs from onnxruntime by {diff:.2e} > {tolerance:g}")
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
 def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int, int],
-               tolerance: float = 1e-4) -> nn.Module:
-    """The torch module computing what ``path`` computes, verified on random inputs."""
+               tolerance: float = 1e-4, contract: ClassifierInput | None = None,
+               output_name: str | None = None) -> nn.Module:
+    """The torch module computing what ``path`` computes on the bundle's images, verified on random inputs:
+    the project's own architecture when one matches, else (for a classifier, or any graph when no
+    architecture is known for ``dataset``) the generic interpreter of ``training.onnx_torch``."""
+    if (contract is not None and not contract.is_identity) or output_name is not None:
+        return generic_twin(path, input_shape, contract, output_name, tolerance)
     inits = _initializers(path)
     closest = None
-    for model in _candidates(dataset, role, inits):
+    candidates = _candidates(dataset, role, inits) if dataset in ("mnist", "cifar10") else []
+    if not candidates:
+        return generic_twin(path, input_shape, contract, output_name, tolerance)
+    for model in candidates:
         try:
             model = _fill(model, inits)
         except (TwinError, RuntimeError):
@@ -99,6 +161,9 @@ def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int,
         if diff <= tolerance:
             return model
         closest = diff if closest is None else min(closest, diff)
-    if closest is not None:
-        raise TwinError(f"{path}: the closest torch twin differs from onnxruntime by {closest:.2e} > {tolerance:g}")
-    raise TwinError(f"{path}: no known {role} architecture for {dataset} matches its weights")
+    try:  # a user's model in a shipped data set's shape: read the graph itself
+        return generic_twin(path, input_shape, contract, output_name, tolerance)
+    except TwinError as e:
+        known = (f"the closest known architecture differs from onnxruntime by {closest:.2e} > {tolerance:g}"
+                 if closest is not None else f"no known {role} architecture for {dataset} matches its weights")
+        raise TwinError(f"{path}: {known}, and the generic twin failed: {e}") from e

@@ -362,8 +362,10 @@ class OnnxModule(nn.Module):
             raise OnnxTwinError(f"{Path(path).name} has no input {self.input_name!r} (it has {', '.join(inputs)})")
         outputs = [o.name for o in graph.output]
         self.output_name = output_name or outputs[0]
-        if self.output_name not in outputs:
-            raise OnnxTwinError(f"{Path(path).name} has no output {self.output_name!r} (it has {', '.join(outputs)})")
+        produced = {name for node in graph.node for name in node.output}
+        if self.output_name not in produced:  # any tensor a node computes may be read (e.g. logits before a softmax)
+            raise OnnxTwinError(f"{Path(path).name} computes no tensor {self.output_name!r} "
+                                f"(its outputs: {', '.join(outputs)})")
         self._names: dict[str, str] = {}
         for k, t in enumerate(graph.initializer):
             array = numpy_helper.to_array(t).copy()

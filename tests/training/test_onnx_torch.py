@@ -92,3 +92,26 @@ def test_an_unsupported_operator_is_named_at_load_time(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(OnnxTwinError, match="not supported by the torch twin: NonMaxSuppression"):
         OnnxModule(path)
+
+
+@pytest.mark.parametrize("contract", [{}, {"layout": "NHWC", "scale": 255.0, "mean": [127.5], "std": [64.0],
+                                          "output": "probabilities"}])
+def test_twins_of_a_bundle_with_an_unknown_architecture_and_any_contract_equal_the_core(tmp_path, contract):
+    """The toy bundle's affine autoencoders and linear classifier are no architecture the project knows:
+    the twins read the graphs; with a contract they take the bundle's images and return logits."""
+    from service.defense import Defense
+    from training.evaluate.torch_defense import Twins
+
+    detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1, "fpr": 0.01, "threshold": 0.1},
+                 {"name": "jsd", "kind": "divergence", "autoencoder": "half.onnx", "temperature": 1.0, "fpr": 0.01,
+                  "threshold": 0.04}]
+    defense = Defense(fakes.make_bundle(tmp_path / "b", detectors=detectors, contract=contract), device="cpu")
+    x = RNG.uniform(size=(6, *fakes.SHAPE)).astype(np.float32)
+    with torch.no_grad():
+        ev = Twins(defense).members([0]).evaluate(torch.from_numpy(x))
+    verdict = defense.inspect(x)
+    for name, score in verdict.scores.items():
+        np.testing.assert_allclose(ev.scores[0][name].numpy(), score, rtol=1e-4, atol=1e-7)
+    reformed = defense.classifier.logits(verdict.reformed)
+    np.testing.assert_allclose(torch.softmax(ev.logits[0], 1).numpy(),
+                               np.exp(reformed) / np.exp(reformed).sum(1, keepdims=True), atol=1e-5)

@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     defense = Defense(args.bundle, device="cpu")
     manifest = defense.manifest
-    twin = torch_twin(defense.classifier_file, manifest.dataset, "classifier",
-                      manifest.input.shape).to(args.device)
+    twin = torch_twin(defense.classifier_file, manifest.dataset, "classifier", manifest.input.shape,
+                      contract=manifest.classifier.input, output_name=manifest.classifier.output_name).to(args.device)
     test = load(manifest.dataset, args.data_dir).test
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
     attacks = registry(manifest.dataset)
