@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.defense.contract import ClassifierInput
+from service.defense.core import Classifier
 from service.defense.detectors import DetectorSpec, kind_of
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
 from service.defense.runtime import CPU, OnnxModel
@@ -78,16 +80,22 @@ def run_batched(model: OnnxModel, x: np.ndarray, batch_size: int = 1000) -> np.n
     return np.concatenate([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: Path | None = None) -> list[dict]:
+def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: Path | None = None,
+              contract: ClassifierInput | None = None, output: str = "logits",
+              output_name: str | None = None) -> list[dict]:
     """Fill in each detector's threshold from clean validation images, scored exactly as the core
-    scores them (the ONNX files, then ``service.defense.scores``). ``classifier`` defaults to the
-    bundle's own ``classifier.onnx``; a shared classifier lives elsewhere."""
+    scores them (the ONNX files, then the detector registry). ``classifier`` defaults to the bundle's own
+    ``classifier.onnx``; a shared classifier lives elsewhere. ``contract``, ``output`` and ``output_name``:
+    how the classifier takes the bundle's images and what it returns (the manifest's ``classifier``)."""
     classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
+    contract = contract or ClassifierInput()
     cache: dict[tuple[str, str], np.ndarray] = {}  # (model file, input) -> output, computed once
 
     def run(path: Path, x: np.ndarray, key: str) -> np.ndarray:
         if (str(path), key) not in cache:
-            cache[str(path), key] = run_batched(OnnxModel(path, [CPU]), x)
+            model = (Classifier(OnnxModel(path, [CPU], input_name=contract.name, output_name=output_name),
+                                contract, output).logits if path == classifier else OnnxModel(path, [CPU]))
+            cache[str(path), key] = run_batched(model, x)
         return cache[str(path), key]
 
     calibrated = []

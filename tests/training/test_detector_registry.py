@@ -128,3 +128,16 @@ def test_register_refuses_a_spec_whose_kind_differs():
 
     with pytest.raises(ValueError, match="defaults to 'reconstruction'"):
         D.register(Wrong())
+
+
+def test_calibration_goes_through_the_classifiers_input_contract(tmp_path):
+    """The same classifier behind the default and an NHWC 0..255 softmax contract: equal thresholds."""
+    from service.defense.contract import ClassifierInput
+    from tests import fakes
+
+    val = np.random.default_rng(0).uniform(size=(200, *fakes.SHAPE)).astype(np.float32)
+    dets = [{"name": "jsd", "kind": "divergence", "autoencoder": "half.onnx", "temperature": 1.0, "fpr": 0.05}]
+    plain = B.calibrate(fakes.make_bundle(tmp_path / "a"), dets, val)
+    other = fakes.make_bundle(tmp_path / "b", contract={"layout": "NHWC", "scale": 255.0, "output": "probabilities"})
+    bound = B.calibrate(other, dets, val, contract=ClassifierInput(layout="NHWC", scale=255.0), output="probabilities")
+    assert bound[0]["threshold"] == pytest.approx(plain[0]["threshold"], rel=1e-4)
