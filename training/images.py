@@ -129,3 +129,85 @@ def load_cifar10(data_dir: Path, seed: int = 0) -> Dataset:
             return dataset_from_folder(archives[0], "cifar10", seed=seed)
     raise DataError(f"no CIFAR-10 under --data-dir {data_dir}: expected cifar-10-batches-py/, "
                     f"train/ and test/ image folders, or a .tar.gz of them")
+
+
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def _kind(image: Image.Image) -> str:
+    return "grey" if image.mode in GREY_MODES else "RGB"
+
+
+def load_folder(data: Path, size: tuple[int, int] | None = None, validation: float = 0.1, test: float = 0.1,
+                seed: int = 0, name: str | None = None) -> Dataset:
+    """A user's image folder as a Dataset: ``DATA/train/<class>/*`` and, optionally, ``DATA/test/<class>/*``
+    (PNG or JPEG).
+
+    - Classes: the lines of ``DATA/classes.txt`` in order when it exists, else the sorted folder names
+      of ``train``; a folder not listed there is an error.
+    - Size and channels are read from the data: every image must have the same size and be all grey or
+      all colour, else the error names one offending file (``size`` = (H, W) resizes everything instead).
+    - ``validation`` of the training images (seeded) become the validation split; without a ``test``
+      folder, ``test`` of them become the test split too (and the dataset says so in its name).
+    """
+    data = Path(data)
+    if not (data / "train").is_dir():
+        raise DataError(f"{data}: no train/ folder (expected {data}/train/<class>/*.png|jpg)")
+    listed = data / "classes.txt"
+    splits = [s for s in ("train", "test") if (data / s).is_dir()]
+    files = {s: sorted(p for p in (data / s).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES) for s in splits}
+    if not files["train"]:
+        raise DataError(f"{data}/train holds no <class>/*.png|jpg images")
+    folders = sorted({p.parent.name for s in splits for p in files[s]})
+    if listed.exists():
+        classes = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(f"{data}: class folder(s) {unknown} are not listed in classes.txt")
+    else:
+        classes = tuple(sorted({p.parent.name for p in files["train"]}))
+    index = {c: k for k, c in enumerate(classes)}
+    first, first_kind, first_size = None, None, None
+    arrays: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in splits}
+    for s in splits:
+        for path in files[s]:
+            try:
+                image = Image.open(path)
+                image.load()
+            except OSError as e:
+                raise DataError(f"cannot decode {path}: {e}") from e
+            kind = _kind(image)
+            if first is None:
+                first, first_kind, first_size = path, kind, image.size
+            if kind != first_kind:
+                raise DataError(f"{path} is {kind} ({image.mode}) but {first} is {first_kind}: "
+                                "a data set must be all grey or all colour")
+            if size is None and image.size != first_size:
+                raise DataError(f"{path} is {image.size[0]}x{image.size[1]} (W x H) but {first} is "
+                                f"{first_size[0]}x{first_size[1]}: give --size H W to resize every image")
+            image = image.convert("L" if kind == "grey" else "RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            arrays[s][0].append(np.asarray(image, dtype=np.uint8))
+            arrays[s][1].append(index[path.parent.name])
+
+    def to_split(s: str) -> Split:
+        x = np.stack(arrays[s][0]).astype(np.float32) / 255.0
+        x = x[:, None] if first_kind == "grey" else x.transpose(0, 3, 1, 2)
+        return Split(np.ascontiguousarray(x), np.array(arrays[s][1], dtype=np.int64))
+
+    train = to_split("train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = max(1, int(round(validation * len(train))))
+    n_test = 0 if "test" in splits else max(1, int(round(test * len(train))))
+    if n_val + n_test >= len(train):
+        raise DataError(f"{data}: {len(train)} training images are too few to hold out {n_val} for validation"
+                        + (f" and {n_test} for test" if n_test else ""))
+    pick = lambda idx: Split(train.x[idx], train.y[idx])  # noqa: E731
+    val = pick(order[:n_val])
+    held_test = pick(order[n_val:n_val + n_test]) if n_test else to_split("test")
+    rest = pick(order[n_val + n_test:])
+    shuffle = np.random.default_rng(seed).permutation(len(held_test))
+    label = name or data.name
+    return Dataset(name=label if "test" in splits else f"{label} (test split held out of train)", train=rest,
+                   val=val, test=Split(held_test.x[shuffle], held_test.y[shuffle]), classes=classes)
