@@ -12,7 +12,7 @@ from training.evaluate import run  # noqa: E402
 from training.evaluate.accounting import columns  # noqa: E402
 from training.evaluate.attacks import registry  # noqa: E402
 from training.from_onnx import torch_twin  # noqa: E402
-from tests.conftest import DATA_DIR, SHIPPED_MNIST  # noqa: E402
+from tests.conftest import DATA_DIR, ROOT, SHIPPED_MNIST  # noqa: E402
 
 
 def test_accounting_by_hand():
@@ -235,3 +235,19 @@ def test_summary_relinks_report_notes_and_lists_each_paragraph_once(tmp_path):
     text = summary(reports, docs / "evaluation.md")
     assert text.count("Shared.") == 1
     assert "[the page](page.md)" in text and "[web](https://x.org/y)" in text
+
+
+def test_summary_leaves_out_reports_of_earlier_rounds(tmp_path, capsys):
+    from training.evaluate.summary import main as summary_main
+
+    source = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw" / "report.json").read_text())
+    for name, value in (("eval-x", 0.123), ("eval-x-round1", 0.987)):
+        report = json.loads(json.dumps(source))
+        report["rows"][0]["full_defense"] = value
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "summary.md"
+    assert summary_main(["--out", str(out), str(tmp_path / "eval-x-round1" / "report.json"),
+                         str(tmp_path / "eval-x" / "report.json")]) == 0
+    text = out.read_text()
+    assert "12.3" in text and "98.7" not in text and "eval-x-round1" in capsys.readouterr().out
