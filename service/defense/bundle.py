@@ -4,8 +4,8 @@ The manifest is the one schema shared by training (which writes it) and the gate
 Every file is verified against its sha256 before any model is built from it.
 
 A listed path is relative to the bundle directory and may lead outside it: several bundles can share
-one classifier file (``models/shared/cifar10-resnet9.onnx``, listed by ``models/cifar10`` as
-``../shared/cifar10-resnet9.onnx``) instead of each carrying a copy. A bundle
+one classifier file (``models/shared/cifar10-resnet9.onnx``, which ``models/cifar10`` lists by its path
+relative to the bundle) instead of each carrying a copy. A bundle
 copied without that file still loads if the file sits in the bundle directory under its own name;
 ``magnet pack`` writes a self-contained copy (every file inside, manifest rewritten).
 """

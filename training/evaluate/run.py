@@ -253,24 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     budget = {"binary_search_steps": args.carlini_steps, "max_iterations": args.carlini_iterations,
               "initial_const": args.carlini_initial_const, "learning_rate": args.carlini_learning_rate}
     classes = len(manifest.classifier.classes)
-    budget_attack = Attack("carlini_l2", "carlini_l2", budget)
-    l2_grads = gradient_budget(budget_attack, classes)[0]
-    jobs = [{"name": a.name, "examples": len(idx), "cached": args.cache is not None
-             and _cache_file(args.cache, defense, a, idx).exists(), **dict(zip(("gradients", "quality"),
-                                                                           gradient_budget(a, classes)))}
+
+    def job(name: str, examples: int, attack: Attack, times: int = 1, cached: bool = False) -> dict:
+        gradients, quality = gradient_budget(attack, classes)
+        return {"name": name, "examples": examples, "gradients": gradients * times, "quality": quality,
+                "cached": cached}
+
+    jobs = [job(a.name, len(idx), a, cached=args.cache is not None and _cache_file(args.cache, defense, a, idx).exists())
             for _, a, idx in chosen]
-    jobs += [{"name": a.name, "examples": min(args.n_kappa, len(correct)),
-              **dict(zip(("gradients", "quality"), gradient_budget(a, classes)))} for a in curve_attacks]
+    jobs += [job(a.name, min(args.n_kappa, len(correct)), a) for a in curve_attacks]
     members = len(defense.members)
     if args.graybox and members < 2:
         raise SystemExit("--graybox needs a pool bundle (several members)")
+    own_l2 = Attack("carlini_l2", "carlini_l2", budget)
     if args.graybox:
-        jobs.append({"name": f"graybox ({members} columns)", "examples": min(args.n_graybox, len(correct)) * members,
-                     "gradients": l2_grads, "quality": "at most"})
+        jobs.append(job(f"graybox ({members} columns)", min(args.n_graybox, len(correct)) * members, own_l2))
     if args.adaptive:
         runs = 1 + (members > 1)
-        jobs.append({"name": f"adaptive ({runs} runs + baseline)", "examples": min(args.n_adaptive, len(correct)),
-                     "gradients": l2_grads * (1 + runs), "quality": "at most"})
+        jobs.append(job(f"adaptive ({runs} runs + baseline)", min(args.n_adaptive, len(correct)), own_l2, 1 + runs))
     print(plan(jobs, seconds_per_gradient(twin, test.x[correct[:64]], args.device), args.device), flush=True)
     if args.plan:
         return 0
@@ -294,8 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.graybox or args.adaptive:
         twins = Twins(defense, twin)
     if args.graybox:
-        if len(twins) < 2:
-            raise SystemExit("--graybox needs a pool bundle (several members)")
         idx = correct[: args.n_graybox]
         report["graybox"] = graybox_table(defense, twins, test.x[idx], test.y[idx],
                                           {**budget, "confidence": args.graybox_confidence}, judge, args.device)
