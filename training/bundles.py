@@ -115,17 +115,19 @@ def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: P
 
 def write_bundle(out: Path, name: str, dataset: str, shape: tuple[int, int, int], classes: list[str],
                  members: list[dict], measurements: dict, provenance: dict,
-                 classifier: Path | None = None) -> Manifest:
+                 classifier: Path | None = None, classifier_fields: dict | None = None) -> Manifest:
     """Write ``manifest.json`` listing every ONNX file in ``out`` with its sha256. ``classifier``: a
     classifier file shared with other bundles (listed by its path relative to ``out``) instead of
-    ``out/classifier.onnx``."""
+    ``out/classifier.onnx``. ``classifier_fields``: the classifier's input contract, output kind and
+    output name (``input``, ``output``, ``output_name``) when they are not the defaults."""
     classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
     clf_path = os.path.relpath(classifier, out).replace(os.sep, "/")
     files = [FileEntry(path=clf_path, sha256=sha256_of(classifier), role="classifier")]
     files += [FileEntry(path=p.name, sha256=sha256_of(p), role="autoencoder") for p in sorted(out.glob("*.onnx"))
               if p.name != clf_path]
     manifest = Manifest(name=name, dataset=dataset, input={"shape": shape}, files=files,
-                        classifier={"file": clf_path, "output": "logits", "classes": classes},
+                        classifier={"file": clf_path, "output": "logits", "classes": classes,
+                                    **(classifier_fields or {})},
                         members=members, measurements=measurements, provenance=provenance)
     write_manifest(out, manifest)
     return manifest

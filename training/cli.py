@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 RECIPES = {"mnist": "training.build_mnist", "cifar10": "training.build_cifar10",
-           "cifar10-guided": "training.build_guided", "pool": "training.build_pool"}
+           "cifar10-guided": "training.build_guided", "pool": "training.build_pool",
+           "folder": "training.build_folder"}
 
 
 def main(argv: list[str]) -> int:

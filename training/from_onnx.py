@@ -110,22 +110,36 @@ def _logits_before_softmax(path: Path, output_name: str | None) -> tuple[str | N
     return out, False
 
 
+class _LogOf(nn.Module):
+    """Logits (up to a constant) from a graph that outputs probabilities by other means than a final Softmax."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).clamp_min(1e-12).log()
+
+
 def generic_twin(path: Path, input_shape: tuple[int, int, int], contract: ClassifierInput | None = None,
-                 output_name: str | None = None, tolerance: float = 1e-4) -> nn.Module:
+                 output_name: str | None = None, tolerance: float = 1e-4, output: str = "logits") -> nn.Module:
     """Any classifier graph as a torch twin on the bundle's images (``training.onnx_torch``), checked
     against onnxruntime through the same contract; it returns logits (the softmax's input when the graph
-    ends in one, else what the graph outputs)."""
+    ends in one, the log of the output when ``output`` says it is probabilities, else what the graph outputs)."""
     contract = contract or ClassifierInput()
     read, before_softmax = _logits_before_softmax(path, output_name)
     try:
         twin = ContractTwin(OnnxModule(path, output_name=read, input_name=contract.name), contract).eval()
     except OnnxTwinError as e:
         raise TwinError(str(e)) from e
+    as_log = output == "probabilities" and not before_softmax
+    if as_log:
+        twin = _LogOf(twin).eval()
     x = np.random.default_rng(0).uniform(size=(8, *input_shape)).astype(np.float32)
     model = OnnxModel(path, [CPU], input_name=contract.name, output_name=output_name)
     with torch.no_grad():
         ours = twin(torch.from_numpy(x))
-        ours = (torch.softmax(ours, 1) if before_softmax else ours).numpy()
+        ours = (torch.softmax(ours, 1) if before_softmax else ours.exp() if as_log else ours).numpy()
     diff = float(np.abs(ours - model(prepare(x, contract))).max())
     if diff > tolerance:
         raise TwinError(f"{path}: the generic torch twin differs from onnxruntime by {diff:.2e} > {tolerance:g}")
@@ -136,17 +150,17 @@ def generic_twin(path: Path, input_shape: tuple[int, int, int], contract: Classi
 
 def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int, int],
                tolerance: float = 1e-4, contract: ClassifierInput | None = None,
-               output_name: str | None = None) -> nn.Module:
+               output_name: str | None = None, output: str = "logits") -> nn.Module:
     """The torch module computing what ``path`` computes on the bundle's images, verified on random inputs:
     the project's own architecture when one matches, else (for a classifier, or any graph when no
     architecture is known for ``dataset``) the generic interpreter of ``training.onnx_torch``."""
-    if (contract is not None and not contract.is_identity) or output_name is not None:
-        return generic_twin(path, input_shape, contract, output_name, tolerance)
+    if (contract is not None and not contract.is_identity) or output_name is not None or output != "logits":
+        return generic_twin(path, input_shape, contract, output_name, tolerance, output)
     inits = _initializers(path)
     closest = None
     candidates = _candidates(dataset, role, inits) if dataset in ("mnist", "cifar10") else []
     if not candidates:
-        return generic_twin(path, input_shape, contract, output_name, tolerance)
+        return generic_twin(path, input_shape, contract, output_name, tolerance, output)
     for model in candidates:
         try:
             model = _fill(model, inits)
@@ -162,7 +176,7 @@ def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int,
             return model
         closest = diff if closest is None else min(closest, diff)
     try:  # a user's model in a shipped data set's shape: read the graph itself
-        return generic_twin(path, input_shape, contract, output_name, tolerance)
+        return generic_twin(path, input_shape, contract, output_name, tolerance, output)
     except TwinError as e:
         known = (f"the closest known architecture differs from onnxruntime by {closest:.2e} > {tolerance:g}"
                  if closest is not None else f"no known {role} architecture for {dataset} matches its weights")

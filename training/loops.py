@@ -98,9 +98,16 @@ def _lr_at(cfg: ClassifierConfig, step: int, total: int) -> float:
 
 
 @torch.no_grad()
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's tensors live (a graph interpreter may hold its weights as buffers, not parameters)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()
@@ -161,7 +168,7 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: Classifier
 def reconstruction_mse(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> float:
     """Mean squared error between clean inputs and their reconstructions."""
     model.eval()
-    total, device = 0.0, next(model.parameters()).device
+    total, device = 0.0, device_of(model)
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i : i + batch_size]).to(device)
         total += F.mse_loss(model(xb), xb, reduction="sum").item()
@@ -190,6 +197,10 @@ def _objective(models: list[nn.Module], noisy: torch.Tensor, clean: torch.Tensor
         diversity = sum(F.mse_loss(o, mean) for o in outs)
     loss = recon - alpha * diversity + activity_l2 * activity / len(clean)
     return loss, recon, diversity
+
+
+def _left(seconds: float) -> str:
+    return f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
 
 
 def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: AutoencoderConfig,
@@ -232,7 +243,7 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
         hist.epochs.append(row)
         log(f"{name} epoch {row['epoch']:3d}/{cfg.epochs}  train mse {row['train_mse']:.5f}  "
             f"val mse {row['val_denoise_mse']:.5f}" + (f"  diversity {row['val_diversity']:.5f}" if n > 1 else "")
-            + f"  {row['seconds']:.1f}s")
+            + f"  {row['seconds']:.1f}s  (at most {_left(row['seconds'] * (cfg.epochs - epoch - 1))} left)")
         if val_loss < best - 1e-7:
             best, hist.best_epoch, since_best = val_loss, epoch + 1, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in models]

@@ -29,7 +29,7 @@ from torch import nn
 
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
-from training.loops import predict_logits
+from training.loops import _left, predict_logits
 
 KINDS = ("clean", "noise", "fgsm", "pgd")
 
@@ -207,7 +207,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     val_x, val_y = torch.from_numpy(val.x[:500]).to(device), torch.from_numpy(val.y[:500]).to(device)
     val_adv = fgsm(classifier, val_x, val_y, 0.025)
     started, last_save = time.perf_counter(), time.perf_counter()
-    run_seconds0 = history["seconds"]
+    run_seconds0, step0 = history["seconds"], step
     sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
     while step < cfg.steps:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
@@ -242,7 +242,9 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
                    **{k: float(np.mean([v[k] for v in vals])) for k in vals[0]}}
             history["rows"].append(row)
             sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
-            log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            left = (time.perf_counter() - started) / max(step - step0, 1) * (cfg.steps - step)
+            log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                + f"  {_left(left)} left")
         history["seconds"] = run_seconds0 + time.perf_counter() - started
         if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
             save()

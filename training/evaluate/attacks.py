@@ -75,15 +75,18 @@ def _deepfool(model, x, y, device="cpu", **params):
     return deepfool(model, x, y, device=device, **params)
 
 
-def registry(dataset: str) -> dict[str, Attack]:
-    """The paper's attacks and strengths for ``dataset`` (MagNet, Tables 3 and 4)."""
-    eps = {"mnist": {"fgsm": (0.005, 0.010), "linf": (0.005, 0.010), "l2": (0.5, 1.0)},
-           "cifar10": {"fgsm": (0.025, 0.050), "linf": (0.010, 0.025), "l2": (0.25, 0.50)}}[dataset]
+def registry(dataset) -> dict[str, Attack]:
+    """The paper's attacks and strengths for ``dataset`` (a name or a ``training.specs.DatasetSpec``; MagNet,
+    Tables 3 and 4). A user's data set gets the strengths of its family (grey: MNIST's, RGB: CIFAR-10's)."""
+    from training.specs import spec_for
+
+    spec = spec_for(dataset) if isinstance(dataset, str) else dataset
+    eps = spec.budgets
     # Iterative budget: 100 steps of eps/10 on MNIST; 10 steps of eps/4 on CIFAR-10, where one ResNet-9
     # gradient through ART costs ~30 ms per image on 2 CPU cores (100 steps would be most of an hour
     # per 1,000-image row). Kurakin et al.'s BIM schedule, min(eps*255 + 4, 1.25 eps*255) steps of 1/255,
     # asks for 3 and 8 steps at CIFAR's eps = 0.010 and 0.025; 10 steps of eps/4 walk 2.5 eps in all.
-    iters, frac = {"mnist": (100, 10), "cifar10": (10, 4)}[dataset]
+    iters, frac = eps["iterations"]
     attacks = [Attack(f"fgsm_eps{e:g}", "fgsm", {"eps": e}, art_attack("FastGradientMethod", norm=np.inf))
                for e in eps["fgsm"]]
     attacks += [Attack(f"iterative_linf_eps{e:g}", "iterative_linf", {"eps": e, "eps_step": e / frac, "max_iter": iters},
@@ -122,7 +125,7 @@ def reduced(attack: Attack, full: Attack, examples: int) -> str | None:
     return "; ".join(why) or None
 
 
-def default_names(dataset: str) -> list[str]:
+def default_names(dataset) -> list[str]:
     """What ``magnet evaluate`` runs without ``--attacks``: every row of the paper's table."""
     return [name for name in registry(dataset) if not name.endswith("_art")]
 

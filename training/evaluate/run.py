@@ -24,7 +24,7 @@ import torch
 from service.defense.core import Defense
 from training.bundle_report import clean_figures
 from training.bundles import run_batched
-from training.data import load
+from training.data import DataError
 from training.attacks.carlini import carlini_l2
 from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack
@@ -34,13 +34,18 @@ from training.evaluate.attacks import Attack, default_names, gradient_budget, re
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.provenance import provenance
+from training.specs import load_for_manifest, spec_of_manifest
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="magnet evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory to evaluate")
-    p.add_argument("--data-dir", type=Path, required=True, help="directory holding the bundle's data set")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="directory holding a shipped bundle's data set (mnist, cifar10)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a bundle built by `magnet train folder`: its image folder (DATA/train/<class>/*, "
+                        "optional DATA/test/<class>/*), split as the build split it")
     p.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and the plot")
     p.add_argument("--attacks", nargs="*", help="attack names (default: all of the paper's; none: no table rows)")
     p.add_argument("--n", type=int, default=1000, help="examples per FGSM / iterative / DeepFool row")
@@ -231,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     defense = Defense(args.bundle, device="cpu")
     manifest = defense.manifest
     twin = torch_twin(defense.classifier_file, manifest.dataset, "classifier", manifest.input.shape,
-                      contract=manifest.classifier.input, output_name=manifest.classifier.output_name).to(args.device)
-    test = load(manifest.dataset, args.data_dir).test
+                      contract=manifest.classifier.input, output_name=manifest.classifier.output_name,
+                      output=manifest.classifier.output).to(args.device)
+    spec = spec_of_manifest(manifest)
+    try:
+        test = load_for_manifest(manifest, args.data_dir, args.data).test
+    except DataError as e:
+        raise SystemExit(str(e)) from e
     correct = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)
-    attacks = registry(manifest.dataset)
-    names = default_names(manifest.dataset) if args.attacks is None else args.attacks
+    attacks = registry(spec)
+    names = default_names(spec) if args.attacks is None else args.attacks
     unknown = [name for name in names if name not in attacks]
     if unknown:
         raise SystemExit(f"unknown attack(s) {', '.join(unknown)}; {manifest.dataset} has: {', '.join(attacks)}")

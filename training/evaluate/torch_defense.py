@@ -125,7 +125,8 @@ class Twins:
         m = defense.manifest
         self.specs = list(m.members)
         self.classifier = classifier or torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape,
-                                                   contract=m.classifier.input, output_name=m.classifier.output_name)
+                                                   contract=m.classifier.input, output_name=m.classifier.output_name,
+                                                   output=m.classifier.output)
         self.autoencoders = {p: torch_twin(defense.files[p], m.dataset, "autoencoder", m.input.shape)
                              for p in m.autoencoder_files()}
         for net in [self.classifier, *self.autoencoders.values()]:
