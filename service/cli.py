@@ -1,5 +1,6 @@
 """``magnet``: ``serve`` runs the gateway; ``pack`` makes a self-contained copy of a bundle; ``migrate``
-rewrites a bundle's manifest in the current format; ``train`` rebuilds a bundle and ``evaluate`` attacks
+rewrites a bundle's manifest in the current format; ``train`` rebuilds a shipped bundle or builds one from a
+user's image folder and classifier (``train folder``) and ``evaluate`` attacks
 one (both need the 'train' extra, evaluate also 'eval')."""
 
 from __future__ import annotations

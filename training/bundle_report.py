@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service.defense.core import Defense
-from training.data import Split, load
+from training.data import Split
 
 
 def _decisions(defense: Defense, x: np.ndarray) -> dict:
@@ -52,9 +52,12 @@ def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
     }
 
 
-def report(bundle: Path, data_dir: Path, noise_images: int = 1000, seed: int = 0) -> dict:
+def report(bundle: Path, data_dir: Path | None, noise_images: int = 1000, seed: int = 0,
+           data: Path | None = None) -> dict:
+    from training.specs import load_for_manifest
+
     defense = Defense(bundle, device="cpu")
-    test = load(defense.manifest.dataset, data_dir).test
+    test = load_for_manifest(defense.manifest, data_dir, data).test
     shape = (1, *defense.input_shape)
     rng = np.random.default_rng(seed)
     return {
@@ -72,10 +75,11 @@ def report(bundle: Path, data_dir: Path, noise_images: int = 1000, seed: int = 0
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=Path("models/mnist"), help="bundle directory")
-    p.add_argument("--data-dir", type=Path, required=True, help="directory with the bundle's data set")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with a shipped bundle's data set")
+    p.add_argument("--data", type=Path, default=None, help="the image folder of a `magnet train folder` bundle")
     p.add_argument("--out", type=Path, help="write the report as JSON here (default: print only)")
     args = p.parse_args(argv)
-    result = report(args.bundle, args.data_dir)
+    result = report(args.bundle, args.data_dir, data=args.data)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
