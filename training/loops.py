@@ -97,7 +97,6 @@ def _lr_at(cfg: ClassifierConfig, step: int, total: int) -> float:
     return cfg.lr * (step / warm if step < warm else max(0.0, (total - step) / (total - warm)))
 
 
-@torch.no_grad()
 def device_of(model: nn.Module) -> torch.device:
     """Where a model's tensors live (a graph interpreter may hold its weights as buffers, not parameters)."""
     for t in (*model.parameters(), *model.buffers()):
@@ -105,6 +104,7 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     model.eval()
     device = device_of(model)
