@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -132,10 +133,11 @@ def v2_input_shapes(spec: InputSpec) -> str:
     return f"[N, {c}, {h}, {w}]" + (f" or [N, {h}, {w}]" if c == 1 else "")
 
 
-def decode_v2_tensor(tensor: object, spec: InputSpec) -> np.ndarray:
+def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | None" = None) -> np.ndarray:
     """One OIP v2 input tensor (any name; FP32; shape [N, C, H, W], or [N, H, W] for one channel;
-    ``data`` flat or nested, row-major) -> N x C x H x W float32 in the spec's range."""
-    if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS):
+    ``data`` flat or nested, row-major, or, with the binary data extension, ``parameters.binary_data_size``
+    little-endian bytes taken from ``binary``) -> N x C x H x W float32 in the spec's range."""
+    if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS[:3]):
         raise BadInput('the input tensor must be an object with "name", "shape", "datatype" and "data"')
     name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
     if not isinstance(name, str):
@@ -147,7 +149,18 @@ def decode_v2_tensor(tensor: object, spec: InputSpec) -> np.ndarray:
     c, h, w = spec.shape
     if not (len(shape) == 4 and shape[1:] == [c, h, w] or c == 1 and len(shape) == 3 and shape[1:] == [h, w]):
         raise BadInput(f"input tensor {name!r} has shape {shape}; expected {v2_input_shapes(spec)}")
-    values = as_numbers(tensor["data"], f"input tensor {name!r} data")
+    size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) else None
+    if size is not None:
+        if "data" in tensor:
+            raise BadInput(f"input tensor {name!r} has both \"data\" and parameters.binary_data_size")
+        if binary is None:
+            raise BadInput(f"input tensor {name!r} gives binary_data_size but the request has no "
+                           "Inference-Header-Content-Length header")
+        values = binary.take(name, size, "<f4")
+    elif "data" in tensor:
+        values = as_numbers(tensor["data"], f"input tensor {name!r} data")
+    else:
+        raise BadInput(f'input tensor {name!r} has no "data" (nor parameters.binary_data_size)')
     if values.size != math.prod(shape):
         raise BadInput(f"input tensor {name!r} holds {values.size} values; shape {shape} needs {math.prod(shape)}")
     batch = to_batch(values.reshape(shape), spec)
@@ -155,13 +168,104 @@ def decode_v2_tensor(tensor: object, spec: InputSpec) -> np.ndarray:
     return batch
 
 
-def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int) -> tuple[np.ndarray, str | None]:
-    """An OIP v2 inference request with one input tensor -> (N x C x H x W float32, the request's id)."""
-    payload = _load_json(body)
+class BinaryReader:
+    """The binary part of an OIP v2 request (after the JSON header), read tensor by tensor in order."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.offset = data, 0
+
+    def take(self, name: str, size: object, dtype: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        if type(size) is not int or size < 0 or size % itemsize:
+            raise BadInput(f"input tensor {name!r}: binary_data_size must be a multiple of {itemsize} bytes, got {size}")
+        if self.offset + size > len(self.data):
+            raise BadInput(f"input tensor {name!r}: binary_data_size {size} runs past the end of the body "
+                           f"({len(self.data) - self.offset} bytes left)")
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += size
+        return np.frombuffer(chunk, dtype=dtype).astype(np.float32)
+
+    def check_consumed(self) -> None:
+        if self.offset != len(self.data):
+            raise BadInput(f"{len(self.data) - self.offset} bytes of binary data follow the tensors that use them")
+
+
+@dataclass(frozen=True)
+class V2Request:
+    """What an OIP v2 request asks besides its input: its id, which outputs (None: all) and which of
+    them as binary data (``binary_all``: parameters.binary_data_output)."""
+
+    id: str | None = None
+    outputs: tuple[str, ...] | None = None
+    binary: frozenset = frozenset()
+    binary_all: bool = False
+
+    def wants_binary(self, name: str) -> bool:
+        return self.binary_all or name in self.binary
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, BinaryReader | None]:
+    """(the JSON header, the binary part) of a body with ``Inference-Header-Content-Length``."""
+    if header_length is None:
+        return body, None
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise BadInput(f"Inference-Header-Content-Length {header_length!r} must be a byte count of at most the "
+                       f"body's {len(body)} bytes")
+    n = int(header_length)
+    return body[:n], BinaryReader(body[n:])
+
+
+def _output_requests(payload: dict) -> tuple[tuple[str, ...] | None, frozenset]:
+    outputs = payload.get("outputs")
+    if outputs is None:
+        return None, frozenset()
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+        raise BadInput('"outputs" must be a list of objects with a "name"')
+    binary = {o["name"] for o in outputs if isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")}
+    return tuple(o["name"] for o in outputs), frozenset(binary)
+
+
+def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int,
+                            header_length: str | None = None) -> tuple[np.ndarray, V2Request]:
+    """An OIP v2 inference request with one input tensor, as JSON or with the binary data extension
+    (``header_length``: the Inference-Header-Content-Length header) -> (N x C x H x W float32, what else
+    it asks)."""
+    header, binary = split_binary(body, header_length)
+    payload = _load_json(header)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
         raise BadInput('body must be an OIP v2 inference request with exactly one input tensor: '
                        '{"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadInput('"id" must be a string')
-    return _sized(decode_v2_tensor(payload["inputs"][0], spec), max_batch), request_id
+    parameters = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
+    outputs, binary_names = _output_requests(payload)
+    batch = _sized(decode_v2_tensor(payload["inputs"][0], spec, binary), max_batch)
+    if binary is not None:
+        binary.check_consumed()
+    return batch, V2Request(request_id, outputs, binary_names, bool(parameters.get("binary_data_output")))
+
+
+def encode_v2_response(content: dict, tensors: list[tuple[str, str, np.ndarray]],
+                       request: V2Request) -> tuple[bytes, int | None]:
+    """The response body: ``content`` with an ``outputs`` list built from ``tensors`` (name, datatype,
+    array), each as JSON ``data`` or, when asked, as binary data after the JSON header. Returns (body,
+    the JSON header's length when there is binary data, else None)."""
+    outputs, chunks = [], []
+    for name, datatype, values in tensors:
+        entry = {"name": name, "datatype": datatype, "shape": list(values.shape)}
+        if request.wants_binary(name):
+            raw = np.ascontiguousarray(values, dtype=BINARY_DTYPES[datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = values.ravel().tolist()
+        outputs.append(entry)
+    header = orjson.dumps({**content, "outputs": outputs})
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+# OIP v2 datatypes -> little-endian numpy types of the binary data extension (BOOL: one byte each)
+BINARY_DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}

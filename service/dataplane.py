@@ -130,10 +130,11 @@ async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.n
     return Defended(outcome, member, extra, session, issued, started)
 
 
-def answer(request: Request, defended: Defended, content: object) -> Response:
-    """The JSON response, with the session cookie when one was issued; records the total latency."""
+def answer(request: Request, defended: Defended, content: object = None, raw: Response | None = None) -> Response:
+    """The JSON response of ``content`` (or ``raw``, a response already encoded), with the session cookie
+    when one was issued; records the total latency."""
     gw = request.app.state.gateway
-    response = json_response(content)
+    response = raw if raw is not None else json_response(content)
     if defended.issued:
         response.set_cookie(gw.settings.session_cookie, defended.session, httponly=True, samesite="lax")
     gw.metrics.stage_seconds.labels("total").observe(time.perf_counter() - defended.started)

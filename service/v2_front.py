@@ -10,6 +10,12 @@ member, same metrics). The answer always holds, per input row and in input order
 
 and ``parameters.rejected_count``. With ``explain`` on, ``scores_<detector>`` FP64 [N] are added
 (-1 where a detector did not score the row).
+
+The binary data extension works both ways: an input tensor may come as little-endian FP32 bytes after
+the JSON header (``parameters.binary_data_size`` and the ``Inference-Header-Content-Length`` header), and
+outputs come as binary data when the request asks (``outputs[].parameters.binary_data`` per output, or
+``parameters.binary_data_output`` for all): BOOL one byte each, INT64 and FP64 eight, FP32 four. A
+request that names ``outputs`` gets those only, in its order.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.codecs import decode_v2_infer_request
+from service.codecs import V2Request, decode_v2_infer_request, encode_v2_response
 from service.dataplane import Gateway, answer, defend, json_response
 from service.errors import BadInput, UnknownModel
 from service.pipeline import Outcome
@@ -55,25 +61,34 @@ def model_metadata(gw: Gateway) -> dict:
             "outputs": outputs}
 
 
-def _tensor(name: str, datatype: str, values: np.ndarray) -> dict:
-    return {"name": name, "datatype": datatype, "shape": list(values.shape), "data": values.ravel().tolist()}
+Tensor = tuple[str, str, np.ndarray]  # name, OIP datatype, values
 
 
-def score_outputs(outcome: Outcome, detectors: list[str]) -> list[dict]:
+def score_outputs(outcome: Outcome, detectors: list[str]) -> list[Tensor]:
     """One FP64 tensor per detector, UNSCORED where it did not score the row: a detector the member
     lacks, or a divergence detector on a row that never went upstream (NaN in the core)."""
     n = len(outcome.verdict.accepted)
-    return [_tensor(f"scores_{name}", "FP64", np.nan_to_num(outcome.verdict.scores.get(name, np.full(n, np.nan)),
-                                                             nan=UNSCORED)) for name in detectors]
+    return [(f"scores_{name}", "FP64", np.nan_to_num(outcome.verdict.scores.get(name, np.full(n, np.nan)),
+                                                      nan=UNSCORED)) for name in detectors]
 
 
-def encode_outputs(outcome: Outcome) -> list[dict]:
+def encode_outputs(outcome: Outcome) -> list[Tensor]:
     """``probabilities``, ``label`` and ``rejected``, rejected rows as the module's docstring says."""
     rejected = outcome.rejected
     probabilities = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities)
     labels = np.where(rejected, REJECTED_LABEL, outcome.probabilities.argmax(axis=1)).astype(np.int64)
-    return [_tensor("probabilities", "FP32", probabilities), _tensor("label", "INT64", labels),
-            _tensor("rejected", "BOOL", rejected)]
+    return [("probabilities", "FP32", probabilities), ("label", "INT64", labels), ("rejected", "BOOL", rejected)]
+
+
+def chosen(tensors: list[Tensor], wanted: tuple[str, ...] | None) -> list[Tensor]:
+    """The outputs a request names, in its order (all when it names none); an unknown name is a 400."""
+    if wanted is None:
+        return tensors
+    by_name = {t[0]: t for t in tensors}
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise BadInput(f"unknown output(s) {', '.join(map(repr, unknown))}; this model has: {', '.join(by_name)}")
+    return [by_name[name] for name in wanted]
 
 
 @router.get("/health/live")
@@ -102,18 +117,21 @@ async def model_ready(name: str, request: Request) -> Response:
 async def infer(name: str, request: Request) -> Response:
     """Defend and classify one FP32 input tensor; outputs as in the module's docstring."""
     gw = _gateway_serving(request, name)
-    if "inference-header-content-length" in request.headers:
-        gw.metrics.requests.labels("bad_request").inc()
-        raise BadInput("the binary tensor extension is not supported: send the tensor as JSON \"data\"")
+    header_length = request.headers.get("inference-header-content-length")
     defended = await defend(request, lambda body, g: decode_v2_infer_request(
-        body, g.defense.manifest.input, g.settings.max_batch))
+        body, g.defense.manifest.input, g.settings.max_batch, header_length))
+    asked: V2Request = defended.extra
     content: dict = {"model_name": name}
-    if defended.extra is not None:
-        content["id"] = defended.extra
+    if asked.id is not None:
+        content["id"] = asked.id
     content["parameters"] = {"rejected_count": int(defended.outcome.rejected.sum())}
-    content["outputs"] = encode_outputs(defended.outcome)
+    tensors = encode_outputs(defended.outcome)
     if gw.settings.explain:
-        content["outputs"] += score_outputs(defended.outcome, detector_names(gw))
+        tensors += score_outputs(defended.outcome, detector_names(gw))
         if defended.outcome.shadow:
-            content["outputs"].append(_tensor("would_reject", "BOOL", defended.outcome.verdict.rejected))
-    return answer(request, defended, content)
+            tensors.append(("would_reject", "BOOL", defended.outcome.verdict.rejected))
+    body, json_length = encode_v2_response(content, chosen(tensors, asked.outputs), asked)
+    if json_length is None:
+        return answer(request, defended, raw=Response(body, media_type="application/json"))
+    return answer(request, defended, raw=Response(body, media_type="application/octet-stream",
+                                                  headers={"Inference-Header-Content-Length": str(json_length)}))

@@ -1,6 +1,8 @@
 """The gateway's Open Inference Protocol v2 front, in-process on a toy bundle: metadata, health, infer
 (same defense, session and metrics as /classify) and its 4xx answers."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -149,9 +151,76 @@ def test_bad_requests_are_400(client, body, fragment):
     assert r.status_code == 400 and fragment in r.json()["error"]
 
 
-def test_binary_tensor_extension_is_refused_clearly(client):
-    r = client.post("/v2/models/toy/infer", content=b"\x00" * 10, headers={"Inference-Header-Content-Length": "5"})
-    assert r.status_code == 400 and "binary tensor extension" in r.json()["error"]
+def binary_request(x, outputs=None, parameters=None, size=None, extra=b""):
+    """An OIP v2 request whose FP32 input travels as binary data after the JSON header."""
+    raw = np.asarray(x, dtype="<f4").tobytes()
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(np.shape(x)),
+                          "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+    if outputs is not None:
+        header["outputs"] = outputs
+    if parameters is not None:
+        header["parameters"] = parameters
+    text = json.dumps(header).encode()
+    return text + raw + extra, {"Inference-Header-Content-Length": str(len(text))}
+
+
+def split_response(r):
+    """(JSON header, {output name: array}) of a response with binary outputs."""
+    n = int(r.headers["inference-header-content-length"])
+    header, rest, arrays = json.loads(r.content[:n]), r.content[n:], {}
+    for o in header["outputs"]:
+        size = o.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            arrays[o["name"]] = np.frombuffer(rest[:size], dtype={"FP32": "<f4", "INT64": "<i8", "BOOL": "?",
+                                                                  "FP64": "<f8"}[o["datatype"]]).reshape(o["shape"])
+            rest = rest[size:]
+    assert rest == b""
+    return header, arrays
+
+
+def test_binary_input_gives_the_json_answer(client):
+    x = np.stack([np.full((4, 4), v) for v in (0.5, 0.0, 0.3)]).astype(np.float32)
+    body, headers = binary_request(x)
+    r = client.post("/v2/models/toy/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert outputs_of(r) == outputs_of(infer(client, tensor(x)))
+
+
+def test_binary_outputs_when_asked(client):
+    x = np.stack([np.full((4, 4), v) for v in (0.5, 0.0, 0.3)]).astype(np.float32)
+    expected = outputs_of(infer(client, tensor(x)))
+    body, headers = binary_request(x, parameters={"binary_data_output": True})
+    r = client.post("/v2/models/toy/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    header, arrays = split_response(r)
+    assert set(arrays) == {"probabilities", "label", "rejected"}
+    assert arrays["label"].tolist() == expected["label"]["data"]
+    assert arrays["rejected"].tolist() == expected["rejected"]["data"]
+    assert np.allclose(arrays["probabilities"].ravel(), expected["probabilities"]["data"])
+    # one output by name, binary; another as JSON; the order is the request's
+    body, headers = binary_request(x, outputs=[{"name": "rejected"},
+                                               {"name": "label", "parameters": {"binary_data": True}}])
+    header, arrays = split_response(client.post("/v2/models/toy/infer", content=body, headers=headers))
+    assert [o["name"] for o in header["outputs"]] == ["rejected", "label"]
+    assert header["outputs"][0]["data"] == expected["rejected"]["data"] and set(arrays) == {"label"}
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("short", "runs past the end"),
+    ("odd", "multiple of 4"),
+    ("trailing", "bytes of binary data follow"),
+    ("header", "Inference-Header-Content-Length"),
+    ("unknown output", "unknown output"),
+])
+def test_bad_binary_requests_are_400_and_the_gateway_keeps_serving(client, case, fragment):
+    x = np.full((1, 4, 4), 0.5, np.float32)
+    body, headers = binary_request(x, outputs=[{"name": "nope"}] if case == "unknown output" else None,
+                                   size={"short": 128, "odd": 7}.get(case), extra=b"xx" if case == "trailing" else b"")
+    if case == "header":
+        headers = {"Inference-Header-Content-Length": str(len(body) + 1)}
+    r = client.post("/v2/models/toy/infer", content=body, headers=headers)
+    assert r.status_code == 400 and fragment in r.json()["error"], r.text
+    assert infer(client, tensor(x)).status_code == 200
 
 
 def test_too_many_inputs_is_413(toy_bundle):
