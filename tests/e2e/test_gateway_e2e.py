@@ -66,6 +66,29 @@ def test_uniform_noise_is_rejected(gateway):
     assert all(r["rejected"] for r in classify(gateway, {"inputs": noise.tolist()}))
 
 
+def test_binary_v2_request_and_answer_match_json(gateway, mnist):
+    """The OIP binary data extension through the real gateway process: same decisions as JSON."""
+    import json
+
+    x = mnist.test.x[:16]
+    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    r = gateway.post("/v2/models/mnist/infer", content=header + raw,
+                     headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    outputs = json.loads(r.content[:n])["outputs"]
+    sizes = [o["parameters"]["binary_data_size"] for o in outputs]
+    assert [o["name"] for o in outputs] == ["probabilities", "label", "rejected"] and sum(sizes) == len(r.content) - n
+    labels = np.frombuffer(r.content[n + sizes[0]: n + sizes[0] + sizes[1]], "<i8")
+    as_json = gateway.post("/v2/models/mnist/infer", json={"inputs": [{"name": "input", "datatype": "FP32",
+                                                                        "shape": list(x.shape),
+                                                                        "data": x.ravel().tolist()}]}).json()
+    assert labels.tolist() == next(o for o in as_json["outputs"] if o["name"] == "label")["data"]
+
+
 def test_png_upload_gives_the_same_answer_as_floats(gateway, mnist):
     digit = mnist.test.x[0, 0]
     buf = io.BytesIO()
