@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         None, description="Name of the upstream output tensor to read; unset: the first output.")
     upstream_outputs: Literal["logits", "probabilities"] | None = Field(
         None, description="Whether the upstream returns logits or probabilities (softmax outputs).")
+    upstream_binary: bool = Field(False, description="OIP v2 upstream: send the input and ask for the outputs "
+                                  "as binary data (the binary data extension; Triton, KServe >= 0.11).")
     upstream_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one upstream call, seconds.")
     upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")

@@ -93,12 +93,14 @@ class OnnxModel(Model):
         # Run off the event loop so health probes keep answering during inference.
         results = await asyncio.to_thread(self.session.run, None, feed)
         outputs = []
+        # JSON data unless the request asks for binary data (parameters.binary_data_output)
+        binary = bool(payload.use_binary_outputs)
         for meta, value in zip(self.outputs, results):
             out = InferOutput(meta["name"], list(value.shape), meta["datatype"])
-            out.set_data_from_numpy(value, binary_data=False)
+            out.set_data_from_numpy(value, binary_data=binary)
             outputs.append(out)
         return InferResponse(response_id=payload.id or generate_uuid(), model_name=self.name,
-                             infer_outputs=outputs)
+                             infer_outputs=outputs, use_binary_outputs=binary)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

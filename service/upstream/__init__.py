@@ -54,4 +54,5 @@ def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> U
                   contract=contract)
     if settings.upstream_protocol == "tfserving":
         return TfServingUpstream(settings.upstream, model, **common)
-    return OipUpstream(settings.upstream, model, input_name=values["input name"], **common)
+    return OipUpstream(settings.upstream, model, input_name=values["input name"], binary=settings.upstream_binary,
+                       **common)

@@ -16,8 +16,9 @@ class OipUpstream(PooledHttp):
     def __init__(self, url: str, model: str, input_name: str = "input", output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
-                 contract: ClassifierInput | None = None) -> None:
+                 contract: ClassifierInput | None = None, binary: bool = False) -> None:
         super().__init__(url, timeout_s, max_connections)
+        self.binary = binary  # the OIP binary data extension for the input and the outputs
         self.model = model
         self.input_name = input_name
         self.output_name = output_name
@@ -38,11 +39,39 @@ class OipUpstream(PooledHttp):
         tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}
         return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
-    def decode(self, body: bytes, rows: int) -> np.ndarray:
+    def encode_binary(self, x: np.ndarray) -> tuple[bytes, dict]:
+        """The request with the binary data extension: a JSON header, then the input's little-endian FP32
+        bytes; the outputs are asked as binary data too."""
+        x = prepare(x, self.contract)
+        raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+        header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
+                                           "parameters": {"binary_data_size": len(raw)}}],
+                               "parameters": {"binary_data_output": True}})
+        return header + raw, {"Content-Type": "application/octet-stream",
+                              "Inference-Header-Content-Length": str(len(header))}
+
+    def decode(self, body: bytes, rows: int, header_length: str | None = None) -> np.ndarray:
+        """The chosen output of an answer, JSON ``data`` or (with ``header_length``) binary data."""
         try:
-            outputs = orjson.loads(body)["outputs"]
-            out = next(o for o in outputs if self.output_name in (None, o["name"]))
-            scores = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+            n = int(header_length) if header_length is not None else len(body)
+            outputs = orjson.loads(body[:n])["outputs"]
+            offset = n
+            for o in outputs:
+                size = (o.get("parameters") or {}).get("binary_data_size")
+                if self.output_name in (None, o["name"]):
+                    out = o
+                    break
+                offset += int(size or 0)
+            else:
+                raise StopIteration
+            if size is not None:
+                dtype = BINARY_FLOATS.get(out["datatype"])
+                if dtype is None or offset + int(size) > len(body):
+                    raise ValueError(f"binary output {out['name']!r} of {out['datatype']} and {size} bytes does not fit")
+                scores = np.frombuffer(body[offset:offset + int(size)], dtype=dtype).astype(np.float32)
+                scores = scores.reshape(out["shape"])
+            else:
+                scores = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as e:
             raise UpstreamError(f"upstream answer is not an OIP v2 inference response with output "
                                 f"{self.output_name or '(first)'}: {e!r}")
@@ -52,5 +81,12 @@ class OipUpstream(PooledHttp):
         return scores
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        body = await self.post(f"{self.base}/v2/models/{self.model}/infer", self.encode(x))
-        return self.decode(body, len(x))
+        url = f"{self.base}/v2/models/{self.model}/infer"
+        if not self.binary:
+            return self.decode(await self.post(url, self.encode(x)), len(x))
+        body, headers = self.encode_binary(x)
+        answer, answer_headers = await self.exchange(url, body, headers)
+        return self.decode(answer, len(x), answer_headers.get("inference-header-content-length"))
+
+
+BINARY_FLOATS = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2"}

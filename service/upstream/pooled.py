@@ -49,13 +49,17 @@ class PooledHttp:
 
     async def post(self, url: str, body: bytes) -> bytes:
         """The body of a 200 answer to a JSON POST; anything else raises the matching upstream error."""
+        return (await self.exchange(url, body, {"Content-Type": "application/json"}))[0]
+
+    async def exchange(self, url: str, body: bytes, headers: dict) -> tuple[bytes, dict]:
+        """The body and headers of a 200 answer to a POST with ``headers``; else the matching upstream error."""
         try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            async with self.session.post(url, data=body, headers=headers) as r:
                 answer = await r.read()
                 if r.status != 200:
                     raise UpstreamError(f"upstream answered {r.status}: {answer[:300].decode(errors='replace')}")
+                return answer, {k.lower(): v for k, v in r.headers.items()}
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"upstream did not answer within {self.timeout.total:g} s")
         except aiohttp.ClientError as e:
             raise UpstreamUnavailable(f"upstream {self.base} unreachable: {e}")
-        return answer

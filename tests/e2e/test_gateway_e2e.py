@@ -89,6 +89,21 @@ def test_binary_v2_request_and_answer_match_json(gateway, mnist):
     assert labels.tolist() == next(o for o in as_json["outputs"] if o["name"] == "label")["data"]
 
 
+def test_binary_upstream_to_the_real_kserve_server_gives_the_same_decisions(gateway, model_server, mnist):
+    """MAGNET_UPSTREAM_BINARY: the gateway speaks the OIP binary data extension to KServe's server."""
+    x = mnist.test.x[:64]
+    proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", model_server,
+                              env={"MAGNET_UPSTREAM_BINARY": "true"})
+    with proc, httpx.Client(base_url=url, timeout=30) as binary:
+        got = classify(binary, {"inputs": x.tolist()})
+    want = classify(gateway, {"inputs": x.tolist()})
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    assert [r["rejected"] for r in got] == [r["rejected"] for r in want]
+    for a, b in zip(got, want):
+        if a["probabilities"] is not None:
+            assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+
+
 def test_png_upload_gives_the_same_answer_as_floats(gateway, mnist):
     digit = mnist.test.x[0, 0]
     buf = io.BytesIO()

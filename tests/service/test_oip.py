@@ -2,6 +2,7 @@
 servers for both HTTP adapters are in test_tfserving.py); the real model server is exercised in tests/e2e."""
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -49,3 +50,58 @@ def test_bad_answers_raise_upstream_error(response, error, fragment):
     with pytest.raises(error, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         run(handler, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
 
+
+
+def binary_answer(outputs: list[tuple[str, str, np.ndarray]], json_only: tuple[str, ...] = ()) -> web.Response:
+    entries, chunks = [], []
+    for name, datatype, values in outputs:
+        if name in json_only:
+            entries.append({"name": name, "datatype": datatype, "shape": list(values.shape),
+                            "data": values.ravel().tolist()})
+            continue
+        raw = values.astype({"FP32": "<f4", "FP64": "<f8"}[datatype]).tobytes()
+        entries.append({"name": name, "datatype": datatype, "shape": list(values.shape),
+                        "parameters": {"binary_data_size": len(raw)}})
+        chunks.append(raw)
+    header = json.dumps({"outputs": entries}).encode()
+    return web.Response(body=header + b"".join(chunks), content_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+def test_binary_requests_and_answers():
+    """MAGNET_UPSTREAM_BINARY: the input goes as FP32 bytes after a JSON header, outputs come back binary;
+    the chosen output is found after others, binary or JSON."""
+    seen = {}
+    x = np.random.default_rng(0).uniform(size=(3, 1, 2, 2)).astype(np.float32)
+    logits = np.arange(6, dtype=np.float32).reshape(3, 2)
+
+    async def handler(request):
+        body = await request.read()
+        n = int(request.headers["Inference-Header-Content-Length"])
+        seen["header"], seen["raw"] = json.loads(body[:n]), body[n:]
+        return binary_answer([("aux", "FP64", np.ones((3, 4))), ("extra", "FP32", np.zeros(3)),
+                              ("logits", "FP32", logits)], json_only=("extra",))
+
+    def upstream(url):
+        return OipUpstream(url + "/", "m", output_name="logits", timeout_s=0.5, binary=True)
+
+    routes = [("POST", "/v2/models/m/infer", handler)]
+    out = asyncio.run(against_fake_server(routes, upstream, lambda u: u.infer(x)))
+    tensor = seen["header"]["inputs"][0]
+    assert tensor["parameters"] == {"binary_data_size": x.nbytes} and "data" not in tensor
+    assert seen["header"]["parameters"] == {"binary_data_output": True}
+    np.testing.assert_array_equal(np.frombuffer(seen["raw"], "<f4").reshape(x.shape), x)
+    np.testing.assert_array_equal(out, logits)
+
+
+def test_a_binary_answer_that_does_not_add_up_is_an_upstream_error():
+    async def handler(request):
+        r = binary_answer([("logits", "FP32", np.zeros((3, 2)))])
+        r.body = r.body[:-4]  # four bytes short
+        return r
+
+    x = np.zeros((3, 1, 2, 2), np.float32)
+    with pytest.raises(UpstreamError, match="does not fit"):
+        asyncio.run(against_fake_server([("POST", "/v2/models/m/infer", handler)],
+                                        lambda url: OipUpstream(url + "/", "m", timeout_s=0.5, binary=True),
+                                        lambda u: u.infer(x)))
