@@ -16,6 +16,7 @@ from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
+from service.batching import MicroBatcher
 from service.pipeline import Pipeline
 from service.routes import router
 from service.sessions import make_selector
@@ -53,7 +54,10 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     metrics.declare_mode(settings.mode == "shadow", expected_rejection(defense))
     metrics.declare_bundle(defense.manifest.name, manifest_version(defense.bundle_dir),
                            sha256_of(defense.bundle_dir / MANIFEST))
-    gateway = Gateway(settings, defense, upstream, metrics, Pipeline(defense, upstream, metrics, executor),
+    pipeline = Pipeline(defense, upstream, metrics, executor)
+    if settings.batch_rows > 0:
+        pipeline = MicroBatcher(pipeline, metrics, settings.batch_rows, settings.batch_window_ms / 1000)
+    gateway = Gateway(settings, defense, upstream, metrics, pipeline,
                       make_selector(settings.session_secret.get_secret_value().encode()
                                     if settings.session_secret is not None else None, len(defense.members)))
 

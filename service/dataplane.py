@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import orjson
@@ -25,6 +25,9 @@ from service.sessions import MemberSelector
 from service.settings import Settings
 from service.upstream.base import Upstream
 
+if TYPE_CHECKING:
+    from service.batching import MicroBatcher
+
 
 @dataclass
 class Gateway:
@@ -34,7 +37,7 @@ class Gateway:
     defense: Defense
     upstream: Upstream
     metrics: Metrics
-    pipeline: Pipeline
+    pipeline: Pipeline | MicroBatcher
     selector: MemberSelector
 
 

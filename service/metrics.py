@@ -22,6 +22,9 @@ class Metrics:
                                            ["detector"], registry=registry)
         self.stage_seconds = Histogram("magnet_stage_seconds", "Latency of each stage of a classify request.",
                                        ["stage"], buckets=BUCKETS, registry=registry)
+        self.batch_rows = Histogram("magnet_batch_rows", "Rows per defense pass and upstream call (micro-batching "
+                                    "coalesces concurrent requests of one pool member).",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
         self.upstream_errors = Counter("magnet_upstream_errors", "Failed upstream calls by reason "
                                        "(timeout, unavailable, bad_response).", ["reason"], registry=registry)
         self.pool_selections = Counter("magnet_pool_selections", "Requests defended by each pool member.",

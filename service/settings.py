@@ -61,6 +61,11 @@ class Settings(BaseSettings):
                            "an attacker: leave off in production.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_batch: int = Field(256, ge=1, description="Most inputs accepted in one request (413 above).")
+    batch_rows: int = Field(256, ge=0, description="Micro-batching: concurrent requests of one pool member are "
+                            "coalesced into one defense pass and one upstream call of up to this many rows "
+                            "(0: off, each request alone).")
+    batch_window_ms: float = Field(0.0, ge=0, description="Micro-batching: wait this long before a batch starts, "
+                                   "to gather more requests (0: batch what is queued, no waiting).")
     log_level: str = Field("info", description="Log level of the gateway and uvicorn.")
     session_secret: SecretStr | None = Field(
         None, description="Secret (at least 16 characters) that maps session ids to pool members; give "
