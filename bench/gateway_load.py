@@ -77,18 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     kserve, kurl = start_model_server(BUNDLE / "classifier.onnx", "mnist")
     embedded, eurl = start_gateway("--log-level", "warning")
     proxied, gurl = start_gateway("--log-level", "warning", "--upstream", kurl)
+    # the same gateway with micro-batching off (MAGNET_BATCH_ROWS=0): each request its own upstream call
+    unbatched, uurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_BATCH_ROWS": "0"})
     results = {}
     try:
         targets = {
             "kserve_direct": (f"{kurl}/v2/models/mnist/infer", v2_bodies),
             "gateway_embedded": (f"{eurl}/classify", gateway_bodies),
             "gateway_to_kserve": (f"{gurl}/classify", gateway_bodies),
+            "gateway_to_kserve_unbatched": (f"{uurl}/classify", gateway_bodies),
         }
         for name, (url, bodies) in targets.items():
             results[name] = run_target(url, bodies, args)
             print(name, json.dumps(results[name]), flush=True)
     finally:
-        for proc in (kserve, embedded, proxied):
+        for proc in (kserve, embedded, proxied, unbatched):
             proc.stop()
     report = {"command": "python -m bench.gateway_load " + " ".join(argv or sys.argv[1:]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "concurrency": args.concurrency,
