@@ -144,4 +144,6 @@ def test_every_dashboard_expression_returns_data(stack, mnist):
     reasons = next(e for t, e in queries if t.startswith("Upstream errors"))
     assert {s["metric"].get("reason") for s in prom.query(reasons)} == {"unavailable"}
     stages = next(e for t, e in queries if t.startswith("Latency"))
-    assert {s["metric"]["stage"] for s in prom.query(stages)} == {"decode", "defense", "upstream", "total"}
+    assert {s["metric"]["stage"] for s in prom.query(stages)} == {"decode", "queue", "defense", "upstream", "total"}
+    batch_rows = next(e for t, e in queries if t.startswith("Rows per micro-batch"))
+    assert float(prom.query(batch_rows)[0]["value"][1]) >= 1
