@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,8 @@ class _Pending:
 
 def split_outcome(outcome: Outcome, sizes: list[int]) -> list[Outcome]:
     """The outcome of a concatenated batch as one outcome per request of ``sizes`` rows, in order."""
+    if len(sizes) == 1:
+        return [outcome]
     parts, start = [], 0
     v = outcome.verdict
     for n in sizes:
@@ -50,14 +53,14 @@ class MicroBatcher:
     def __init__(self, pipeline: Pipeline, metrics: Metrics, max_rows: int, window_s: float = 0.0) -> None:
         self.pipeline, self.metrics = pipeline, metrics
         self.max_rows, self.window_s = max_rows, window_s
-        self._queues: dict[tuple[int, bool], list[_Pending]] = {}
+        self._queues: dict[tuple[int, bool], deque[_Pending]] = {}
         self._draining: set[tuple[int, bool]] = set()
         self._tasks: set[asyncio.Task] = set()
 
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         key = (member, shadow)
         pending = _Pending(x, asyncio.get_running_loop().create_future())
-        self._queues.setdefault(key, []).append(pending)
+        self._queues.setdefault(key, deque()).append(pending)
         if key not in self._draining:
             self._draining.add(key)
             task = asyncio.create_task(self._drain(key))
@@ -68,7 +71,7 @@ class MicroBatcher:
     def _take(self, key: tuple[int, bool]) -> list[_Pending]:
         queue, batch, rows = self._queues[key], [], 0
         while queue and (not batch or rows + len(queue[0].x) <= self.max_rows):
-            item = queue.pop(0)
+            item = queue.popleft()
             if item.future.done():  # the client went away while it waited
                 continue
             batch.append(item)
@@ -99,10 +102,5 @@ class MicroBatcher:
                 for item, part in zip(batch, split_outcome(outcome, sizes)):
                     if not item.future.done():
                         item.future.set_result(part)
-        finally:
+        finally:  # the queue is empty here: nothing awaits between the loop's last test and this line
             self._draining.discard(key)
-            if self._queues.get(key):  # a request queued as the loop ended: start again
-                self._draining.add(key)
-                task = asyncio.create_task(self._drain(key))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)

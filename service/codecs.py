@@ -125,7 +125,7 @@ def decode_classify_request(body: bytes, spec: InputSpec, max_batch: int) -> np.
     return _sized(batch, max_batch)
 
 
-V2_TENSOR_KEYS = ("name", "shape", "datatype", "data")
+V2_TENSOR_KEYS = ("name", "shape", "datatype")  # and "data", or parameters.binary_data_size
 
 
 def v2_input_shapes(spec: InputSpec) -> str:
@@ -137,7 +137,7 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
     """One OIP v2 input tensor (any name; FP32; shape [N, C, H, W], or [N, H, W] for one channel;
     ``data`` flat or nested, row-major, or, with the binary data extension, ``parameters.binary_data_size``
     little-endian bytes taken from ``binary``) -> N x C x H x W float32 in the spec's range."""
-    if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS[:3]):
+    if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS):
         raise BadInput('the input tensor must be an object with "name", "shape", "datatype" and "data"')
     name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
     if not isinstance(name, str):
@@ -149,7 +149,8 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
     c, h, w = spec.shape
     if not (len(shape) == 4 and shape[1:] == [c, h, w] or c == 1 and len(shape) == 3 and shape[1:] == [h, w]):
         raise BadInput(f"input tensor {name!r} has shape {shape}; expected {v2_input_shapes(spec)}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) else None
+    parameters = tensor.get("parameters")
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if "data" in tensor:
             raise BadInput(f"input tensor {name!r} has both \"data\" and parameters.binary_data_size")
@@ -225,11 +226,12 @@ def _output_requests(payload: dict) -> tuple[tuple[str, ...] | None, frozenset]:
     return tuple(o["name"] for o in outputs), frozenset(binary)
 
 
-def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int,
-                            header_length: str | None = None) -> tuple[np.ndarray, V2Request]:
+def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int, header_length: str | None = None,
+                            output_names: list[str] | None = None) -> tuple[np.ndarray, V2Request]:
     """An OIP v2 inference request with one input tensor, as JSON or with the binary data extension
     (``header_length``: the Inference-Header-Content-Length header) -> (N x C x H x W float32, what else
-    it asks)."""
+    it asks). ``output_names``: the outputs the model has; a request naming another is a 400 here, before
+    any work is done for it."""
     header, binary = split_binary(body, header_length)
     payload = _load_json(header)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
@@ -240,6 +242,9 @@ def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int,
         raise BadInput('"id" must be a string')
     parameters = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
     outputs, binary_names = _output_requests(payload)
+    unknown = [o for o in outputs or () if output_names is not None and o not in output_names]
+    if unknown:
+        raise BadInput(f"unknown output(s) {', '.join(map(repr, unknown))}; this model has: {', '.join(output_names)}")
     batch = _sized(decode_v2_tensor(payload["inputs"][0], spec, binary), max_batch)
     if binary is not None:
         binary.check_consumed()
@@ -268,4 +273,4 @@ def encode_v2_response(content: dict, tensors: list[tuple[str, str, np.ndarray]]
 
 
 # OIP v2 datatypes -> little-endian numpy types of the binary data extension (BOOL: one byte each)
-BINARY_DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}
+BINARY_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}

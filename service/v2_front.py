@@ -26,7 +26,7 @@ from fastapi.responses import Response
 
 from service.codecs import V2Request, decode_v2_infer_request, encode_v2_response
 from service.dataplane import Gateway, answer, defend, json_response
-from service.errors import BadInput, UnknownModel
+from service.errors import UnknownModel
 from service.pipeline import Outcome
 
 router = APIRouter(prefix="/v2")
@@ -80,14 +80,17 @@ def encode_outputs(outcome: Outcome) -> list[Tensor]:
     return [("probabilities", "FP32", probabilities), ("label", "INT64", labels), ("rejected", "BOOL", rejected)]
 
 
+def output_names(gw: Gateway) -> list[str]:
+    """Every output an answer can hold: the metadata's, and ``would_reject`` when explaining in shadow mode."""
+    names = [o["name"] for o in model_metadata(gw)["outputs"]]
+    return names + ["would_reject"] if gw.settings.explain and gw.settings.mode == "shadow" else names
+
+
 def chosen(tensors: list[Tensor], wanted: tuple[str, ...] | None) -> list[Tensor]:
-    """The outputs a request names, in its order (all when it names none); an unknown name is a 400."""
+    """The outputs a request names, in its order (all when it names none; the decoder refused unknown names)."""
     if wanted is None:
         return tensors
     by_name = {t[0]: t for t in tensors}
-    unknown = [name for name in wanted if name not in by_name]
-    if unknown:
-        raise BadInput(f"unknown output(s) {', '.join(map(repr, unknown))}; this model has: {', '.join(by_name)}")
     return [by_name[name] for name in wanted]
 
 
@@ -119,7 +122,7 @@ async def infer(name: str, request: Request) -> Response:
     gw = _gateway_serving(request, name)
     header_length = request.headers.get("inference-header-content-length")
     defended = await defend(request, lambda body, g: decode_v2_infer_request(
-        body, g.defense.manifest.input, g.settings.max_batch, header_length))
+        body, g.defense.manifest.input, g.settings.max_batch, header_length, output_names(g)))
     asked: V2Request = defended.extra
     content: dict = {"model_name": name}
     if asked.id is not None:

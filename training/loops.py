@@ -199,8 +199,9 @@ def _objective(models: list[nn.Module], noisy: torch.Tensor, clean: torch.Tensor
     return loss, recon, diversity
 
 
-def _left(seconds: float) -> str:
-    return f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
+def duration(seconds: float) -> str:
+    """A time span for progress lines and plans: seconds, minutes or hours."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: AutoencoderConfig,
@@ -243,7 +244,7 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
         hist.epochs.append(row)
         log(f"{name} epoch {row['epoch']:3d}/{cfg.epochs}  train mse {row['train_mse']:.5f}  "
             f"val mse {row['val_denoise_mse']:.5f}" + (f"  diversity {row['val_diversity']:.5f}" if n > 1 else "")
-            + f"  {row['seconds']:.1f}s  (at most {_left(row['seconds'] * (cfg.epochs - epoch - 1))} left)")
+            + f"  {row['seconds']:.1f}s  (at most ~{duration(row['seconds'] * (cfg.epochs - epoch - 1))} left)")
         if val_loss < best - 1e-7:
             best, hist.best_epoch, since_best = val_loss, epoch + 1, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in models]

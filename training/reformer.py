@@ -29,7 +29,7 @@ from torch import nn
 
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
-from training.loops import _left, predict_logits
+from training.loops import duration, predict_logits
 
 KINDS = ("clean", "noise", "fgsm", "pgd")
 
@@ -244,7 +244,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
             left = (time.perf_counter() - started) / max(step - step0, 1) * (cfg.steps - step)
             log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-                + f"  {_left(left)} left")
+                + f"  ~{duration(left)} left")
         history["seconds"] = run_seconds0 + time.perf_counter() - started
         if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
             save()

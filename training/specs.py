@@ -36,10 +36,6 @@ class DatasetSpec:
     budgets: dict = field(default_factory=dict)
     shipped: bool = False
 
-    @property
-    def build_eps(self) -> tuple[float, float]:
-        return BUILD_EPS[self.family]
-
     def load(self, data_dir: Path | None = None, data: Path | None = None, seed: int = 0,
              validation: float = 0.1, test: float = 0.1) -> Dataset:
         """The data: a shipped set from ``data_dir``; a folder from ``data`` at this spec's size."""

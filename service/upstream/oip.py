@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 
 from service.defense.contract import ClassifierInput, Layout, prepare
+from service.codecs import BINARY_DTYPES
 from service.errors import UpstreamError
 from service.upstream.pooled import PooledHttp
 
@@ -55,23 +56,17 @@ class OipUpstream(PooledHttp):
         try:
             n = int(header_length) if header_length is not None else len(body)
             outputs = orjson.loads(body[:n])["outputs"]
-            offset = n
-            for o in outputs:
-                size = (o.get("parameters") or {}).get("binary_data_size")
-                if self.output_name in (None, o["name"]):
-                    out = o
-                    break
-                offset += int(size or 0)
+            # binary outputs follow the JSON header in the order they are listed: skip those before ours
+            sizes = [int((o.get("parameters") or {}).get("binary_data_size") or 0) for o in outputs]
+            k = next(i for i, o in enumerate(outputs) if self.output_name in (None, o["name"]))
+            out, offset, size = outputs[k], n + sum(sizes[:k]), sizes[k]
+            if "data" in out:
+                scores = np.asarray(out["data"], dtype=np.float32)
+            elif out["datatype"] in BINARY_DTYPES and offset + size <= len(body):
+                scores = np.frombuffer(body[offset:offset + size], dtype=BINARY_DTYPES[out["datatype"]])
             else:
-                raise StopIteration
-            if size is not None:
-                dtype = BINARY_FLOATS.get(out["datatype"])
-                if dtype is None or offset + int(size) > len(body):
-                    raise ValueError(f"binary output {out['name']!r} of {out['datatype']} and {size} bytes does not fit")
-                scores = np.frombuffer(body[offset:offset + int(size)], dtype=dtype).astype(np.float32)
-                scores = scores.reshape(out["shape"])
-            else:
-                scores = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+                raise ValueError(f"binary output {out['name']!r} of {out['datatype']} and {size} bytes does not fit")
+            scores = scores.astype(np.float32).reshape(out["shape"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as e:
             raise UpstreamError(f"upstream answer is not an OIP v2 inference response with output "
                                 f"{self.output_name or '(first)'}: {e!r}")
@@ -88,5 +83,3 @@ class OipUpstream(PooledHttp):
         answer, answer_headers = await self.exchange(url, body, headers)
         return self.decode(answer, len(x), answer_headers.get("inference-header-content-length"))
 
-
-BINARY_FLOATS = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2"}

@@ -64,11 +64,14 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers(tmp_path):
     assert 1 <= batches < len(xs) and calls <= batches
 
 
-def test_an_idle_gateway_runs_a_lone_request_at_once(tmp_path):
-    batcher, _, upstream, _ = setup(tmp_path)
+def test_a_lone_request_is_a_batch_of_its_own_rows(tmp_path):
+    batcher, pipeline, upstream, metrics = setup(tmp_path)
     x = requests_of(1)[0]
     outcome = asyncio.run(batcher.classify(x))
-    assert len(upstream.batches) <= 1 and len(outcome.rejected) == len(x)
+    samples = {s.name: s.value for s in metrics.batch_rows.collect()[0].samples if not s.name.endswith("_bucket")}
+    assert samples["magnet_batch_rows_count"] == 1 and samples["magnet_batch_rows_sum"] == len(x)
+    assert len(upstream.batches) <= 1
+    same(outcome, asyncio.run(pipeline.classify(x)))
 
 
 def test_members_never_share_a_batch_and_rows_stay_under_the_limit(tmp_path):

@@ -33,6 +33,7 @@ from training.evaluate.torch_defense import Twins
 from training.evaluate.attacks import Attack, default_names, gradient_budget, reduced, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
+from training.loops import duration
 from training.provenance import provenance
 from training.specs import load_for_manifest, spec_of_manifest
 
@@ -103,10 +104,6 @@ def seconds_per_gradient(twin, x: np.ndarray, device: str, batch: int = 64) -> f
     return min(times[1:]) / len(xb)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def plan(jobs: list[dict], per_gradient: float, device: str) -> str:
     """The plan ``magnet evaluate`` prints before it starts: one line per job, with an estimate."""
     lines = [f"plan ({len(jobs)} jobs; one classifier gradient takes {per_gradient * 1e3:.2f} ms per example on "
@@ -119,8 +116,8 @@ def plan(jobs: list[dict], per_gradient: float, device: str) -> str:
         seconds = job["examples"] * job["gradients"] * per_gradient
         total += seconds
         lines.append(f"  {job['name']:<28} {job['examples']:>5} examples  {job['gradients']:>8.0f} gradients each "
-                     f"({job['quality']})  ~{_duration(seconds)}")
-    lines.append(f"  total: ~{_duration(total)}")
+                     f"({job['quality']})  ~{duration(seconds)}")
+    lines.append(f"  total: ~{duration(total)}")
     return "\n".join(lines)
 
 
