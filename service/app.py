@@ -81,3 +81,10 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     app.add_exception_handler(MagnetError, handle_magnet_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The factory each worker process calls (``magnet serve --workers N``): settings from ``MAGNET_*``."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)

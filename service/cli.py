@@ -21,6 +21,7 @@ SERVE_FLAGS = {
     "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
     "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),
+    "--workers": ("workers", int, "gateway processes (default: one per two cores, at most 8)"),
     "--mode": ("mode", str, "enforce (default) or shadow: score and count everything, reject nothing"),
     "--log-level": ("log_level", str, "debug, info, warning or error"),
 }
@@ -38,6 +39,13 @@ def serve(argv: list[str]) -> int:
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if not settings.workers:
+        from service.workers import default_workers
+
+        settings = settings.model_copy(update={"workers": default_workers()})
+    if settings.workers > 1:
+        return _serve_workers(settings, overrides)
+
     import uvicorn
 
     from service.app import create_app
@@ -49,6 +57,21 @@ def serve(argv: list[str]) -> int:
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 loop="auto", http="auto")
+    return 0
+
+
+def _serve_workers(settings: Settings, overrides: dict[str, object]) -> int:
+    """Check the bundle here (so a bad one fails once, with its message), then start the workers."""
+    from service.defense.bundle import read_manifest, verify_files
+    from service.workers import run_workers
+
+    try:
+        manifest = read_manifest(settings.bundle)
+        verify_files(settings.bundle, manifest)
+    except BundleError as e:
+        print(f"magnet serve: {e}", file=sys.stderr)
+        return 2
+    run_workers(settings, overrides, len(manifest.members))
     return 0
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGES = ("decode", "defense", "upstream", "total")
 # Latency buckets from 0.5 ms to 10 s: the defense stage is sub-millisecond per digit on a CPU.
@@ -31,17 +34,28 @@ class Metrics:
                                        ["member"], registry=registry)
         self.bundle_info = Gauge("magnet_bundle_info", "The bundle served: its name, the manifest's format "
                                  "version as written (before migration) and the manifest file's sha256; always 1.",
-                                 ["bundle", "version", "sha256"], registry=registry)
+                                 ["bundle", "version", "sha256"], registry=registry, multiprocess_mode="max")
         self.expected_rejection = Gauge(
             "magnet_expected_rejection_ratio", "Share of clean inputs the bundle rejects by calibration: the "
             "clean test rejection measured when it was built, else 1 - prod(1 - fpr) over each member's detectors, "
-            "averaged over members. The drift alert compares traffic with it.", registry=registry)
+            "averaged over members. The drift alert compares traffic with it.", registry=registry,
+            multiprocess_mode="max")
         self.shadow_mode = Gauge("magnet_shadow_mode", "1 when the gateway only watches (MAGNET_MODE=shadow): "
-                                 "inputs it counts as rejected were answered anyway.", registry=registry)
+                                 "inputs it counts as rejected were answered anyway.", registry=registry,
+                                 multiprocess_mode="max")
         for stage in STAGES:  # export every series from the start, so dashboards have data at zero
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
             self.inputs.labels(decision)
+
+    def exposition(self) -> bytes:
+        """The text ``/metrics`` serves: this registry, or with worker processes (PROMETHEUS_MULTIPROC_DIR
+        set) the merged samples of every worker, whichever one answers."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
     def declare_detectors(self, names: list[str]) -> None:
         for name in names:

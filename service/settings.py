@@ -51,6 +51,8 @@ class Settings(BaseSettings):
         "auto", description="Where onnxruntime runs the autoencoders (and the embedded classifier): "
                             "'auto' uses CUDA when the CUDA provider is installed.")
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = all cores.")
+    workers: int = Field(0, ge=0, description="Gateway processes on one port (0: one per two cores, at most 8). "
+                         "They share the session secret and their metrics; a worker that dies is replaced.")
     inference_threads: int = Field(4, ge=1, description="Worker threads that run onnxruntime off the event loop.")
     mode: Literal["enforce", "shadow"] = Field(
         "enforce", description="'enforce' rejects what the detectors flag and reforms the rest; 'shadow' scores "

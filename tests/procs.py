@@ -176,6 +176,8 @@ def start_model_server(model_file: Union[str, os.PathLike[str]], name: str, time
 
 def start_gateway(*args: str, ready_path: str = "/readyz", timeout: float = 60.0,
                   **kwargs) -> tuple[ManagedProcess, str]:
-    """``magnet serve ARGS`` at a free port from the repository root; returns (process, base URL)."""
+    """``magnet serve ARGS`` at a free port from the repository root; returns (process, base URL).
+    One worker process unless ARGS or ``env`` say otherwise, whatever the machine's core count."""
+    kwargs["env"] = {"MAGNET_WORKERS": "1", **(kwargs.get("env") or {})}
     return start_on_free_port(lambda port: [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
                               ready_path, timeout, cwd=REPO, **kwargs)

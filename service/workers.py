@@ -1,0 +1,82 @@
+"""Worker processes: ``magnet serve --workers N`` runs N gateway processes on one listening socket.
+
+uvicorn's supervisor (>= 0.30) spawns the workers, pings them and replaces one that dies or hangs. Three
+things must hold across workers, and the parent sets them up before the first worker starts:
+
+- **settings**: workers are spawned, not forked, so the parent hands its resolved command-line flags to
+  them as ``MAGNET_*`` environment variables, which every worker's ``Settings()`` reads;
+- **the session secret**: every worker must map a session to the same pool member, so when
+  ``MAGNET_SESSION_SECRET`` is unset the parent generates one, once, for all of them;
+- **metrics**: prometheus_client's multiprocess mode. Each worker writes its samples to files in
+  ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` (on whichever worker answers) merges the files of every
+  worker, those of dead workers included, so counters never go backwards when a worker is replaced.
+  Unset, the parent makes a private directory and removes it at exit; set (a Kubernetes emptyDir, say),
+  its old files are cleared at start.
+
+onnxruntime's threads are split between workers: with ``MAGNET_ORT_THREADS=0`` (all cores) and N workers,
+each worker gets ``max(1, cores // N)`` intra-op threads instead of all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from service.settings import Settings
+
+log = logging.getLogger("magnet")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def default_workers() -> int:
+    """One worker per two cores, at most 8 and at least 1 (onnxruntime uses the other core's threads)."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+def ort_threads_per_worker(settings: Settings) -> int:
+    if settings.ort_threads or settings.workers <= 1:
+        return settings.ort_threads
+    return max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+def prepare_environment(settings: Settings, overrides: dict[str, object], members: int) -> Path | None:
+    """Put everything a spawned worker needs into ``os.environ``; returns a metrics directory to remove
+    at exit (None when the user chose the directory)."""
+    for name, value in overrides.items():
+        os.environ[f"MAGNET_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    os.environ["MAGNET_ORT_THREADS"] = str(ort_threads_per_worker(settings))
+    if settings.session_secret is None:
+        os.environ["MAGNET_SESSION_SECRET"] = secrets.token_urlsafe(32)
+        if members > 1:
+            log.warning("MAGNET_SESSION_SECRET is unset: generated one for this gateway's %d workers; other "
+                        "replicas will pick different pool members for the same session", settings.workers)
+    chosen = os.environ.get(MULTIPROC_ENV)
+    if chosen:
+        directory = Path(chosen)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        return None
+    made = Path(tempfile.mkdtemp(prefix="magnet-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(made)
+    return made
+
+
+def run_workers(settings: Settings, overrides: dict[str, object], members: int) -> None:
+    """Serve with ``settings.workers`` processes until SIGINT/SIGTERM (uvicorn's supervisor)."""
+    import uvicorn
+
+    made = prepare_environment(settings, overrides, members)
+    log.info("starting %d workers (metrics in %s, %s onnxruntime threads each)", settings.workers,
+             os.environ[MULTIPROC_ENV], os.environ["MAGNET_ORT_THREADS"])
+    try:
+        uvicorn.run("service.app:app_from_environment", factory=True, workers=settings.workers,
+                    host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
