@@ -14,12 +14,14 @@ things must hold across workers, and the parent sets them up before the first wo
   its old files are cleared at start.
 
 onnxruntime's threads are split between workers: with ``MAGNET_ORT_THREADS=0`` (all cores) and N workers,
-each worker gets ``max(1, cores // N)`` intra-op threads instead of all of them.
+each worker gets ``max(1, cores // N)`` intra-op threads instead of all of them, where cores are those this
+process may use (its affinity and its container's CPU quota).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -33,15 +35,38 @@ log = logging.getLogger("magnet")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 ``cpu.max``, or v1's quota/period), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota (a pod limited to
+    2 CPUs on a 64-core node counts 2, where ``os.cpu_count()`` says 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit)) if limit else cores)
+
+
 def default_workers() -> int:
-    """One worker per two cores, at most 8 and at least 1 (onnxruntime uses the other core's threads)."""
-    return max(1, min(8, (os.cpu_count() or 1) // 2))
+    """One worker per two usable cores, at most 8 and at least 1 (onnxruntime uses the other's threads)."""
+    return max(1, min(8, available_cpus() // 2))
 
 
 def ort_threads_per_worker(settings: Settings) -> int:
     if settings.ort_threads or settings.workers <= 1:
         return settings.ort_threads
-    return max(1, (os.cpu_count() or 1) // settings.workers)
+    return max(1, available_cpus() // settings.workers)
 
 
 def prepare_environment(settings: Settings, overrides: dict[str, object], members: int) -> Path | None:

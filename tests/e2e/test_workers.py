@@ -20,10 +20,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT
+from tests.conftest import SHIPPED_MNIST_POOL as POOL
 from tests.procs import start_gateway
 
-POOL = ROOT / "models" / "mnist-pool"
 pytestmark = pytest.mark.skipif(not (POOL / "manifest.json").exists(), reason="the MNIST pool bundle is absent")
 DIGIT = {"inputs": [[[[0.0] * 28] * 28]]}
 

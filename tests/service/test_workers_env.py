@@ -8,6 +8,7 @@ import os
 import pytest
 
 from service.settings import Settings
+from service import workers
 from service.workers import MULTIPROC_ENV, default_workers, ort_threads_per_worker, prepare_environment
 
 
@@ -49,11 +50,26 @@ def test_a_chosen_secret_is_kept_and_a_chosen_metrics_dir_is_cleared(clean_env, 
 
 
 def test_onnxruntime_threads_are_split_between_workers(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(workers, "available_cpus", lambda: 16)
     assert ort_threads_per_worker(Settings(workers=4, ort_threads=0)) == 4
     assert ort_threads_per_worker(Settings(workers=32, ort_threads=0)) == 1
     assert ort_threads_per_worker(Settings(workers=4, ort_threads=3)) == 3  # an explicit choice is kept
     assert ort_threads_per_worker(Settings(workers=1, ort_threads=0)) == 0
     assert default_workers() == 8
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(workers, "available_cpus", lambda: 2)
     assert default_workers() == 1
+
+
+def test_a_containers_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # cgroup v2: 2.5 CPUs
+    assert workers.cgroup_cpu_limit(tmp_path) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert workers.cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # cgroup v1: 1.5 CPUs
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert workers.cgroup_cpu_limit(tmp_path) == 1.5
+    monkeypatch.setattr(workers, "cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert workers.available_cpus() == 3 and workers.default_workers() == 1
