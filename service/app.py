@@ -16,6 +16,7 @@ from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
+from service.access import AccessGuard, ApiKeys, ConfigError, Limits
 from service.batching import MicroBatcher
 from service.pipeline import Pipeline
 from service.routes import router
@@ -41,6 +42,21 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error; see the gateway's log")
 
 
+def warn_exposure(settings: Settings, keys: ApiKeys | None, member_by: str, pool: bool) -> None:
+    """Say at start what an operator may not have meant: an open gateway, a client-chosen pool member,
+    operator endpoints on the API port."""
+    if keys is None:
+        log.warning("no API keys configured (MAGNET_API_KEYS, MAGNET_API_KEY_FILE): the gateway is open to "
+                    "anyone who reaches its port%s", "; pool members are bound to client-chosen session ids, "
+                    "which lets a client probe which member answers it (docs/security.md)" if pool else "")
+    elif member_by == "session" and pool:
+        log.warning("MAGNET_MEMBER_BY=session: pool members follow the session id each client chooses "
+                    "(docs/security.md)")
+    if settings.operator_port == settings.port:
+        log.warning("MAGNET_OPERATOR_PORT equals MAGNET_PORT: /metrics is served to API clients, and its "
+                    "per-member counters tell a client which pool member answered it")
+
+
 def create_app(settings: Settings | None = None, *, defense: Defense | None = None,
                upstream: Upstream | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     """Build the gateway. The bundle is loaded (and verified) here, so a bad bundle fails at start."""
@@ -57,9 +73,17 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     pipeline = Pipeline(defense, upstream, metrics, executor)
     if settings.batch_rows > 0:
         pipeline = MicroBatcher(pipeline, metrics, settings.batch_rows, settings.batch_window_ms / 1000)
+    keys = ApiKeys.from_settings(settings)
+    member_by = settings.member_by if settings.member_by != "auto" else ("key" if keys else "session")
+    if member_by == "key" and keys is None:
+        raise ConfigError("MAGNET_MEMBER_BY=key needs API keys (MAGNET_API_KEYS or MAGNET_API_KEY_FILE)")
+    pool = len(defense.members) > 1
+    probabilities = settings.probabilities == "on" or (settings.probabilities == "auto" and not pool)
+    warn_exposure(settings, keys, member_by, pool)
     gateway = Gateway(settings, defense, upstream, metrics, pipeline,
                       make_selector(settings.session_secret.get_secret_value().encode()
-                                    if settings.session_secret is not None else None, len(defense.members)))
+                                    if settings.session_secret is not None else None, len(defense.members)),
+                      Limits(settings, metrics), member_by, probabilities)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -74,8 +98,10 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
             await upstream.close()
             executor.shutdown(wait=False)
 
-    app = FastAPI(title="MagNet gateway", lifespan=lifespan)
+    app = FastAPI(title="MagNet gateway", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.docs else None, openapi_url="/openapi.json" if settings.docs else None)
     app.state.gateway = gateway
+    app.add_middleware(AccessGuard, settings=settings, keys=keys, metrics=metrics)
     app.include_router(router)
     app.include_router(v2_router)
     app.add_exception_handler(MagnetError, handle_magnet_error)

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from service.access import ConfigError
 from service.defense.bundle import BundleError
 from service.settings import Settings
 
@@ -20,6 +21,7 @@ SERVE_FLAGS = {
     "--upstream-protocol": ("upstream_protocol", str, "v2 (Triton, KServe, MLServer) or tfserving"),
     "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
+    "--operator-port": ("operator_port", int, "port of /metrics (default 8002; equal to --port: one port)"),
     "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),
     "--workers": ("workers", int, "gateway processes (default: one per two cores, at most 8)"),
     "--mode": ("mode", str, "enforce (default) or shadow: score and count everything, reject nothing"),
@@ -46,29 +48,29 @@ def serve(argv: list[str]) -> int:
     if settings.workers > 1:
         return _serve_workers(settings, overrides)
 
-    import uvicorn
-
     from service.app import create_app
+    from service.workers import serve as serve_app
 
     try:
         app = create_app(settings)
-    except BundleError as e:
+    except (BundleError, ConfigError) as e:
         print(f"magnet serve: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                loop="auto", http="auto")
+    serve_app(app, settings)
     return 0
 
 
 def _serve_workers(settings: Settings, overrides: dict[str, object]) -> int:
     """Check the bundle here (so a bad one fails once, with its message), then start the workers."""
+    from service.access import ApiKeys
     from service.defense.bundle import read_manifest, verify_files
     from service.workers import run_workers
 
     try:
         manifest = read_manifest(settings.bundle)
         verify_files(settings.bundle, manifest)
-    except BundleError as e:
+        ApiKeys.from_settings(settings)
+    except (BundleError, ConfigError) as e:
         print(f"magnet serve: {e}", file=sys.stderr)
         return 2
     run_workers(settings, overrides, len(manifest.members))

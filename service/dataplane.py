@@ -17,6 +17,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
+from service.access import Limits
 from service.defense.core import Defense
 from service.errors import BadInput, MagnetError, PayloadTooLarge
 from service.metrics import Metrics
@@ -39,9 +40,12 @@ class Gateway:
     metrics: Metrics
     pipeline: Pipeline | MicroBatcher
     selector: MemberSelector
+    limits: Limits
+    member_by: str  # "key" or "session" (settings' "auto" resolved)
+    probabilities: bool  # whether answers carry the classifier's probabilities ("auto" resolved)
 
 
-OUTCOMES = {400: "bad_request", 413: "too_large", 502: "upstream_error", 503: "upstream_error",
+OUTCOMES = {400: "bad_request", 401: "unauthorized", 429: "throttled", 413: "too_large", 502: "upstream_error", 503: "upstream_error",
             504: "upstream_error"}
 
 
@@ -76,18 +80,23 @@ def session_of(request: Request, header: str, cookie: str) -> tuple[str, bool]:
     return session, False
 
 
-def encode_results(outcome: Outcome, explain: bool) -> list[dict]:
-    """/classify's results. With ``explain``: the scores, the detectors that fired and, in shadow mode,
-    ``would_reject`` (what enforcing would have answered); without it a shadow answer looks like a
+def encode_results(outcome: Outcome, explain: bool, with_probabilities: bool = True) -> list[dict]:
+    """/classify's results. ``probabilities`` only ``with_probabilities`` (off for pools by default:
+    they fingerprint the member). With ``explain``: the scores, the detectors that fired and, in shadow
+    mode, ``would_reject`` (what enforcing would have answered); without it a shadow answer looks like a
     plain classifier's."""
     verdict, probabilities = outcome.verdict, outcome.probabilities
     results = []
     for i, rejected in enumerate(outcome.rejected.tolist()):
         row = probabilities[i]
         if not rejected:
-            result = {"rejected": False, "label": int(np.argmax(row)), "probabilities": row.tolist()}
+            result = {"rejected": False, "label": int(np.argmax(row))}
+            if with_probabilities:
+                result["probabilities"] = row.tolist()
         else:
-            result = {"rejected": True, "label": None, "probabilities": None}
+            result = {"rejected": True, "label": None}
+            if with_probabilities:
+                result["probabilities"] = None
         if explain:
             result["scores"] = {name: float(s[i]) for name, s in verdict.scores.items() if not np.isnan(s[i])}
             result["fired"] = verdict.fired_by(i)
@@ -110,19 +119,29 @@ class Defended:
 
 
 async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.ndarray, Any]]) -> Defended:
-    """The bookkeeping every defended route shares: session, body limit, decode, member, pipeline,
-    and the request counters by outcome."""
+    """The bookkeeping every defended route shares: the caller's limits, session, body limit, decode,
+    member, pipeline, the caller's rejections, and the request counters by outcome.
+
+    The member is bound to the caller's API key id (``member_by`` "key": the client cannot choose it) or
+    to the session id the client sends ("session")."""
     gw = request.app.state.gateway
     settings, metrics = gw.settings, gw.metrics
     started = time.perf_counter()
+    principal = request.scope.get("state", {}).get("principal")
     try:
-        session, issued = session_of(request, settings.session_header, settings.session_cookie)
+        gw.limits.check(principal)
+        if gw.member_by == "key":
+            session, issued = "", False
+            member = gw.selector.member(f"key:{principal}")
+        else:
+            session, issued = session_of(request, settings.session_header, settings.session_cookie)
+            member = gw.selector.member(session)
         body = await read_body(request, settings.max_body_bytes)
         with metrics.stage_seconds.labels("decode").time():
             x, extra = decode(body, gw)
-        member = gw.selector.member(session)
         metrics.pool_selections.labels(gw.defense.members[member].name).inc()
         outcome = await gw.pipeline.classify(x, member=member, shadow=settings.mode == "shadow")
+        gw.limits.rejected(principal, int(outcome.rejected.sum()))
     except MagnetError as e:
         metrics.requests.labels(OUTCOMES.get(e.status, "error")).inc()
         raise

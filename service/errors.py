@@ -15,6 +15,7 @@ class MagnetError(Exception):
     """Base of every error the gateway answers; ``status`` is the HTTP status sent to the client."""
 
     status = 500
+    headers: dict[str, str] | None = None  # extra response headers (Retry-After, WWW-Authenticate)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -53,11 +54,12 @@ class UpstreamTimeout(MagnetError):
     status = 504
 
 
-def error_response(status: int, message: str) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 async def handle_magnet_error(request: Request, exc: MagnetError) -> Response:
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)

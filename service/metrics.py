@@ -16,7 +16,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter("magnet_requests", "Classify requests by outcome "
-                                "(ok, bad_request, too_large, upstream_error, error).",
+                                "(ok, bad_request, unauthorized, throttled, too_large, upstream_error, error).",
                                 ["outcome"], registry=registry)
         self.inputs = Counter("magnet_inputs", "Inputs by decision (accepted, rejected).",
                               ["decision"], registry=registry)
@@ -30,6 +30,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
         self.upstream_errors = Counter("magnet_upstream_errors", "Failed upstream calls by reason "
                                        "(timeout, unavailable, bad_response).", ["reason"], registry=registry)
+        self.throttled = Counter("magnet_throttled", "Requests refused with 429 because their caller was over a "
+                                 "limit (reason: rejections, requests).", ["reason"], registry=registry)
         self.pool_selections = Counter("magnet_pool_selections", "Requests defended by each pool member.",
                                        ["member"], registry=registry)
         self.bundle_info = Gauge("magnet_bundle_info", "The bundle served: its name, the manifest's format "
@@ -47,6 +49,8 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
             self.inputs.labels(decision)
+        for reason in ("rejections", "requests"):
+            self.throttled.labels(reason)
 
     def exposition(self) -> bytes:
         """The text ``/metrics`` serves: this registry, or with worker processes (PROMETHEUS_MULTIPROC_DIR

@@ -17,8 +17,9 @@ async def classify(request: Request) -> Response:
     """Defend and classify ``{"inputs": ...}`` or ``{"images": [...]}``; results in input order."""
     defended = await defend(request, lambda body, gw: (
         decode_classify_request(body, gw.defense.manifest.input, gw.settings.max_batch), None))
-    explain = request.app.state.gateway.settings.explain
-    return answer(request, defended, {"results": encode_results(defended.outcome, explain)})
+    gw = request.app.state.gateway
+    return answer(request, defended, {"results": encode_results(defended.outcome, gw.settings.explain,
+                                                                gw.probabilities)})
 
 
 @router.get("/healthz")

@@ -69,6 +69,34 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(0.0, ge=0, description="Micro-batching: wait this long before a batch starts, "
                                    "to gather more requests (0: batch what is queued, no waiting).")
     log_level: str = Field("info", description="Log level of the gateway and uvicorn.")
+    operator_port: int = Field(
+        8002, ge=0, le=65535, description="Port of the operator endpoints (/metrics, and /docs and /openapi.json "
+        "when docs are on), on the same interface as the API unless MAGNET_OPERATOR_HOST says otherwise. "
+        "The API port answers 404 for them. Equal to MAGNET_PORT: everything on one port (not for production).")
+    operator_host: str | None = Field(None, description="Interface of the operator port (default: MAGNET_HOST).")
+    docs: bool = Field(False, description="Serve the OpenAPI schema and Swagger UI (/docs, /openapi.json) "
+                       "on the operator port.")
+    api_keys: SecretStr | None = Field(
+        None, description="API keys as 'id:key,id:key' (keys of 16 characters or more). Clients send "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>'; without a valid one they get 401. Health "
+        "probes stay open. Unset (and no key file): the gateway runs open, with a warning at start.")
+    api_key_file: Path | None = Field(None, description="File of API keys, one 'id:key' per line (# comments); "
+                                      "added to MAGNET_API_KEYS.")
+    member_by: Literal["auto", "key", "session"] = Field(
+        "auto", description="What a pool member is bound to: 'key', the caller's API key id (clients cannot "
+        "choose their member); 'session', the session id the client sends (any client can pick sessions, "
+        "so it can probe which member it gets: opt-in only); 'auto': 'key' when API keys are configured, "
+        "else 'session'.")
+    probabilities: Literal["auto", "on", "off"] = Field(
+        "auto", description="Return the classifier's probabilities with each label. They fingerprint a pool's "
+        "member, so 'auto' returns them for single-member bundles only.")
+    rejection_limit: str = Field(
+        "200/60", description="'R/W': a caller with R rejected inputs within W seconds is throttled (429 with "
+        "Retry-After) until the window has room again. Counted per caller (API key id, else client address) "
+        "in each worker process. '0' turns it off.")
+    rate_limit: str = Field(
+        "0", description="'N/W': at most N requests per caller in any W seconds, per worker process (429 with "
+        "Retry-After above). '0' (default) turns it off.")
     session_secret: SecretStr | None = Field(
         None, description="Secret (at least 16 characters) that maps session ids to pool members; give "
                           "every replica the same one. Unset: a random one per process, so replicas disagree.")
@@ -76,6 +104,28 @@ class Settings(BaseSettings):
     session_cookie: str = Field(
         "magnet_session", description="Cookie that carries the session id when the header is absent; "
                                       "the gateway sets it on responses to requests that had neither.")
+
+    @field_validator("rejection_limit", "rate_limit")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        """'0' or 'N/W' with N a positive integer and W positive seconds."""
+        if value.strip() == "0":
+            return "0"
+        count, _, seconds = value.partition("/")
+        try:
+            if int(count) > 0 and float(seconds) > 0:
+                return value.strip()
+        except ValueError:
+            pass
+        raise ValueError(f"{value!r}: expected '0' (off) or 'N/W', e.g. '200/60' for 200 in 60 seconds")
+
+    def window(self, name: str) -> tuple[int, float] | None:
+        """``rejection_limit`` or ``rate_limit`` as (count, seconds), None when off."""
+        value = getattr(self, name)
+        if value == "0":
+            return None
+        count, seconds = value.split("/")
+        return int(count), float(seconds)
 
     @field_validator("mode", "upstream_layout", mode="before")
     @classmethod

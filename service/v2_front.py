@@ -4,7 +4,9 @@
 member, same metrics). The answer always holds, per input row and in input order:
 
 - ``probabilities`` FP32 [N, K]: the classifier's softmax; **all 0.0** for a rejected row (JSON has no
-  NaN, and an all-zero row cannot be mistaken for a distribution);
+  NaN, and an all-zero row cannot be mistaken for a distribution). Only when the gateway returns
+  probabilities (``MAGNET_PROBABILITIES``; by default not for pool bundles, whose probabilities would
+  fingerprint the member): the metadata lists the outputs an answer can hold;
 - ``label`` INT64 [N]: the argmax, **-1** for a rejected row;
 - ``rejected`` BOOL [N];
 
@@ -51,9 +53,11 @@ def detector_names(gw: Gateway) -> list[str]:
 
 def model_metadata(gw: Gateway) -> dict:
     manifest = gw.defense.manifest
-    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.classifier.classes)]},
-               {"name": "label", "datatype": "INT64", "shape": [-1]},
-               {"name": "rejected", "datatype": "BOOL", "shape": [-1]}]
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.classifier.classes)]}]
+    if not gw.probabilities:
+        outputs = []
+    outputs += [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "rejected", "datatype": "BOOL", "shape": [-1]}]
     if gw.settings.explain:
         outputs += [{"name": f"scores_{d}", "datatype": "FP64", "shape": [-1]} for d in detector_names(gw)]
     return {"name": manifest.name, "platform": PLATFORM,
@@ -72,12 +76,16 @@ def score_outputs(outcome: Outcome, detectors: list[str]) -> list[Tensor]:
                                                       nan=UNSCORED)) for name in detectors]
 
 
-def encode_outputs(outcome: Outcome) -> list[Tensor]:
-    """``probabilities``, ``label`` and ``rejected``, rejected rows as the module's docstring says."""
+def encode_outputs(outcome: Outcome, with_probabilities: bool = True) -> list[Tensor]:
+    """``probabilities`` (when returned), ``label`` and ``rejected``, rejected rows as the module's
+    docstring says."""
     rejected = outcome.rejected
-    probabilities = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities)
     labels = np.where(rejected, REJECTED_LABEL, outcome.probabilities.argmax(axis=1)).astype(np.int64)
-    return [("probabilities", "FP32", probabilities), ("label", "INT64", labels), ("rejected", "BOOL", rejected)]
+    tensors: list[Tensor] = [("label", "INT64", labels), ("rejected", "BOOL", rejected)]
+    if with_probabilities:
+        probabilities = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities)
+        tensors.insert(0, ("probabilities", "FP32", probabilities))
+    return tensors
 
 
 def output_names(gw: Gateway) -> list[str]:
@@ -128,7 +136,7 @@ async def infer(name: str, request: Request) -> Response:
     if asked.id is not None:
         content["id"] = asked.id
     content["parameters"] = {"rejected_count": int(defended.outcome.rejected.sum())}
-    tensors = encode_outputs(defended.outcome)
+    tensors = encode_outputs(defended.outcome, gw.probabilities)
     if gw.settings.explain:
         tensors += score_outputs(defended.outcome, detector_names(gw))
         if defended.outcome.shadow:

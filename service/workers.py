@@ -92,16 +92,38 @@ def prepare_environment(settings: Settings, overrides: dict[str, object], member
     return made
 
 
-def run_workers(settings: Settings, overrides: dict[str, object], members: int) -> None:
-    """Serve with ``settings.workers`` processes until SIGINT/SIGTERM (uvicorn's supervisor)."""
+def serve(app, settings: Settings, factory: bool = False) -> None:
+    """Serve ``app`` (an application, or with workers the import string of a factory) on the API port and
+    the operator port until SIGINT/SIGTERM. Both sockets are bound here, once, and every worker serves
+    both; the application tells them apart by the port a request came in on."""
     import uvicorn
 
+    options = dict(log_level=settings.log_level.lower(), server_header=False, factory=factory)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=settings.workers, **options)
+    sockets = [config.bind_socket()]
+    if settings.operator_port != settings.port:
+        operator = uvicorn.Config(app, host=settings.operator_host or settings.host, port=settings.operator_port,
+                                  **options)
+        sockets.append(operator.bind_socket())
+    if settings.workers <= 1:
+        uvicorn.Server(config).run(sockets=sockets)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    try:
+        supervisor = Multiprocess(config, sockets=sockets)
+    except TypeError:  # uvicorn before the supervisor lost its target argument
+        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)
+    supervisor.run()
+
+
+def run_workers(settings: Settings, overrides: dict[str, object], members: int) -> None:
+    """Serve with ``settings.workers`` processes until SIGINT/SIGTERM (uvicorn's supervisor)."""
     made = prepare_environment(settings, overrides, members)
     log.info("starting %d workers (metrics in %s, %s onnxruntime threads each)", settings.workers,
              os.environ[MULTIPROC_ENV], os.environ["MAGNET_ORT_THREADS"])
     try:
-        uvicorn.run("service.app:app_from_environment", factory=True, workers=settings.workers,
-                    host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        serve("service.app:app_from_environment", settings, factory=True)
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -181,3 +181,9 @@ async def against_fake_server(routes: list[tuple[str, str, object]], make_upstre
     finally:
         await upstream.close()
         await runner.cleanup()
+
+
+def operator_get(client, path: str = "/metrics"):
+    """GET ``path`` on the operator port of an in-process gateway (the API port answers 404 there)."""
+    port = client.app.state.gateway.settings.operator_port
+    return client.get(f"http://testserver:{port}{path}")

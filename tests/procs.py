@@ -44,6 +44,7 @@ class ManagedProcess:
         self.popen = popen
         self.log_path = log_path
         self.startup_s: Optional[float] = None  # process start -> ready URL answered 200
+        self.operator_url: Optional[str] = None  # a gateway's operator port (/metrics), when it has one
 
     @property
     def pid(self) -> int:
@@ -177,7 +178,15 @@ def start_model_server(model_file: Union[str, os.PathLike[str]], name: str, time
 def start_gateway(*args: str, ready_path: str = "/readyz", timeout: float = 60.0,
                   **kwargs) -> tuple[ManagedProcess, str]:
     """``magnet serve ARGS`` at a free port from the repository root; returns (process, base URL).
-    One worker process unless ARGS or ``env`` say otherwise, whatever the machine's core count."""
+    One worker process unless ARGS or ``env`` say otherwise, whatever the machine's core count.
+    The operator port (``/metrics``) is another free port, unless ARGS name one: ``proc.operator_url``."""
     kwargs["env"] = {"MAGNET_WORKERS": "1", **(kwargs.get("env") or {})}
-    return start_on_free_port(lambda port: [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
-                              ready_path, timeout, cwd=REPO, **kwargs)
+    operator = None if "--operator-port" in args else free_port()
+    extra = () if operator is None else ("--operator-port", str(operator))
+    proc, base = start_on_free_port(lambda port: [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                                                  *extra, *args], ready_path, timeout, cwd=REPO, **kwargs)
+    if operator is not None:
+        proc.operator_url = url_of(operator)
+    else:
+        proc.operator_url = url_of(int(args[list(args).index("--operator-port") + 1]))
+    return proc, base

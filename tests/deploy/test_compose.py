@@ -174,10 +174,15 @@ def test_prometheus_config_scrapes_the_gateways_and_triton():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", [])
                for t in sc["targets"]}
-    assert {"gateway:8000", "gateway-cpu:8000", "triton:8002"} <= targets
-    gateway_job = next(j for j in config["scrape_configs"] if "gateway:8000" in
+    # the gateways' /metrics is on their operator port (8002), which compose does not publish to the host
+    assert {"gateway:8002", "gateway-cpu:8002", "triton:8002"} <= targets
+    gateway_job = next(j for j in config["scrape_configs"] if "gateway:8002" in
                        [t for sc in j["static_configs"] for t in sc["targets"]])
     assert gateway_job.get("metrics_path", "/metrics") == "/metrics"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("gateway", "gateway-cpu"):
+        published = [str(p) for p in compose["services"][name].get("ports", [])]
+        assert published and not any(p.endswith(":8002") or p == "8002" for p in published), published
 
 
 def test_promtool_accepts_the_prometheus_config():
@@ -198,7 +203,7 @@ def test_dockerfiles_install_the_gateway_without_torch():
         assert "torch" not in re.sub(r"#.*", "", text).replace("find_spec('torch')", "")
         assert re.search(r"^USER (?!root)\S+", text, re.M), "runs as root"
         assert re.search(r"^HEALTHCHECK .*urllib\.request.*/healthz", text, re.M | re.S)
-        assert re.search(r"^EXPOSE 8000$", text, re.M)
+        assert re.search(r"^EXPOSE 8000 8002$", text, re.M)  # API, operator (/metrics)
         assert "MAGNET_HOST=0.0.0.0" in text
         assert re.search(r'^ENTRYPOINT \["magnet", "serve"\]$', text, re.M)
         assert re.search(r"^COPY models/ ", text, re.M)

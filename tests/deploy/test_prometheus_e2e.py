@@ -86,18 +86,18 @@ def stack(tmp_path: Path):
         gateway, gw_url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", ms_url,
                                         log_path=tmp_path / "gateway.log")
         procs.append(gateway)
-        gw_port = int(gw_url.rsplit(":", 1)[1])
+        op_port = int(gateway.operator_url.rsplit(":", 1)[1])  # /metrics is on the operator port
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: magnet-gateway\n    metrics_path: /metrics\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{gw_port}']\n")
+            f"    static_configs:\n      - targets: ['127.0.0.1:{op_port}']\n")
         prometheus, prom_url = start_on_free_port(
             lambda port: [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                           f"--web.listen-address=127.0.0.1:{port}"],
             "/-/ready", timeout=60, log_path=tmp_path / "prometheus.log")
         procs.append(prometheus)
-        yield model_server, f"http://127.0.0.1:{gw_port}", Prom(prom_url)
+        yield model_server, gw_url, Prom(prom_url)
     finally:
         for proc in reversed(procs):
             proc.stop()

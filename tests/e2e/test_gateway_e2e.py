@@ -34,6 +34,7 @@ def model_server():
 def gateway(model_server):
     proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", model_server)
     with httpx.Client(base_url=url, timeout=30) as client:
+        client.operator_url = proc.operator_url
         yield client
     proc.stop()
 
@@ -121,7 +122,8 @@ def test_bad_input_keeps_the_gateway_serving(gateway, mnist):
 
 def test_metrics_count_what_was_served(gateway):
     classify(gateway, {"inputs": np.ones((3, 28, 28)).tolist()})
-    text = gateway.get("/metrics").text
+    assert gateway.get("/metrics").status_code == 404  # operator endpoints are not on the API port
+    text = httpx.get(f"{gateway.operator_url}/metrics").text
     assert 'magnet_inputs_total{decision="rejected"}' in text
     rejected = float(text.split('magnet_inputs_total{decision="rejected"} ')[1].split()[0])
     assert rejected >= 3

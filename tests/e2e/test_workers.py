@@ -78,11 +78,11 @@ def test_workers_share_the_secret_and_metrics_and_a_dead_worker_is_replaced(tmp_
 
         sent = 0
         for session in ("alice", "bob", "carol", "dave"):
-            before = samples(httpx.get(f"{url}/metrics").text, "magnet_pool_selections_total")
+            before = samples(httpx.get(f"{proc.operator_url}/metrics").text, "magnet_pool_selections_total")
             codes = burst(url, session, 24)
             sent += len(codes)
             assert codes == [200] * 24
-            after = samples(httpx.get(f"{url}/metrics").text, "magnet_pool_selections_total")
+            after = samples(httpx.get(f"{proc.operator_url}/metrics").text, "magnet_pool_selections_total")
             grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
             # one member for the whole session, whichever worker answered each request
             assert list(grew.values()) == [24], f"session {session} was split across members: {grew}"
@@ -90,7 +90,7 @@ def test_workers_share_the_secret_and_metrics_and_a_dead_worker_is_replaced(tmp_
         per_worker = {pid: served_by(metrics_dir, pid, tmp_path / "one") for pid in first}
         assert sum(per_worker.values()) == sent
         assert all(v > 0 for v in per_worker.values()), f"one worker served nothing: {per_worker}"
-        ok = samples(httpx.get(f"{url}/metrics").text, "magnet_requests_total")
+        ok = samples(httpx.get(f"{proc.operator_url}/metrics").text, "magnet_requests_total")
         assert ok[(("outcome", "ok"),)] == sent  # merged over workers, whichever answered /metrics
 
         victim = min(first)
@@ -106,7 +106,7 @@ def test_workers_share_the_secret_and_metrics_and_a_dead_worker_is_replaced(tmp_
 
         codes = burst(url, "erin", 16)
         assert codes == [200] * 16
-        ok = samples(httpx.get(f"{url}/metrics").text, "magnet_requests_total")
+        ok = samples(httpx.get(f"{proc.operator_url}/metrics").text, "magnet_requests_total")
         # the dead worker's counts are kept: counters never go backwards when a worker is replaced
         assert ok[(("outcome", "ok"),)] == sent + 16
         assert f"Child process [{victim}] died" in proc.log_text()

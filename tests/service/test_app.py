@@ -146,7 +146,7 @@ def test_upstream_failures_map_to_5xx_and_are_counted(toy_bundle, error, status,
         r = post(c, {"inputs": fakes.images(0.5).tolist()})
         assert r.status_code == status and r.json()["error"]
         assert c.get("/readyz").status_code == 503
-        metrics = c.get("/metrics").text
+        metrics = fakes.operator_get(c).text
     assert f'magnet_upstream_errors_total{{reason="{reason}"}} 1.0' in metrics
     assert 'magnet_requests_total{outcome="upstream_error"} 1.0' in metrics
 
@@ -157,7 +157,7 @@ def test_health_ready_and_metrics(client):
     assert ready["ready"] is True and ready["providers"] == ["CPUExecutionProvider"]
     post(client, {"inputs": fakes.images(0.5, 0.0, 1.0).tolist()})
     post(client, {"inputs": [[1]]})
-    text = client.get("/metrics").text
+    text = fakes.operator_get(client).text
     assert 'magnet_inputs_total{decision="accepted"} 1.0' in text
     assert 'magnet_inputs_total{decision="rejected"} 2.0' in text
     assert 'magnet_detector_rejections_total{detector="R"} 2.0' in text
@@ -178,7 +178,7 @@ def test_bundle_info_names_the_manifests_format_version_and_sha256(toy_bundle):
     path.write_text(json.dumps(data))
     c, _ = make_client(toy_bundle)
     with c:
-        text = c.get("/metrics").text
+        text = fakes.operator_get(c).text
     assert f'magnet_bundle_info{{bundle="toy",sha256="{sha256_of(path)}",version="1"}} 1.0' in text
 
 
@@ -200,7 +200,7 @@ def test_session_picks_the_member_that_defends_it(tmp_path):
                            headers={"X-Session-ID": session})
                 assert r.json()["results"][0]["rejected"] is (member == 0)
                 assert "set-cookie" not in r.headers
-        metrics = c.get("/metrics").text
+        metrics = fakes.operator_get(c).text
     assert 'magnet_pool_selections_total{member="m0"} 3.0' in metrics
     assert 'magnet_pool_selections_total{member="m1"} 3.0' in metrics
 
@@ -213,7 +213,8 @@ def test_responses_carry_no_member_identity(tmp_path):
         session = r.cookies["magnet_session"]
         assert len(session) >= 24
         assert set(r.json()) == {"results"}
-        assert set(r.json()["results"][0]) == {"rejected", "label", "probabilities"}
+        # a pool returns no probabilities by default: they would fingerprint the member
+        assert set(r.json()["results"][0]) == {"rejected", "label"}
         # no header names the member; the session cookie is a random token, so its value is left out
         # (a random token may contain "m0" by chance)
         named = {k: v for k, v in r.headers.items() if k.lower() != "set-cookie"}
@@ -250,7 +251,7 @@ def test_shadow_mode_rejects_nothing_sends_inputs_as_they_came_and_counts_what_i
     c, upstream = make_client(toy_bundle, mode="SHADOW")  # the vocabulary is case-insensitive
     with c:
         results = post(c, {"inputs": fakes.images(0.5, 0.0, 0.3, 1.0).tolist()}).json()["results"]
-        text = c.get("/metrics").text
+        text = fakes.operator_get(c).text
     # every input answered, none reformed: one upstream call with the four inputs as they came
     assert [r["rejected"] for r in results] == [False] * 4 and all("would_reject" not in r for r in results)
     assert len(upstream.batches) == 1
@@ -288,6 +289,6 @@ def test_shadow_mode_with_explain_says_what_enforcing_would_have_answered(tmp_pa
 def test_expected_rejection_is_exported_from_the_manifest_or_the_detectors_fprs(toy_bundle):
     c, _ = make_client(toy_bundle)
     with c:
-        text = c.get("/metrics").text
+        text = fakes.operator_get(c).text
     # the toy bundle measured nothing: 1 - (1 - 0.01) for its one detector at FPR 0.01
     assert "magnet_expected_rejection_ratio 0.01" in text and "magnet_shadow_mode 0.0" in text
