@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGES = ("decode", "defense", "upstream", "total")
+OUTCOMES = ("ok", "bad_request", "unauthorized", "throttled", "too_large", "upstream_error", "error")
 # Latency buckets from 0.5 ms to 10 s: the defense stage is sub-millisecond per digit on a CPU.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -45,6 +46,8 @@ class Metrics:
         self.shadow_mode = Gauge("magnet_shadow_mode", "1 when the gateway only watches (MAGNET_MODE=shadow): "
                                  "inputs it counts as rejected were answered anyway.", registry=registry,
                                  multiprocess_mode="max")
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
         for stage in STAGES:  # export every series from the start, so dashboards have data at zero
             self.stage_seconds.labels(stage)
         for decision in ("accepted", "rejected"):
