@@ -17,9 +17,10 @@ class MagnetError(Exception):
     status = 500
     headers: dict[str, str] | None = None  # extra response headers (Retry-After, WWW-Authenticate)
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail  # for the log only: what the client must not see (an upstream's URL or body)
 
 
 class BadInput(MagnetError):
@@ -61,5 +62,6 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 async def handle_magnet_error(request: Request, exc: MagnetError) -> Response:
     if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        log.warning("%s %s -> %d: %s%s", request.method, request.url.path, exc.status, exc.message,
+                    f" ({exc.detail})" if exc.detail else "")
     return error_response(exc.status, exc.message, exc.headers)

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.defense import scores as S
 from service.defense.core import Defense, Screening, Verdict
-from service.errors import MagnetError, UpstreamTimeout, UpstreamUnavailable
+from service.errors import MagnetError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.metrics import Metrics
 from service.upstream.base import Upstream
 
@@ -43,6 +43,17 @@ class Outcome:
         return np.zeros(len(self.verdict.accepted), bool) if self.shadow else ~self.verdict.accepted
 
 
+def check_scores(out: np.ndarray, rows: int, classes: int, kind: str) -> None:
+    """Raise UpstreamError unless ``out`` is ``rows`` x ``classes`` finite scores (probabilities in [0, 1])."""
+    if out.ndim != 2 or out.shape != (rows, classes):
+        raise UpstreamError(f"the model server returned scores of shape {list(out.shape)}; the bundle expects "
+                            f"[{rows}, {classes}] ({classes} classes)")
+    if not np.isfinite(out).all():
+        raise UpstreamError("the model server returned NaN or infinite scores")
+    if kind == "probabilities" and ((out < 0).any() or (out > 1 + 1e-3).any()):
+        raise UpstreamError("the model server returned probabilities outside [0, 1]")
+
+
 class Pipeline:
     def __init__(self, defense: Defense, upstream: Upstream, metrics: Metrics, executor: Executor) -> None:
         self.defense = defense
@@ -51,10 +62,13 @@ class Pipeline:
         self.executor = executor
 
     async def _call_upstream(self, x: np.ndarray) -> np.ndarray:
-        """Upstream scores as logits (probabilities become log p, equal up to a per-row constant)."""
+        """Upstream scores as logits (probabilities become log p, equal up to a per-row constant), after
+        checking them: one row per input, one column per class of the bundle, finite (probabilities in
+        [0, 1]); anything else is a broken answer, 502, never a label."""
         try:
             with self.metrics.stage_seconds.labels("upstream").time():
                 out = await self.upstream.infer(x)
+            check_scores(out, len(x), len(self.defense.manifest.classifier.classes), self.upstream.outputs)
         except MagnetError as e:
             self.metrics.upstream_errors.labels(UPSTREAM_ERROR_REASONS.get(type(e), "bad_response")).inc()
             raise

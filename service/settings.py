@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     upstream_binary: bool = Field(False, description="OIP v2 upstream: send the input and ask for the outputs "
                                   "as binary data (the binary data extension; Triton, KServe >= 0.11).")
     upstream_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one upstream call, seconds.")
+    upstream_max_response_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Largest upstream answer read; a larger one is dropped unread and "
+        "answered 502.")
     upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")

@@ -17,8 +17,9 @@ class OipUpstream(PooledHttp):
     def __init__(self, url: str, model: str, input_name: str = "input", output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
-                 contract: ClassifierInput | None = None, binary: bool = False) -> None:
-        super().__init__(url, timeout_s, max_connections)
+                 contract: ClassifierInput | None = None, binary: bool = False,
+                 max_response_bytes: int = 32 * 2**20) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes)
         self.binary = binary  # the OIP binary data extension for the input and the outputs
         self.model = model
         self.input_name = input_name
@@ -68,10 +69,10 @@ class OipUpstream(PooledHttp):
                 raise ValueError(f"binary output {out['name']!r} of {out['datatype']} and {size} bytes does not fit")
             scores = scores.astype(np.float32).reshape(out["shape"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as e:
-            raise UpstreamError(f"upstream answer is not an OIP v2 inference response with output "
-                                f"{self.output_name or '(first)'}: {e!r}")
+            raise UpstreamError("the model server's answer is not an OIP v2 inference response with the "
+                                "expected output", f"output {self.output_name or '(first)'}: {e!r}")
         if scores.ndim != 2 or len(scores) != rows:
-            raise UpstreamError(f"upstream returned shape {list(scores.shape)} for {rows} inputs; "
+            raise UpstreamError(f"the model server returned shape {list(scores.shape)} for {rows} inputs; "
                                 f"expected [{rows}, classes]")
         return scores
 

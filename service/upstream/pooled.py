@@ -18,10 +18,12 @@ from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 class PooledHttp:
     """Base of the HTTP adapters: ``start``/``close`` the session, ``post`` and ``get`` with error mapping."""
 
-    def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64,
+                 max_response_bytes: int = 32 * 2**20) -> None:
         self.base = url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -52,14 +54,36 @@ class PooledHttp:
         return (await self.exchange(url, body, {"Content-Type": "application/json"}))[0]
 
     async def exchange(self, url: str, body: bytes, headers: dict) -> tuple[bytes, dict]:
-        """The body and headers of a 200 answer to a POST with ``headers``; else the matching upstream error."""
+        """The body and headers of a 200 answer to a POST with ``headers``; else the matching upstream error.
+
+        Not reachable, or the connection lost before an answer began: 503. An answer that is not a 200,
+        is larger than ``max_response_bytes`` (read no further) or breaks off midway: 502. What the
+        upstream said, and its URL, go to the log only (``detail``), never to the client."""
         try:
             async with self.session.post(url, data=body, headers=headers) as r:
-                answer = await r.read()
+                try:
+                    answer = await self._read_capped(r)
+                except aiohttp.ClientError as e:
+                    raise UpstreamError("the model server's answer broke off", f"{url}: {e!r}")
                 if r.status != 200:
-                    raise UpstreamError(f"upstream answered {r.status}: {answer[:300].decode(errors='replace')}")
+                    raise UpstreamError(f"the model server answered {r.status}",
+                                        f"{url}: {answer[:500].decode(errors='replace')}")
                 return answer, {k.lower(): v for k, v in r.headers.items()}
         except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"upstream did not answer within {self.timeout.total:g} s")
+            raise UpstreamTimeout(f"the model server did not answer within {self.timeout.total:g} s", url)
         except aiohttp.ClientError as e:
-            raise UpstreamUnavailable(f"upstream {self.base} unreachable: {e}")
+            raise UpstreamUnavailable("the model server is unreachable", f"{url}: {e!r}")
+
+    async def _read_capped(self, r: aiohttp.ClientResponse) -> bytes:
+        declared = r.content_length
+        if declared is not None and declared > self.max_response_bytes:
+            raise UpstreamError(f"the model server's answer exceeds {self.max_response_bytes} bytes",
+                                f"{r.url}: Content-Length {declared}")
+        chunks, size = [], 0
+        async for chunk in r.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                r.close()  # drop the connection rather than read the rest
+                raise UpstreamError(f"the model server's answer exceeds {self.max_response_bytes} bytes", str(r.url))
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -20,8 +20,8 @@ class TfServingUpstream(PooledHttp):
     def __init__(self, url: str, model: str, output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
-                 contract: ClassifierInput | None = None) -> None:
-        super().__init__(url, timeout_s, max_connections)
+                 contract: ClassifierInput | None = None, max_response_bytes: int = 32 * 2**20) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes)
         self.model = model
         self.output_name = output_name
         self.outputs = outputs
@@ -59,13 +59,13 @@ class TfServingUpstream(PooledHttp):
         try:
             answer = orjson.loads(body)
             if isinstance(answer, dict) and "error" in answer:
-                raise UpstreamError(f"upstream answered an error: {str(answer['error'])[:300]}")
+                raise UpstreamError("the model server answered an error", str(answer["error"])[:500])
             scores = np.asarray(self._rows(answer["predictions"]), dtype=np.float32)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UpstreamError(f"upstream answer is not a TF Serving predict response with "
-                                f"{self.output_name or 'one output'}: {e!r}")
+            raise UpstreamError("the model server's answer is not a TF Serving predict response with the "
+                                "expected output", f"output {self.output_name or '(only)'}: {e!r}")
         if scores.ndim != 2 or len(scores) != rows:
-            raise UpstreamError(f"upstream returned shape {list(scores.shape)} for {rows} inputs; "
+            raise UpstreamError(f"the model server returned shape {list(scores.shape)} for {rows} inputs; "
                                 f"expected [{rows}, classes]")
         return scores
 

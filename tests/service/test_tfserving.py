@@ -77,10 +77,9 @@ def test_not_ready_when_the_status_route_fails():
 
 
 @pytest.mark.parametrize("response, fragment", [
-    (web.json_response({"error": "Input to reshape is a tensor with 16 values"}, status=400),
-     'answered 400: {"error": "Input to reshape'),
-    (web.json_response({"error": "Servable not found"}), "answered an error: Servable not found"),
-    (web.Response(status=500, text="boom"), "answered 500: boom"),
+    (web.json_response({"error": "Input to reshape is a tensor with 16 values"}, status=400), "answered 400"),
+    (web.json_response({"error": "Servable not found"}), "answered an error"),
+    (web.Response(status=500, text="boom"), "answered 500"),
     (web.json_response({"outputs": [[0.0, 1.0]]}), "not a TF Serving predict response"),
     (web.Response(text="not json"), "not a TF Serving predict response"),
     (web.json_response({"predictions": [[0.0, 1.0], [1.0, 0.0]]}), "shape [2, 2] for 1 inputs"),
@@ -93,6 +92,8 @@ def test_bad_answers_raise_upstream_error(response, fragment):
     with pytest.raises(UpstreamError) as e:
         run(predict, lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32)))
     assert fragment in e.value.message
+    # what the upstream said goes to the log (detail), not to the client
+    assert not any(w in e.value.message for w in ("reshape", "Servable", "boom"))
 
 
 ADAPTERS = [(OipUpstream, "/v2/models/m/infer"), (TfServingUpstream, "/v1/models/m:predict")]
