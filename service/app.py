@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     gateway = Gateway(settings, defense, upstream, metrics, pipeline,
                       make_selector(settings.session_secret.get_secret_value().encode()
                                     if settings.session_secret is not None else None, len(defense.members)),
-                      Limits(settings, metrics), member_by, probabilities)
+                      Limits(settings, metrics), ThreadPoolExecutor(2, thread_name_prefix="magnet-decode"),
+                      member_by, probabilities)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
         finally:
             await upstream.close()
             executor.shutdown(wait=False)
+            gateway.decoder.shutdown(wait=False)
 
     app = FastAPI(title="MagNet gateway", lifespan=lifespan, redoc_url=None,
                   docs_url="/docs" if settings.docs else None, openapi_url="/openapi.json" if settings.docs else None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from service.defense.bundle import InputSpec
 from service.errors import BadInput, PayloadTooLarge
@@ -70,25 +70,65 @@ def decode_array(value: object, spec: InputSpec) -> np.ndarray:
     return batch
 
 
+EXIF_ORIENTATION = 0x0112
+SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's RGB -> L
+
+
 def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
-    """One base64 PNG or JPEG -> C x H x W float32 in [0, 1]."""
+    """One base64 PNG or JPEG -> C x H x W float32 in [0, 1].
+
+    The size in the file's header is checked before any pixel is decoded (an image of the wrong size,
+    however large it claims to be, costs a header read). EXIF orientation is applied. 16-bit grey
+    images are scaled by 1/65535. Images with an alpha channel: when their colour channels are uniform
+    (a drawing that lives in the alpha channel alone), the alpha channel is the image; otherwise they are
+    composited over black, the background of MNIST and the convention of the shipped bundles.
+    """
     c, h, w = spec.shape
     if not isinstance(text, str):
         raise BadInput(f"images[{index}] must be a base64 string")
     try:
         blob = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(blob))
-        if image.format not in IMAGE_FORMATS:
-            raise BadInput(f"images[{index}] is {image.format}; expected PNG or JPEG")
-        image = image.convert("L" if c == 1 else "RGB")
     except (binascii.Error, ValueError):
         raise BadInput(f"images[{index}] is not valid base64")
-    except (UnidentifiedImageError, OSError):
+    try:
+        image = Image.open(io.BytesIO(blob))  # reads the header only
+        if image.format not in IMAGE_FORMATS:
+            raise BadInput(f"images[{index}] is {image.format}; expected PNG or JPEG")
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        width, height = image.size[::-1] if orientation in SWAPS_AXES else image.size
+        if (width, height) != (w, h):
+            raise BadInput(f"images[{index}] is {width}x{height} pixels; expected {w}x{h}")
+        image = ImageOps.exif_transpose(image) if orientation != 1 else image
+        pixels = _pixels(image, c)
+    except BadInput:
+        raise
+    except Image.DecompressionBombError:
+        raise BadInput(f"images[{index}] claims more pixels than a decoder should read; expected {w}x{h}")
+    except Exception:  # noqa: BLE001 - truncated, corrupt, a decompression bomb: all the client's input
         raise BadInput(f"images[{index}] could not be decoded as a PNG or JPEG image")
-    if image.size != (w, h):
-        raise BadInput(f"images[{index}] is {image.size[0]}x{image.size[1]} pixels; expected {w}x{h}")
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
+
+
+def _pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """H x W (grey) or H x W x 3 (RGB) float32 in [0, 1] by the rules of ``decode_image``."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNG
+        grey = np.asarray(image, dtype=np.float32) / 65535.0
+        grey = np.clip(grey, 0.0, 1.0)
+        return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        colour, alpha = rgba[..., :3], rgba[..., 3:]
+        if np.ptp(colour) == 0 and np.ptp(alpha) > 0:  # the drawing is in the alpha channel alone
+            out = np.repeat(alpha, 3, axis=2)
+        else:
+            out = colour * alpha  # over black
+        return out @ LUMA if channels == 1 else out
+    image = image.convert("L" if channels == 1 else "RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 def _load_json(body: bytes) -> object:

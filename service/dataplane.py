@@ -7,8 +7,10 @@ this module and nothing of each other; ``app`` wires them.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -41,6 +43,7 @@ class Gateway:
     pipeline: Pipeline | MicroBatcher
     selector: MemberSelector
     limits: Limits
+    decoder: Executor  # decodes large bodies off the event loop
     member_by: str  # "key" or "session" (settings' "auto" resolved)
     probabilities: bool  # whether answers carry the classifier's probabilities ("auto" resolved)
 
@@ -68,6 +71,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 MAX_SESSION_ID = 256
+INLINE_DECODE_BYTES = 64 * 1024  # bodies up to this size are decoded on the event loop
 
 
 def session_of(request: Request, header: str, cookie: str) -> tuple[str, bool]:
@@ -138,7 +142,10 @@ async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.n
             member = gw.selector.member(session)
         body = await read_body(request, settings.max_body_bytes)
         with metrics.stage_seconds.labels("decode").time():
-            x, extra = decode(body, gw)
+            if len(body) <= INLINE_DECODE_BYTES:  # a few digits: a thread hop would cost more than it saves
+                x, extra = decode(body, gw)
+            else:  # large JSON or images: other requests keep being served meanwhile
+                x, extra = await asyncio.get_running_loop().run_in_executor(gw.decoder, decode, body, gw)
         metrics.pool_selections.labels(gw.defense.members[member].name).inc()
         outcome = await gw.pipeline.classify(x, member=member, shadow=settings.mode == "shadow")
         gw.limits.rejected(principal, int(outcome.rejected.sum()))
