@@ -43,7 +43,7 @@ def png_claiming(width: int, height: int) -> str:
 @pytest.mark.parametrize("side", [12000, 30000])
 def test_huge_claimed_sizes_are_refused_from_the_header(side):
     started = time.perf_counter()
-    with pytest.raises(BadInput, match=f"is {side}x{side} pixels; expected 4x4|could not be decoded"):
+    with pytest.raises(BadInput, match=f"is {side}x{side} pixels; expected 4x4|claims more pixels"):
         decode_image(png_claiming(side, side), 0, GREY)
     assert time.perf_counter() - started < 0.5  # nothing was decoded
 
