@@ -118,6 +118,8 @@ class AccessGuard:
 
     def __init__(self, app, settings: Settings, keys: ApiKeys | None, metrics) -> None:
         self.app = app
+        self.max_in_flight = settings.max_in_flight
+        self.in_flight = 0
         self.operator_port = settings.operator_port
         self.shared = settings.operator_port == settings.port
         self.keys = keys
@@ -147,7 +149,17 @@ class AccessGuard:
                 failure = Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
                 return await error_response(401, failure.message, failure.headers)(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
-        return await self.app(scope, receive, send)
+        if path in OPEN_PATHS:  # probes never wait behind the work, nor count towards it
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:  # shed at once rather than queue without bound
+            self.metrics.requests.labels("overloaded").inc()
+            return await error_response(503, f"overloaded: {self.in_flight} requests in progress; retry shortly",
+                                        {"Retry-After": "1"})(scope, receive, send)
+        self.in_flight += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class Window:

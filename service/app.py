@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 
@@ -16,6 +17,7 @@ from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
+from service import protocol
 from service.access import AccessGuard, ApiKeys, ConfigError, Limits
 from service.batching import MicroBatcher
 from service.pipeline import Pipeline
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
                upstream: Upstream | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     """Build the gateway. The bundle is loaded (and verified) here, so a bad bundle fails at start."""
     settings = settings or Settings()
+    protocol.configure(settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="magnet-infer")
     defense = defense or Defense(settings.bundle, settings.device, settings.ort_threads)
     upstream = upstream or make_upstream(settings, defense, executor)
@@ -104,6 +107,10 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
                   docs_url="/docs" if settings.docs else None, openapi_url="/openapi.json" if settings.docs else None)
     app.state.gateway = gateway
     app.add_middleware(AccessGuard, settings=settings, keys=keys, metrics=metrics)
+    if settings.cors_origins:  # outermost: preflights are answered before keys are asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", settings.session_header,
+                                          "Inference-Header-Content-Length"])
     app.include_router(router)
     app.include_router(v2_router)
     app.add_exception_handler(MagnetError, handle_magnet_error)

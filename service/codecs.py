@@ -14,9 +14,10 @@ import orjson
 from PIL import Image, ImageOps
 
 from service.defense.bundle import InputSpec
-from service.errors import BadInput, PayloadTooLarge
+from service.errors import BadInput, PayloadTooLarge, shown
 
 IMAGE_FORMATS = {"PNG", "JPEG"}
+MAX_REQUEST_ID = 256
 
 
 def _describe(spec: InputSpec) -> str:
@@ -183,27 +184,27 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
     if not isinstance(name, str):
         raise BadInput('the input tensor\'s "name" must be a string')
     if datatype != "FP32":
-        raise BadInput(f"input tensor {name!r} has datatype {datatype!r}; expected FP32")
+        raise BadInput(f"input tensor {shown(name)} has datatype {shown(datatype, 24)}; expected FP32")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadInput(f'input tensor {name!r}: "shape" must be a list of non-negative integers')
+        raise BadInput(f'input tensor {shown(name)}: "shape" must be a list of non-negative integers')
     c, h, w = spec.shape
     if not (len(shape) == 4 and shape[1:] == [c, h, w] or c == 1 and len(shape) == 3 and shape[1:] == [h, w]):
-        raise BadInput(f"input tensor {name!r} has shape {shape}; expected {v2_input_shapes(spec)}")
+        raise BadInput(f"input tensor {shown(name)} has shape {shown(shape)}; expected {v2_input_shapes(spec)}")
     parameters = tensor.get("parameters")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if "data" in tensor:
-            raise BadInput(f"input tensor {name!r} has both \"data\" and parameters.binary_data_size")
+            raise BadInput(f"input tensor {shown(name)} has both \"data\" and parameters.binary_data_size")
         if binary is None:
-            raise BadInput(f"input tensor {name!r} gives binary_data_size but the request has no "
+            raise BadInput(f"input tensor {shown(name)} gives binary_data_size but the request has no "
                            "Inference-Header-Content-Length header")
         values = binary.take(name, size, "<f4")
     elif "data" in tensor:
-        values = as_numbers(tensor["data"], f"input tensor {name!r} data")
+        values = as_numbers(tensor["data"], f"input tensor {shown(name)} data")
     else:
-        raise BadInput(f'input tensor {name!r} has no "data" (nor parameters.binary_data_size)')
+        raise BadInput(f'input tensor {shown(name)} has no "data" (nor parameters.binary_data_size)')
     if values.size != math.prod(shape):
-        raise BadInput(f"input tensor {name!r} holds {values.size} values; shape {shape} needs {math.prod(shape)}")
+        raise BadInput(f"input tensor {shown(name)} holds {values.size} values; shape {shown(shape)} needs {math.prod(shape)}")
     batch = to_batch(values.reshape(shape), spec)
     check_values(batch, spec)
     return batch
@@ -218,9 +219,9 @@ class BinaryReader:
     def take(self, name: str, size: object, dtype: str) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
         if type(size) is not int or size < 0 or size % itemsize:
-            raise BadInput(f"input tensor {name!r}: binary_data_size must be a multiple of {itemsize} bytes, got {size}")
+            raise BadInput(f"input tensor {shown(name)}: binary_data_size must be a multiple of {itemsize} bytes, got {size}")
         if self.offset + size > len(self.data):
-            raise BadInput(f"input tensor {name!r}: binary_data_size {size} runs past the end of the body "
+            raise BadInput(f"input tensor {shown(name)}: binary_data_size {size} runs past the end of the body "
                            f"({len(self.data) - self.offset} bytes left)")
         chunk = self.data[self.offset:self.offset + size]
         self.offset += size
@@ -250,7 +251,7 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, BinaryR
     if header_length is None:
         return body, None
     if not header_length.isdigit() or int(header_length) > len(body):
-        raise BadInput(f"Inference-Header-Content-Length {header_length!r} must be a byte count of at most the "
+        raise BadInput(f"Inference-Header-Content-Length {shown(header_length, 24)} must be a byte count of at most the "
                        f"body's {len(body)} bytes")
     n = int(header_length)
     return body[:n], BinaryReader(body[n:])
@@ -278,13 +279,13 @@ def decode_v2_infer_request(body: bytes, spec: InputSpec, max_batch: int, header
         raise BadInput('body must be an OIP v2 inference request with exactly one input tensor: '
                        '{"inputs": [{"name": ..., "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
     request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadInput('"id" must be a string')
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID):
+        raise BadInput(f'"id" must be a string of at most {MAX_REQUEST_ID} characters (it is echoed back)')
     parameters = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
     outputs, binary_names = _output_requests(payload)
     unknown = [o for o in outputs or () if output_names is not None and o not in output_names]
     if unknown:
-        raise BadInput(f"unknown output(s) {', '.join(map(repr, unknown))}; this model has: {', '.join(output_names)}")
+        raise BadInput(f"unknown output(s) {', '.join(shown(u, 48) for u in unknown[:8])}; this model has: {', '.join(output_names)}")
     batch = _sized(decode_v2_tensor(payload["inputs"][0], spec, binary), max_batch)
     if binary is not None:
         binary.check_consumed()

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from service.access import Limits
 from service.defense.core import Defense
-from service.errors import BadInput, MagnetError, PayloadTooLarge
+from service.errors import BadInput, MagnetError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, shown
 from service.metrics import Metrics
 from service.pipeline import Outcome, Pipeline
 from service.sessions import MemberSelector
@@ -48,7 +48,8 @@ class Gateway:
     probabilities: bool  # whether answers carry the classifier's probabilities ("auto" resolved)
 
 
-OUTCOMES = {400: "bad_request", 401: "unauthorized", 429: "throttled", 413: "too_large", 502: "upstream_error", 503: "upstream_error",
+OUTCOMES = {400: "bad_request", 401: "unauthorized", 408: "bad_request", 415: "bad_request", 429: "throttled",
+            413: "too_large", 502: "upstream_error", 503: "upstream_error",
             504: "upstream_error"}
 
 
@@ -56,18 +57,37 @@ def json_response(content: object, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes, and with 408 when it
+    has not all arrived ``timeout_s`` after the head (a client trickling its body holds nothing for long)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
+
+
+JSON_TYPES = ("application/json",)
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``application/<x>+json``): a browser
+    page can post text/plain across origins without asking, but not JSON."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in JSON_TYPES and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type must be application/json; got {shown(kind or 'none', 48)}")
 
 
 MAX_SESSION_ID = 256
@@ -122,7 +142,8 @@ class Defended:
     started: float
 
 
-async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.ndarray, Any]]) -> Defended:
+async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.ndarray, Any]],
+                 json_body: bool = True) -> Defended:
     """The bookkeeping every defended route shares: the caller's limits, session, body limit, decode,
     member, pipeline, the caller's rejections, and the request counters by outcome.
 
@@ -133,6 +154,8 @@ async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.n
     started = time.perf_counter()
     principal = request.scope.get("state", {}).get("principal")
     try:
+        if json_body:
+            require_json(request)
         gw.limits.check(principal)
         if gw.member_by == "key":
             session, issued = "", False
@@ -140,7 +163,7 @@ async def defend(request: Request, decode: Callable[[bytes, Gateway], tuple[np.n
         else:
             session, issued = session_of(request, settings.session_header, settings.session_cookie)
             member = gw.selector.member(session)
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         with metrics.stage_seconds.labels("decode").time():
             if len(body) <= INLINE_DECODE_BYTES:  # a few digits: a thread hop would cost more than it saves
                 x, extra = decode(body, gw)

@@ -27,6 +27,14 @@ class BadInput(MagnetError):
     status = 400
 
 
+class RequestTimeout(MagnetError):
+    status = 408
+
+
+class UnsupportedMediaType(MagnetError):
+    status = 415
+
+
 class UnknownModel(MagnetError):
     status = 404
 
@@ -55,7 +63,18 @@ class UpstreamTimeout(MagnetError):
     status = 504
 
 
+MAX_MESSAGE = 512  # error messages are cut here: they may quote what a client sent
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """``repr`` of a client-supplied value for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
                     headers=headers)
 

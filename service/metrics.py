@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGES = ("decode", "defense", "upstream", "total")
-OUTCOMES = ("ok", "bad_request", "unauthorized", "throttled", "too_large", "upstream_error", "error")
+OUTCOMES = ("ok", "bad_request", "unauthorized", "throttled", "overloaded", "too_large", "upstream_error", "error")
 # Latency buckets from 0.5 ms to 10 s: the defense stage is sub-millisecond per digit on a CPU.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -17,7 +17,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter("magnet_requests", "Classify requests by outcome "
-                                "(ok, bad_request, unauthorized, throttled, too_large, upstream_error, error).",
+                                "(ok, bad_request, unauthorized, throttled, overloaded, too_large, upstream_error, error).",
                                 ["outcome"], registry=registry)
         self.inputs = Counter("magnet_inputs", "Inputs by decision (accepted, rejected).",
                               ["decision"], registry=registry)

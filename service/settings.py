@@ -64,6 +64,19 @@ class Settings(BaseSettings):
     explain: bool = Field(
         False, description="Add detector scores and the detectors that fired to each result. Scores help "
                            "an attacker: leave off in production.")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Largest request head (request line and "
+                                  "headers); larger: 431 and the connection closed.")
+    header_timeout_s: float = Field(10.0, gt=0, description="Seconds a client has to send a request's head, "
+                                    "from the connection or from a later request's first byte; then it is closed.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Seconds a client has to send a request's body "
+                                  "once its head is in (408 after).")
+    shutdown_timeout_s: float = Field(20.0, gt=0, description="On SIGTERM, seconds granted to requests in "
+                                      "flight before their connections are closed.")
+    max_in_flight: int = Field(128, ge=1, description="Most API requests a worker works on at once; more get "
+                               "503 with Retry-After at once, instead of queueing without bound.")
+    cors_origins: tuple[str, ...] | None = Field(
+        None, description="Origins allowed to call the API from a browser (CORS), as a JSON list; unset: none "
+        "(no CORS headers, so a web page cannot read the answers).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_batch: int = Field(256, ge=1, description="Most inputs accepted in one request (413 above).")
     batch_rows: int = Field(256, ge=0, description="Micro-batching: concurrent requests of one pool member are "

@@ -28,7 +28,7 @@ from fastapi.responses import Response
 
 from service.codecs import V2Request, decode_v2_infer_request, encode_v2_response
 from service.dataplane import Gateway, answer, defend, json_response
-from service.errors import UnknownModel
+from service.errors import UnknownModel, shown
 from service.pipeline import Outcome
 
 router = APIRouter(prefix="/v2")
@@ -43,7 +43,7 @@ def _gateway_serving(request: Request, name: str) -> Gateway:
     """The gateway, if it serves model ``name`` (the bundle's manifest name); else 404."""
     gw = request.app.state.gateway
     if name != gw.defense.manifest.name:
-        raise UnknownModel(f"model {name!r} is not served here; this gateway serves {gw.defense.manifest.name!r}")
+        raise UnknownModel(f"model {shown(name)} is not served here; this gateway serves {gw.defense.manifest.name!r}")
     return gw
 
 
@@ -130,7 +130,8 @@ async def infer(name: str, request: Request) -> Response:
     gw = _gateway_serving(request, name)
     header_length = request.headers.get("inference-header-content-length")
     defended = await defend(request, lambda body, g: decode_v2_infer_request(
-        body, g.defense.manifest.input, g.settings.max_batch, header_length, output_names(g)))
+        body, g.defense.manifest.input, g.settings.max_batch, header_length, output_names(g)),
+        json_body=header_length is None)  # the binary extension has its own content type
     asked: V2Request = defended.extra
     content: dict = {"model_name": name}
     if asked.id is not None:

@@ -98,7 +98,10 @@ def serve(app, settings: Settings, factory: bool = False) -> None:
     both; the application tells them apart by the port a request came in on."""
     import uvicorn
 
-    options = dict(log_level=settings.log_level.lower(), server_header=False, factory=factory)
+    from service.protocol import uvicorn_http_options
+
+    options = dict(log_level=settings.log_level.lower(), server_header=False, factory=factory,
+                   timeout_graceful_shutdown=settings.shutdown_timeout_s, **uvicorn_http_options(settings))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=settings.workers, **options)
     sockets = [config.bind_socket()]
     if settings.operator_port != settings.port:

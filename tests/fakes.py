@@ -187,3 +187,9 @@ def operator_get(client, path: str = "/metrics"):
     """GET ``path`` on the operator port of an in-process gateway (the API port answers 404 there)."""
     port = client.app.state.gateway.settings.operator_port
     return client.get(f"http://testserver:{port}{path}")
+
+
+def json_bytes(payload) -> bytes:
+    import json
+
+    return json.dumps(payload).encode()

@@ -115,7 +115,7 @@ def test_png_upload_gives_the_same_answer_as_floats(gateway, mnist):
 
 
 def test_bad_input_keeps_the_gateway_serving(gateway, mnist):
-    assert gateway.post("/classify", content=b"[").status_code == 400
+    assert gateway.post("/classify", content=b"[", headers={"Content-Type": "application/json"}).status_code == 400
     assert gateway.post("/classify", json={"inputs": [[2.0] * 28] * 28}).status_code == 400
     assert classify(gateway, {"inputs": mnist.test.x[:1].tolist()})[0]["label"] == mnist.test.y[0]
 

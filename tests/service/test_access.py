@@ -154,3 +154,42 @@ def test_window_frees_as_events_age_out_and_forgets_the_oldest_callers():
     w.add("b", 5, now=10.0)
     w.add("c", 5, now=10.0)  # a third caller: the least recently seen ("a") is forgotten
     assert "a" not in w._events and w.retry_after("b", now=11.0) == pytest.approx(9.0)
+
+
+def test_json_routes_need_a_json_content_type(toy_bundle):
+    c, _ = make_client(toy_bundle)
+    with c:
+        body = fakes.json_bytes(GREY)
+        plain = c.post("/classify", content=body, headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+        assert c.post("/classify", content=body).status_code == 415  # none declared
+        for kind in ("application/json; charset=utf-8", "application/vnd.example+json"):
+            assert c.post("/classify", content=body, headers={"Content-Type": kind}).status_code == 200, kind
+        v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [0.5] * 16}]}
+        assert c.post("/v2/models/toy/infer", content=fakes.json_bytes(v2),
+                      headers={"Content-Type": "text/plain"}).status_code == 415
+
+
+def test_cors_is_off_unless_origins_are_configured(toy_bundle):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    c, _ = make_client(toy_bundle)
+    with c:
+        assert "access-control-allow-origin" not in c.options("/classify", headers=preflight).headers
+        assert "access-control-allow-origin" not in c.post("/classify", json=GREY, headers=preflight).headers
+    c, _ = make_client(toy_bundle, cors_origins=("https://app.example",))
+    with c:
+        r = c.options("/classify", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_error_messages_are_bounded(toy_bundle):
+    c, _ = make_client(toy_bundle)
+    with c:
+        r = c.get("/v2/models/" + "n" * 5000)
+        assert r.status_code == 404 and len(r.json()["error"]) < 200
+        v2 = {"inputs": [{"name": "x" * 5000, "datatype": "FP64", "shape": [1, 1, 4, 4], "data": [0.5] * 16}]}
+        r = c.post("/v2/models/toy/infer", json=v2)
+        assert r.status_code == 400 and len(r.json()["error"]) < 200
+        r = c.post("/v2/models/toy/infer", json={**v2, "id": "i" * 5000})
+        assert r.status_code == 400 and len(r.text) < 300

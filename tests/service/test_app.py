@@ -20,6 +20,9 @@ def client(toy_bundle):
         yield c
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post(client, payload):
     return client.post("/classify", json=payload)
 
@@ -90,18 +93,18 @@ def test_bad_input_is_a_clear_400_and_the_server_keeps_serving(client, payload, 
 
 def test_nan_is_refused(client):
     body = '{"inputs": [' + ",".join(["[NaN, 0.5, 0.5, 0.5]"] * 4) + "]}"
-    r = client.post("/classify", content=body)
+    r = client.post("/classify", content=body, headers=JSON)
     assert r.status_code == 400  # NaN is not JSON: refused as such
 
 
 def test_value_overflowing_float32_is_refused(client):
     body = '{"inputs": [' + ",".join(["[1e300, 0.5, 0.5, 0.5]"] * 4) + "]}"  # finite JSON, inf in float32
-    r = client.post("/classify", content=body)
+    r = client.post("/classify", content=body, headers=JSON)
     assert r.status_code == 400 and "NaN or Inf" in r.json()["error"]
 
 
 def test_invalid_json_is_400(client):
-    r = client.post("/classify", content=b"{oops")
+    r = client.post("/classify", content=b"{oops", headers=JSON)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
 
 

@@ -147,7 +147,7 @@ def test_bad_tensors_are_a_clear_400_and_the_server_keeps_answering(client, requ
      b'{"name": "b", "datatype": "FP32", "shape": [1, 4, 4], "data": []}]}', "exactly one input tensor"),
 ])
 def test_bad_requests_are_400(client, body, fragment):
-    r = client.post("/v2/models/toy/infer", content=body)
+    r = client.post("/v2/models/toy/infer", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and fragment in r.json()["error"]
 
 

@@ -1,0 +1,96 @@
+"""The HTTP/1.1 protocol the gateway serves with: uvicorn's httptools protocol plus the two limits it
+lacks, a cap on the size of a request's head (request line and headers) and a deadline to receive it.
+
+Without them one client could send a 64 MiB header (held in memory until complete) or keep many
+connections open by sending a byte now and then, or nothing at all. A head over the cap gets 431 and
+the connection is closed; a head not complete within the deadline (counted from the connection, or from
+the first byte of a later request on a kept-alive connection) has its connection closed. Body reads are
+bounded by the application (``MAGNET_BODY_TIMEOUT_S``), idle kept-alive connections by uvicorn.
+
+Where httptools is missing, uvicorn's h11 protocol is used with its own incomplete-event cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.settings import Settings
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - uvicorn without the httptools extra
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+LIMITS = {"max_head_bytes": 64 * 1024, "head_timeout_s": 10.0}
+
+
+def configure(settings: Settings) -> None:
+    """Set the limits from settings, in the process that serves (every worker calls it)."""
+    LIMITS["max_head_bytes"] = settings.max_header_bytes
+    LIMITS["head_timeout_s"] = settings.header_timeout_s
+
+
+def uvicorn_http_options(settings: Settings) -> dict:
+    """The ``http`` option (and h11's cap) for ``uvicorn.Config``."""
+    if GuardedHttpTools is None:  # pragma: no cover
+        return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes}
+    return {"http": GuardedHttpTools}
+
+
+if HttpToolsProtocol is not None:
+
+    class GuardedHttpTools(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._arm_head()
+
+        def _arm_head(self) -> None:
+            self._in_head = True
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(LIMITS["head_timeout_s"], self._head_expired)
+
+        def _disarm_head(self) -> None:
+            self._in_head = False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self._in_head and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._in_head:
+                return super().data_received(data)
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                # the whole chunk went into a head that is still incomplete: all of it was head
+                self._head_bytes += len(data)
+                if self._head_bytes > LIMITS["max_head_bytes"]:
+                    self._refuse_head()
+
+        def _refuse_head(self) -> None:
+            self._disarm_head()
+            msg = b"request head too large"
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(msg), msg))
+            self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if not self._in_head:  # a later request on a kept-alive connection
+                self._arm_head()
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head()
+            super().connection_lost(exc)
+else:  # pragma: no cover
+    GuardedHttpTools = None  # type: ignore[assignment,misc]
