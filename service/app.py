@@ -41,6 +41,7 @@ def expected_rejection(defense: Defense) -> float:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
+    request.app.state.gateway.metrics.unexpected.inc()
     return error_response(500, "internal error; see the gateway's log")
 
 

@@ -31,6 +31,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
         self.upstream_errors = Counter("magnet_upstream_errors", "Failed upstream calls by reason "
                                        "(timeout, unavailable, bad_response).", ["reason"], registry=registry)
+        self.unexpected = Counter("magnet_unexpected_errors", "Requests that raised an error the gateway did not "
+                                  "expect (answered 500); any is a bug worth a report.", registry=registry)
         self.throttled = Counter("magnet_throttled", "Requests refused with 429 because their caller was over a "
                                  "limit (reason: rejections, requests).", ["reason"], registry=registry)
         self.pool_selections = Counter("magnet_pool_selections", "Requests defended by each pool member.",
