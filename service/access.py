@@ -53,10 +53,8 @@ class ConfigError(ValueError):
 def parse_keys(text: str, source: str) -> dict[str, str]:
     """``id:key`` entries, separated by commas or new lines (``#`` starts a comment); id -> key."""
     keys: dict[str, str] = {}
-    for n, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
-        entry = raw.split("#", 1)[0].strip()
-        if not entry:
-            continue
+    entries = [e.strip() for line in text.splitlines() for e in line.split("#", 1)[0].split(",")]
+    for n, entry in enumerate((e for e in entries if e), 1):
         key_id, sep, key = (part.strip() for part in entry.partition(":"))
         if not sep or not key_id or not key:
             raise ConfigError(f"{source}, entry {n}: expected 'id:key'")

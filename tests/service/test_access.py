@@ -34,7 +34,7 @@ def test_key_lists_are_parsed_and_weak_or_repeated_keys_refused(tmp_path):
     with pytest.raises(ConfigError, match="id:key"):
         parse_keys("no-colon-here-at-all", "x")
     key_file = tmp_path / "keys"
-    key_file.write_text("# id:key\ncarol:carol-key-0123456789\n")
+    key_file.write_text("# id:key, one per line\ncarol:carol-key-0123456789  # the reporting app\n")
     c, _ = make_client(fakes.make_bundle(tmp_path / "b"), api_keys=KEYS, api_key_file=key_file)
     with c:
         ok = c.post("/classify", json=GREY, headers={"X-API-Key": "carol-key-0123456789"})
