@@ -36,8 +36,20 @@ def serve(argv: list[str]) -> int:
         p.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
     p.add_argument("--explain", action="store_true", default=None,
                    help="add detector scores to results (helps attackers: not for production)")
+    kserve = p.add_argument_group("as a KServe transformer", "the arguments KServe's controller appends to a "
+                                  "custom transformer container (deploy/kserve)")
+    kserve.add_argument("--model_name", dest="kserve_model", help="the InferenceService's name: the model "
+                        "served on the v2 front and asked of the predictor")
+    kserve.add_argument("--predictor_host", help="host[:port] of the predictor: the upstream (OIP v2)")
+    kserve.add_argument("--http_port", type=int, dest="kserve_port", help="port to listen on")
+    kserve.add_argument("--predictor_use_ssl", action="store_true", default=None, help="https to the predictor")
+    kserve.add_argument("--predictor_protocol", "--protocol", dest="predictor_protocol",
+                        help="v2 only: the gateway speaks the Open Inference Protocol to the predictor")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    if args.predictor_protocol not in (None, "v2"):
+        p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v2 over REST to the predictor")
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    overrides.update(kserve_overrides(args, overrides))
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -58,6 +70,21 @@ def serve(argv: list[str]) -> int:
         return 2
     serve_app(app, settings)
     return 0
+
+
+def kserve_overrides(args: argparse.Namespace, overrides: dict) -> dict:
+    """Settings from the arguments KServe gives a transformer; explicit gateway flags win."""
+    out: dict = {}
+    if args.kserve_model:
+        out["model_name"] = args.kserve_model
+        if "upstream_model" not in overrides:
+            out["upstream_model"] = args.kserve_model
+    if args.predictor_host and "upstream" not in overrides:
+        scheme = "https" if args.predictor_use_ssl else "http"
+        out["upstream"] = f"{scheme}://{args.predictor_host}"
+    if args.kserve_port and "port" not in overrides:
+        out["port"] = args.kserve_port
+    return out
 
 
 def _serve_workers(settings: Settings, overrides: dict[str, object]) -> int:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     upstream_scale: float | None = Field(None, gt=0, description="Multiply [0, 1] pixels by this (255: 0..255).")
     upstream_mean: tuple[float, ...] | None = Field(None, description="Per-channel mean subtracted after scaling.")
     upstream_std: tuple[float, ...] | None = Field(None, description="Per-channel std divided after the mean.")
+    model_name: str | None = Field(
+        None, description="Name the v2 front serves (/v2/models/<name>/infer); default: the bundle's. As a KServe "
+        "transformer, the InferenceService's name (KServe passes it as --model_name).")
     upstream_model: str | None = Field(
         None, description="Model name on the upstream server; defaults to the bundle's name.")
     upstream_input: str | None = Field(None, description="Name of the upstream model's input tensor.")

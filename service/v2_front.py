@@ -40,11 +40,15 @@ UNSCORED = -1.0
 
 
 def _gateway_serving(request: Request, name: str) -> Gateway:
-    """The gateway, if it serves model ``name`` (the bundle's manifest name); else 404."""
+    """The gateway, if it serves model ``name`` (``MAGNET_MODEL_NAME``, else the bundle's name); else 404."""
     gw = request.app.state.gateway
-    if name != gw.defense.manifest.name:
-        raise UnknownModel(f"model {shown(name)} is not served here; this gateway serves {gw.defense.manifest.name!r}")
+    if name != served_name(gw):
+        raise UnknownModel(f"model {shown(name)} is not served here; this gateway serves {served_name(gw)!r}")
     return gw
+
+
+def served_name(gw: Gateway) -> str:
+    return gw.settings.model_name or gw.defense.manifest.name
 
 
 def detector_names(gw: Gateway) -> list[str]:
@@ -60,7 +64,7 @@ def model_metadata(gw: Gateway) -> dict:
                 {"name": "rejected", "datatype": "BOOL", "shape": [-1]}]
     if gw.settings.explain:
         outputs += [{"name": f"scores_{d}", "datatype": "FP64", "shape": [-1]} for d in detector_names(gw)]
-    return {"name": manifest.name, "platform": PLATFORM,
+    return {"name": served_name(gw), "platform": PLATFORM,
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *manifest.input.shape]}],
             "outputs": outputs}
 
