@@ -22,6 +22,9 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[train,eval,dev]'
 	@# Prometheus (and promtool) for tests/deploy: installed when missing, as root with apt-get; any
 	@# failure here is ignored (those tests then skip with the reason).
+	@# checkov (tests/deploy/test_checkov.py) in a virtual environment of its own: it pins dependencies
+	@# that clash with the project's. A failure here is ignored (that test then skips and says why).
+	-[ -x .venv-checkov/bin/checkov ] || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov; } || true
 	-command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || true
 	touch $@
 
@@ -36,4 +39,4 @@ rebuild-mnist: $(VENV)/.dev
 	$(VENV)/bin/magnet train mnist --data-dir $(DATA) --out models/mnist --work-dir runs/mnist --fresh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov runs .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +119,23 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = Field(
         None, description="Secret (at least 16 characters) that maps session ids to pool members; give "
                           "every replica the same one. Unset: a random one per process, so replicas disagree.")
+    session_secret_file: Path | None = Field(
+        None, description="File holding the session secret (a mounted Secret), read at start when "
+        "MAGNET_SESSION_SECRET is unset.")
     session_header: str = Field("X-Session-ID", description="Request header that carries the session id.")
     session_cookie: str = Field(
         "magnet_session", description="Cookie that carries the session id when the header is absent; "
                                       "the gateway sets it on responses to requests that had neither.")
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> "Settings":
+        if self.session_secret is None and self.session_secret_file is not None:
+            try:
+                text = Path(self.session_secret_file).read_text().strip()
+            except OSError as e:
+                raise ValueError(f"MAGNET_SESSION_SECRET_FILE {self.session_secret_file}: {e.strerror}") from e
+            self.session_secret = SecretStr(text)
+        return self
 
     @field_validator("rejection_limit", "rate_limit")
     @classmethod

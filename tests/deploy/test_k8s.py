@@ -73,14 +73,15 @@ def test_environment_names_are_settings_and_secret_keys_reach_them(objects):
     assert {n for n in env if n.startswith("MAGNET_")} <= fields
     secret = by_kind(objects, "Secret", "magnet-gateway")
     keys = set(secret.get("data", {})) | set(secret.get("stringData", {}))
-    ref = env["MAGNET_SESSION_SECRET"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "magnet-gateway" and ref["key"] in keys
-    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    # secrets as files: each file setting points into the mounted Secret, at a key the Secret has
+    volume = next(v for v in pod["volumes"] if v["name"] == "secrets")
     assert volume["secret"]["secretName"] == "magnet-gateway"
-    item = volume["secret"]["items"][0]
-    assert item["key"] in keys
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
-    assert env["MAGNET_API_KEY_FILE"]["value"] == f"{mount['mountPath']}/{item['path']}"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "secrets")
+    files = {f"{mount['mountPath']}/{item['path']}": item["key"] for item in volume["secret"]["items"]}
+    assert set(files.values()) <= keys
+    assert files[env["MAGNET_SESSION_SECRET_FILE"]["value"]] == "session-secret"
+    assert files[env["MAGNET_API_KEY_FILE"]["value"]] == "api-keys"
+    assert not any("valueFrom" in e for e in env.values())  # no secret in the environment
     # the example keys parse as the gateway parses them
     import base64
 
@@ -129,9 +130,13 @@ def test_scaling_disruption_and_network_policy_select_the_right_pods(objects):
     assert hpa["spec"]["minReplicas"] >= 2
     pdb = by_kind(objects, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    policy = by_kind(objects, "NetworkPolicy")
+    policy = by_kind(objects, "NetworkPolicy", "magnet-model-server")
     model_labels = by_kind(objects, "Deployment", "magnet-model-server")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= model_labels.items()
     allowed = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
     assert allowed and all(a.items() <= labels.items() for a in allowed)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own = by_kind(objects, "NetworkPolicy", "magnet-gateway")
+    assert own["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ports = {p["port"]: rule.get("from") for rule in own["spec"]["ingress"] for p in rule["ports"]}
+    assert ports[8000] is None and ports[8002]  # the API from anywhere, /metrics only from monitoring
