@@ -50,11 +50,14 @@ def test_divergence_scores_of_the_cifar_twin_equal_the_cores(cifar10, bundle, me
         np.testing.assert_allclose(ev.scores[0][name].numpy(), score, rtol=5e-3, atol=1e-7)
 
 
-def test_graybox_table_structure_and_diagonal(mnist_pool, mnist):
+def test_graybox_table_structure_and_diagonal(mnist_pool, mnist, tmp_path):
     defense, twins = mnist_pool
     x, y = mnist.test.x[:4], mnist.test.y[:4]
     params = {"binary_search_steps": 1, "max_iterations": 60, "initial_const": 30.0, "learning_rate": 0.1}
-    g = graybox_table(defense, twins, x, y, params, judge, log=lambda _: None)
+    g = graybox_table(defense, twins, x, y, params, judge, log=lambda _: None, cache=tmp_path)
+    logged = []  # a second run (a run cut short and resumed) reuses every column's examples
+    again = graybox_table(defense, twins, x, y, params, judge, log=logged.append, cache=tmp_path)
+    assert sum("reusing" in line for line in logged) == 8 and again["table"] == g["table"]
     table = np.array(g["table"])
     assert table.shape == (8, 8) and ((0 <= table) & (table <= 1)).all()
     np.testing.assert_allclose(g["random"], table.mean(0))

@@ -11,7 +11,10 @@ cannot choose the session's member.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,22 +26,44 @@ from training.evaluate.torch_defense import Twins
 Judge = Callable[[Defense, np.ndarray, np.ndarray, int], dict]
 
 
+def column_cache(cache: Path, defense: Defense, member: int, x: np.ndarray, params: dict) -> Path:
+    """Where column ``member``'s adversarial examples are kept: they depend on the member's reformer, the
+    classifier, the attack's parameters and the images, so a run cut short resumes column by column."""
+    by_path = {f.path: f.sha256 for f in defense.manifest.files}
+    spec = defense.manifest.members[member]
+    key = json.dumps([by_path[spec.reformer], by_path[defense.manifest.classifier.file], params,
+                      hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()], sort_keys=True, default=str)
+    return cache / f"graybox-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
 def graybox_table(defense: Defense, twins: Twins, x: np.ndarray, y: np.ndarray, params: dict,
-                  judge: Judge, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """The 8x8 (n x n) table of full-defense accuracy, its random row, and per-column attack figures."""
+                  judge: Judge, device: str = "cpu", log: Callable[[str], None] = print,
+                  cache: Path | None = None) -> dict:
+    """The 8x8 (n x n) table of full-defense accuracy, its random row, and per-column attack figures.
+    With ``cache``, each column's examples are stored as crafted and reused by a later run."""
     n = len(twins)
     table = np.zeros((n, n))
     columns = []
     for j in range(n):
-        started = time.perf_counter()
-        result = carlini_l2(twins.members([j], detectors=False).to(device), x, y, device=device, **params)
-        seconds = time.perf_counter() - started
-        judged = [judge(defense, result.x_adv, y, i) for i in range(n)]
+        path = column_cache(cache, defense, j, x, params) if cache is not None else None
+        if path is not None and path.exists():
+            stored = np.load(path)
+            x_adv, success, l2, seconds = stored["x_adv"], stored["success"], stored["l2"], float(stored["seconds"])
+            log(f"graybox column {j}: reusing {path} (crafted in {seconds:.0f} s)")
+        else:
+            started = time.perf_counter()
+            result = carlini_l2(twins.members([j], detectors=False).to(device), x, y, device=device, **params)
+            seconds = time.perf_counter() - started
+            x_adv, success, l2 = result.x_adv, result.success, result.l2
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, x_adv=x_adv, success=success, l2=l2, seconds=seconds)
+        judged = [judge(defense, x_adv, y, i) for i in range(n)]
         table[:, j] = [r["full_defense"] for r in judged]
-        ok = result.success
+        ok = success
         columns.append({"member": twins.specs[j].name, "seconds": seconds, "attack_success": float(ok.mean()),
                         "reformer_only_own": judged[j]["reformer_only"], "rejected_own": judged[j]["rejected"],
-                        "mean_l2": float(result.l2[ok].mean()) if ok.any() else None})
+                        "mean_l2": float(l2[ok].mean()) if ok.any() else None})
         log(f"graybox column {j} ({twins.specs[j].name}): {len(x)} examples in {seconds:.0f} s, attack success "
             f"{ok.mean():.3f}, diagonal {table[j, j]:.3f}, others {np.delete(table[:, j], j).mean():.3f}")
     off = table[~np.eye(n, dtype=bool)]

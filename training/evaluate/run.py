@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.graybox:
         idx = correct[: args.n_graybox]
         report["graybox"] = graybox_table(defense, twins, test.x[idx], test.y[idx],
-                                          {**budget, "confidence": args.graybox_confidence}, judge, args.device)
+                                          {**budget, "confidence": args.graybox_confidence}, judge, args.device,
+                                          cache=args.cache)
         _write(report, args.out)
     if args.adaptive:
         idx = correct[: args.n_adaptive]
