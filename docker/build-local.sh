@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Build the gateway and model-server images without a Docker daemon or a public registry, run each
+# image's entrypoint, and check them end to end:
+#
+#   docker/build-local.sh            # as root: installs buildah and debootstrap (Debian) when missing
+#
+# 1. a Python 3.11 base image made from Debian packages with debootstrap (no registry needed);
+# 2. docker/Dockerfile and docker/Dockerfile.kserve built on it with buildah (chroot isolation);
+# 3. each image's entrypoint run with `buildah run` (podman run cannot set rlimits here), on loopback;
+# 4. checks: the KServe image is ready, the gateway image in front of it answers /readyz and classifies
+#    the example digit (a 7) through POST /classify, and the gateway image holds no torch.
+# Sizes and build times go to docker/build-local.json (or $OUT).
+#
+# MAGNET_REQUIRE_IMAGES=1 (the CI step sets it on root runners) turns every "cannot run here" into a
+# failure instead of a skip. A TLS-intercepting proxy's CA (this machine's system bundle) is bind-mounted
+# for the build steps that run pip and never baked into the images.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/docker/build-local.json}
+WORK=${WORK:-/var/tmp/magnet-images}
+BASE=localhost/magnet-python:3.11-bookworm
+API_PORT=${API_PORT:-18000}
+OP_PORT=${OP_PORT:-18002}
+KSERVE_PORT=${KSERVE_PORT:-18080}
+
+skip() {
+  if [ "${MAGNET_REQUIRE_IMAGES:-0}" = 1 ]; then echo "build-local: FAILED: $*" >&2; exit 1; fi
+  echo "build-local: skipped: $*" >&2; exit 0
+}
+
+[ "$(id -u)" = 0 ] || skip "needs root (buildah with chroot isolation, debootstrap)"
+if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
+  command -v apt-get >/dev/null || skip "buildah/debootstrap missing and no apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
+    || skip "cannot install buildah and debootstrap"
+fi
+CA=/etc/ssl/certs/ca-certificates.crt
+mkdir -p "$WORK"
+now() { date +%s.%N; }
+secs() { python3 -c "print(round($2 - $1, 1))"; }
+
+# 1. the base: Debian bookworm minbase + python3.11, imported as an image
+t0=$(now)
+if ! buildah inspect "$BASE" >/dev/null 2>&1; then
+  rm -rf "$WORK/rootfs"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+    bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
+    || skip "debootstrap failed (see $WORK/debootstrap.log)"
+  rm -f "$WORK"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED
+  ln -sf python3 "$WORK/rootfs/usr/bin/python"
+  ln -sf pip3 "$WORK/rootfs/usr/bin/pip"
+  chroot "$WORK/rootfs" apt-get clean
+  tar -C "$WORK/rootfs" -c . | buildah import - "$BASE" >/dev/null 2>&1 \
+    || { ctr=$(buildah from scratch); mnt=$(buildah mount "$ctr"); cp -a "$WORK/rootfs/." "$mnt/";
+         buildah umount "$ctr" >/dev/null; buildah commit -q "$ctr" "$BASE" >/dev/null; buildah rm "$ctr" >/dev/null; }
+fi
+t_base=$(secs "$t0" "$(now)")
+
+# 2. the images, on that base; the proxy's CA only for the build's pip steps
+build() {  # NAME DOCKERFILE
+  local t; t=$(now)
+  # the host's CA bundle over the image's own during the build only (Debian's pip reads the system
+  # bundle): nothing of it stays in the image
+  buildah bud --isolation chroot --format docker -q -f "$2" --build-arg BASE="$BASE" \
+    -v "$CA:/etc/ssl/certs/ca-certificates.crt:ro" -t "$1" . >"$WORK/$1.log" 2>&1 \
+    || { tail -20 "$WORK/$1.log" >&2; echo "build-local: FAILED: building $1" >&2; exit 1; }
+  secs "$t" "$(now)"
+}
+t_gateway=$(build magnet-gateway:local docker/Dockerfile)
+t_kserve=$(build magnet-kserve:local docker/Dockerfile.kserve)
+
+size() { buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | awk -v n="localhost/$1" '$1 == n {print $2" "$3}'; }
+
+# 3. run the entrypoints (KServe first, then the gateway in front of it)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; buildah rm --all >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+run() {  # IMAGE USER "ENV..." ARGS...: the image's entrypoint with ARGS, as USER, with its ENV plus ENV
+  local image=$1 user=$2 extra=$3; shift 3
+  local ctr; ctr=$(buildah from -q "$image")
+  local entry env
+  entry=$(buildah inspect --type container "$ctr" | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["OCIv1"]["config"]["Entrypoint"]))')
+  env=$(buildah inspect --type container "$ctr" | python3 -c 'import json,sys; print(" ".join("--env " + e for e in json.load(sys.stdin)["OCIv1"]["config"].get("Env", [])))')
+  # shellcheck disable=SC2086
+  buildah run --isolation chroot --user "$user" $env $extra "$ctr" -- $entry "$@" >"$WORK/run-${image%%:*}.log" 2>&1 &
+  pids+=($!)
+}
+wait_for() {  # URL SECONDS
+  for _ in $(seq "$2"); do curl -sf -o /dev/null "$1" && return 0; sleep 1; done
+  echo "build-local: FAILED: $1 not ready" >&2; tail -30 "$WORK"/run-*.log >&2; exit 1
+}
+run magnet-kserve:local kserve "" --model-file /models/mnist/classifier.onnx --model-name mnist --http-port "$KSERVE_PORT"
+wait_for "http://127.0.0.1:$KSERVE_PORT/v2/health/ready" 120
+run magnet-gateway:local magnet "--env MAGNET_PORT=$API_PORT --env MAGNET_OPERATOR_PORT=$OP_PORT --env MAGNET_HOST=127.0.0.1 \
+--env MAGNET_UPSTREAM=http://127.0.0.1:$KSERVE_PORT --env MAGNET_UPSTREAM_MODEL=mnist --env MAGNET_WORKERS=1"
+wait_for "http://127.0.0.1:$API_PORT/readyz" 120
+
+# 4. checks
+digit=$(base64 -w0 examples/mnist-test-0-label-7.png)
+answer=$(curl -sf "http://127.0.0.1:$API_PORT/classify" -H 'Content-Type: application/json' -d "{\"images\": [\"$digit\"]}")
+echo "$answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
+  || { echo "build-local: FAILED: /classify answered $answer" >&2; exit 1; }
+ctr=$(buildah from -q magnet-gateway:local)
+buildah run --isolation chroot "$ctr" -- python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
+  || { echo "build-local: FAILED: torch is in the gateway image" >&2; exit 1; }
+for image in magnet-gateway:local magnet-kserve:local; do
+  if buildah inspect --type image "$image" | grep -q 'PIP_CERT\|SSL_CERT_FILE'; then
+    echo "build-local: FAILED: $image carries the build's CA settings" >&2; exit 1
+  fi
+done
+
+python3 - "$OUT" <<EOF
+import json, sys
+report = {"base": "$BASE (debootstrap bookworm minbase + python3)", "base_seconds": $t_base,
+          "images": {"magnet-gateway": {"build_seconds": $t_gateway, "size": "$(size magnet-gateway:local)"},
+                     "magnet-kserve": {"build_seconds": $t_kserve, "size": "$(size magnet-kserve:local)"}},
+          "checks": {"kserve_ready": True, "gateway_readyz": True, "classify_answer": $answer, "gateway_has_torch": False}}
+open(sys.argv[1], "w").write(json.dumps(report, indent=2) + "\n")
+print(json.dumps(report, indent=2))
+EOF
