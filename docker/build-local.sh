@@ -111,12 +111,15 @@ for image in magnet-gateway:local magnet-kserve:local; do
   fi
 done
 
-python3 - "$OUT" <<EOF
-import json, sys
-report = {"base": "$BASE (debootstrap bookworm minbase + python3)", "base_seconds": $t_base,
-          "images": {"magnet-gateway": {"build_seconds": $t_gateway, "size": "$(size magnet-gateway:local)"},
-                     "magnet-kserve": {"build_seconds": $t_kserve, "size": "$(size magnet-kserve:local)"}},
-          "checks": {"kserve_ready": True, "gateway_readyz": True, "classify_answer": $answer, "gateway_has_torch": False}}
+ANSWER="$answer" T_BASE="$t_base" T_GATEWAY="$t_gateway" T_KSERVE="$t_kserve" BASE="$BASE" \
+SIZE_GATEWAY="$(size magnet-gateway:local)" SIZE_KSERVE="$(size magnet-kserve:local)" python3 - "$OUT" <<'EOF'
+import json, os, sys
+e = os.environ
+report = {"base": f"{e['BASE']} (debootstrap bookworm minbase + python3)", "base_seconds": float(e["T_BASE"]),
+          "images": {"magnet-gateway": {"build_seconds": float(e["T_GATEWAY"]), "size": e["SIZE_GATEWAY"]},
+                     "magnet-kserve": {"build_seconds": float(e["T_KSERVE"]), "size": e["SIZE_KSERVE"]}},
+          "checks": {"kserve_ready": True, "gateway_readyz": True, "classify_answer": json.loads(e["ANSWER"]),
+                     "gateway_has_torch": False, "build_ca_left_in_images": False}}
 open(sys.argv[1], "w").write(json.dumps(report, indent=2) + "\n")
 print(json.dumps(report, indent=2))
 EOF
