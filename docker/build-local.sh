@@ -9,7 +9,7 @@
 # 3. each image's entrypoint run with `buildah run` (podman run cannot set rlimits here), on loopback;
 # 4. checks: the KServe image is ready, the gateway image in front of it answers /readyz and classifies
 #    the example digit (a 7) through POST /classify, and the gateway image holds no torch.
-# Sizes and build times go to docker/build-local.json (or $OUT).
+# Sizes and build times go to docs/results/images-build-local.json (or $OUT).
 #
 # MAGNET_REQUIRE_IMAGES=1 (the CI step sets it on root runners) turns every "cannot run here" into a
 # failure instead of a skip. A TLS-intercepting proxy's CA (this machine's system bundle) is bind-mounted
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${OUT:-$ROOT/docker/build-local.json}
+OUT=${OUT:-$ROOT/docs/results/images-build-local.json}
 WORK=${WORK:-/var/tmp/magnet-images}
 BASE=localhost/magnet-python:3.11-bookworm
 API_PORT=${API_PORT:-18000}
