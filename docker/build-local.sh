@@ -88,7 +88,10 @@ run() {  # IMAGE USER "ENV..." ARGS...: the image's entrypoint with ARGS, as USE
   pids+=($!)
 }
 wait_for() {  # URL SECONDS
-  for _ in $(seq "$2"); do curl -sf -o /dev/null "$1" && return 0; sleep 1; done
+  for _ in $(seq "$2"); do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null && return 0
+    sleep 1
+  done
   echo "build-local: FAILED: $1 not ready" >&2; tail -30 "$WORK"/run-*.log >&2; exit 1
 }
 run magnet-kserve:local kserve "" --model-file /models/mnist/classifier.onnx --model-name mnist --http-port "$KSERVE_PORT"
@@ -99,7 +102,13 @@ wait_for "http://127.0.0.1:$API_PORT/readyz" 120
 
 # 4. checks
 digit=$(base64 -w0 examples/mnist-test-0-label-7.png)
-answer=$(curl -sf "http://127.0.0.1:$API_PORT/classify" -H 'Content-Type: application/json' -d "{\"images\": [\"$digit\"]}")
+answer=$(python3 - "http://127.0.0.1:$API_PORT/classify" "$digit" <<'EOF'
+import json, sys, urllib.request
+body = json.dumps({"images": [sys.argv[2]]}).encode()
+request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
+print(urllib.request.urlopen(request, timeout=30).read().decode())
+EOF
+)
 echo "$answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
   || { echo "build-local: FAILED: /classify answered $answer" >&2; exit 1; }
 ctr=$(buildah from -q magnet-gateway:local)
