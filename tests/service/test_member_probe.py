@@ -9,7 +9,6 @@ members bound to API keys, the session id no longer matters: one key sees one me
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -26,23 +25,13 @@ SESSIONS = [f"attacker-session-{i}" for i in range(64)]
 
 @pytest.fixture(scope="module")
 def probes(mnist):
-    """Up to 5 digits whose accept/reject pattern differs most between members, chosen on the core."""
-    core = Defense(SHIPPED_MNIST_POOL, device="cpu")
-    x = mnist.test.x[:256]
-    occluded = x.copy()
-    occluded[:, :, 10:18, 10:18] = 0
-    candidates = np.concatenate([np.roll(x, s, axis=3) for s in (3, 4, 5)] + [occluded])
-    rejected = np.stack([core.inspect(candidates, member=m).rejected for m in range(len(core.members))], 1)
-    varying = np.flatnonzero(rejected.any(1) & ~rejected.all(1))
-    chosen: list[int] = []
-    for _ in range(5):
-        best = max(varying, key=lambda i: len({tuple(rejected[j, m] for j in chosen + [i])
-                                               for m in range(rejected.shape[1])}))
-        if best not in chosen:
-            chosen.append(int(best))
-    signatures = {m: tuple(bool(rejected[j, m]) for j in chosen) for m in range(rejected.shape[1])}
+    """Up to 5 digits whose accept/reject pattern differs most between members, chosen on the core
+    (the same choice as ``python -m bench.member_probe``)."""
+    from bench.member_probe import choose_probes
+
+    probe, signatures = choose_probes(Defense(SHIPPED_MNIST_POOL, device="cpu"), mnist.test.x[:256])
     assert len(set(signatures.values())) >= 6, "the probe should tell most members apart"
-    return candidates[chosen], signatures
+    return probe, signatures
 
 
 def signature(client, probe, headers) -> tuple:
