@@ -134,14 +134,13 @@ class AccessGuard:
             return await self.app(scope, receive, send)
         if on_operator and not self.shared:
             return await error_response(404, "not found: the operator port serves /metrics only")(scope, receive, send)
-        headers = dict(scope["headers"])
         if self.keys is None:
             client = scope.get("client")
             principal = f"addr:{client[0]}" if client else "addr:unknown"
         elif path in OPEN_PATHS:
             principal = None
         else:
-            principal = self.keys.identify(presented_key(headers))
+            principal = self.keys.identify(presented_key(dict(scope["headers"])))
             if principal is None:
                 self.metrics.requests.labels("unauthorized").inc()
                 failure = Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
@@ -167,25 +166,26 @@ class Window:
 
     def __init__(self, limit: int, seconds: float, max_principals: int = 100_000) -> None:
         self.limit, self.seconds, self.max_principals = limit, seconds, max_principals
-        self._events: OrderedDict[str, deque[tuple[float, int]]] = OrderedDict()
+        # principal -> (its events, oldest first; their total), so a check costs no sum over the window
+        self._events: OrderedDict[str, tuple[deque[tuple[float, int]], list[int]]] = OrderedDict()
 
-    def _trimmed(self, principal: str, now: float) -> deque[tuple[float, int]]:
-        events = self._events.get(principal)
-        if events is None:
-            events = self._events[principal] = deque()
+    def _trimmed(self, principal: str, now: float) -> tuple[deque[tuple[float, int]], list[int]]:
+        entry = self._events.get(principal)
+        if entry is None:
+            entry = self._events[principal] = (deque(), [0])
             while len(self._events) > self.max_principals:
                 self._events.popitem(last=False)
         else:
             self._events.move_to_end(principal)
+        events, total = entry
         while events and events[0][0] <= now - self.seconds:
-            events.popleft()
-        return events
+            total[0] -= events.popleft()[1]
+        return entry
 
     def retry_after(self, principal: str, now: float | None = None) -> float:
         """Seconds until ``principal`` is under its limit again (0: it is now)."""
         now = time.monotonic() if now is None else now
-        events = self._trimmed(principal, now)
-        total = sum(n for _, n in events)
+        events, (total,) = self._trimmed(principal, now)
         if total < self.limit:
             return 0.0
         for t, n in events:  # the window frees up as the oldest events age out
@@ -197,7 +197,9 @@ class Window:
     def add(self, principal: str, count: int = 1, now: float | None = None) -> None:
         if count > 0:
             now = time.monotonic() if now is None else now
-            self._trimmed(principal, now).append((now, count))
+            events, total = self._trimmed(principal, now)
+            events.append((now, count))
+            total[0] += count
 
 
 class Limits:

@@ -42,7 +42,6 @@ if HttpToolsProtocol is not None:
     class GuardedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._head_bytes = 0
             self._head_timer: asyncio.TimerHandle | None = None
             self._arm_head()
 
@@ -64,10 +63,9 @@ if HttpToolsProtocol is not None:
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if not self._in_head:
-                return super().data_received(data)
+            counting = self._in_head  # a head begun in an earlier chunk (a new one is counted from its next)
             super().data_received(data)
-            if self._in_head and not self.transport.is_closing():
+            if counting and self._in_head and not self.transport.is_closing():
                 # the whole chunk went into a head that is still incomplete: all of it was head
                 self._head_bytes += len(data)
                 if self._head_bytes > LIMITS["max_head_bytes"]:

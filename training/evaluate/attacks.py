@@ -8,7 +8,10 @@ and far slower; ART's L0 stays available as ``carlini_l0_art``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,6 +20,13 @@ from torch import nn
 
 from training.attacks.carlini import carlini_l0, carlini_l2, carlini_linf
 from training.attacks.deepfool import deepfool
+
+
+def cache_path(cache: Path, prefix: str, key: list) -> Path:
+    """The file in ``cache`` for adversarial examples identified by ``key`` (JSON-able parts: file hashes,
+    parameters, image indices or hashes): the same key, the same file, across runs and bundles."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache / f"{prefix}-{digest}.npz"
 
 
 @dataclass(frozen=True)

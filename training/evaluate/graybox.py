@@ -12,7 +12,6 @@ cannot choose the session's member.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import numpy as np
 
 from service.defense.core import Defense
 from training.attacks.carlini import carlini_l2
+from training.evaluate.attacks import cache_path
 from training.evaluate.torch_defense import Twins
 
 Judge = Callable[[Defense, np.ndarray, np.ndarray, int], dict]
@@ -31,9 +31,8 @@ def column_cache(cache: Path, defense: Defense, member: int, x: np.ndarray, para
     classifier, the attack's parameters and the images, so a run cut short resumes column by column."""
     by_path = {f.path: f.sha256 for f in defense.manifest.files}
     spec = defense.manifest.members[member]
-    key = json.dumps([by_path[spec.reformer], by_path[defense.manifest.classifier.file], params,
-                      hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()], sort_keys=True, default=str)
-    return cache / f"graybox-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    return cache_path(cache, "graybox", [by_path[spec.reformer], by_path[defense.manifest.classifier.file], params,
+                                         hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()])
 
 
 def graybox_table(defense: Defense, twins: Twins, x: np.ndarray, y: np.ndarray, params: dict,

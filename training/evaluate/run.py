@@ -12,7 +12,6 @@ checked against onnxruntime) on the first test images it classifies correctly, t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
-from training.evaluate.attacks import Attack, default_names, gradient_budget, reduced, registry
+from training.evaluate.attacks import Attack, cache_path, default_names, gradient_budget, reduced, registry
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.loops import duration
@@ -184,9 +183,8 @@ class Progress:
 def _cache_file(cache: Path, defense: Defense, attack: Attack, idx: np.ndarray) -> Path:
     """Adversarial examples depend only on the classifier, the attack and the images, not on the defense:
     bundles sharing a classifier reuse them."""
-    key = json.dumps([defense.manifest.files[[f.path for f in defense.manifest.files].index(
-        defense.manifest.classifier.file)].sha256, attack.name, attack.params, idx.tolist()], sort_keys=True, default=str)
-    return cache / f"{attack.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    classifier = next(f.sha256 for f in defense.manifest.files if f.path == defense.manifest.classifier.file)
+    return cache_path(cache, attack.name, [classifier, attack.name, attack.params, idx.tolist()])
 
 
 SEEN_ATTACKS_NOTE = ("**This bundle's reformer was trained with adversarial examples** (its manifest: "
