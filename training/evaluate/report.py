@@ -62,7 +62,7 @@ def markdown(report: dict) -> str:
                   f"| {_pct(r['no_defense'])} "
                   f"| {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} | {_pct(r['full_defense'])} |"
                   for r in report["carlini_confidence_curve"]]
-    lines += _graybox(report.get("graybox")) + _adaptive(report.get("adaptive"))
+    lines += _graybox(report.get("graybox")) + _adaptive(report.get("adaptive")) + _adaptive_pgd(report.get("adaptive_pgd"))
     lines += ["", "Attack parameters:", ""]
     lines += [f"- `{r['attack']}`: {r['params']}" for r in report["rows"]]
     lines += ["", f"Command: `{report['provenance']['command']}` (git {report['provenance']['git_revision']}, "
@@ -110,6 +110,27 @@ def _adaptive(a: dict | None) -> list[str]:
               f"mean L2 {_num(base['mean_l2'])}, median {_num(base['median_l2'])} ({base['seconds']:.0f} s). "
               f"Budget: {base['params']}; penalty weight {a['runs'][0]['params']['penalty_weight']}, "
               f"margin {a['runs'][0]['params']['penalty_margin']}."]
+    return lines
+
+
+def _adaptive_pgd(a: dict | None) -> list[str]:
+    if not a or not a["runs"]:
+        return []
+    first = a["runs"][0]["params"]
+    lines = ["", "## Adaptive PGD (whitebox, and expectation over the pool)", "",
+             "PGD L∞ from a random start, maximising CE(f(D(x′)), y) + CE(f(x′), y) − weight · the detectors' excess "
+             "over their thresholds (the second term keeps f(x′) and f(D(x′)) on the same wrong answer, so the "
+             "divergence detectors stay quiet); a success must be accepted and misclassified by every targeted "
+             "member. Judged by the core, member by member.", "",
+             "| ε | targets | n | success on the twins | max L∞ | full defense, per member (%) "
+             "| full defense, random member | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in a["runs"]:
+        targets = r["members"][0] if len(r["members"]) == 1 else f"all {len(r['members'])} (EOT)"
+        lines.append(f"| {r['eps']:g} | {targets} | {r['examples']} | {_pct(r['attack_success_twin'])} | {_num(r['linf'])} "
+                     f"| {', '.join(_pct(v) for v in r['full_defense_per_member'])} "
+                     f"| **{_pct(r['full_defense_random_member'])}** | {r['seconds']:.0f} |")
+    lines += ["", f"Budget: {first['steps']} steps of ε/4 (divided by steps // 40 above 1), random start; "
+              f"detector weight {first['weight']}, margin 0.05."]
     return lines
 
 

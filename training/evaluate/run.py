@@ -26,7 +26,7 @@ from training.bundles import run_batched
 from training.data import DataError
 from training.attacks.carlini import carlini_l2
 from training.evaluate.accounting import columns
-from training.evaluate.adaptive import adaptive_attack
+from training.evaluate.adaptive import adaptive_attack, adaptive_pgd
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
 from training.evaluate.attacks import Attack, cache_path, default_names, gradient_budget, reduced, registry
@@ -68,7 +68,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--graybox-confidence", type=float, default=0.0, help="Carlini kappa of the graybox attacks")
     p.add_argument("--adaptive", action="store_true",
                    help="the adaptive attack: whitebox on member 0, and EOT over all members of a pool")
-    p.add_argument("--n-adaptive", type=int, default=200, help="examples of the adaptive attack")
+    p.add_argument("--adaptive-pgd", type=float, nargs="+", default=None, metavar="EPS",
+                   help="the adaptive PGD L-infinity attack at these ε (whitebox on member 0, and EOT over all "
+                        "members of a pool): maximises CE(f(D(x')), y) + CE(f(x'), y) - weight * detector excess")
+    p.add_argument("--adaptive-pgd-steps", type=int, default=100, help="steps of the adaptive PGD (random start)")
+    p.add_argument("--n-adaptive", type=int, default=200, help="examples of the adaptive attacks")
     p.add_argument("--adaptive-weight", type=float, default=10.0,
                    help="weight of the detector penalty (relative to the margin loss, both times c)")
     p.add_argument("--device", default="cpu", help="torch device for the attacks")
@@ -276,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.adaptive:
         runs = 1 + (members > 1)
         jobs.append(job(f"adaptive ({runs} runs + baseline)", min(args.n_adaptive, len(correct)), own_l2, 1 + runs))
+    groups = [[0]] + ([list(range(members))] if members > 1 else [])
+    for eps in args.adaptive_pgd or []:
+        # one step: the classifier on every targeted member's reformed batch and on x, forward and backward
+        jobs += [{"name": f"adaptive PGD ε {eps:g} ({'EOT' if len(g) > 1 else 'member 0'})",
+                  "examples": min(args.n_adaptive, len(correct)), "gradients": args.adaptive_pgd_steps * (len(g) + 1),
+                  "quality": "exact", "cached": False} for g in groups]
     print(plan(jobs, seconds_per_gradient(twin, test.x[correct[:64]], args.device), args.device), flush=True)
     if args.plan:
         return 0
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         curve.append({"confidence": attack.params["confidence"],
                       **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
         _write(report, args.out)
-    if args.graybox or args.adaptive:
+    if args.graybox or args.adaptive or args.adaptive_pgd:
         twins = Twins(defense, twin)
     if args.graybox:
         idx = correct[: args.n_graybox]
@@ -319,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
             report["adaptive"]["runs"].append(adaptive_attack(defense, twins, group, x, y, budget, judge,
                                                               weight=args.adaptive_weight, device=args.device))
             _write(report, args.out)
+    if args.adaptive_pgd:
+        idx = correct[: args.n_adaptive]
+        report["adaptive_pgd"] = {"runs": []}
+        for eps in args.adaptive_pgd:
+            for group in groups:
+                report["adaptive_pgd"]["runs"].append(
+                    adaptive_pgd(defense, twins, group, test.x[idx], test.y[idx], eps, args.adaptive_pgd_steps, judge,
+                                 weight=args.adaptive_weight, device=args.device))
+                _write(report, args.out)
     _write(report, args.out)
     return 0
 
