@@ -1,25 +1,30 @@
 """Load benchmark: the gateway (embedded default and in front of KServe) against KServe alone.
 
-    python -m bench.gateway_load --data-dir DATA --seconds 20 --concurrency 16 --workers 1,2 \\
-        --wire json,binary --out docs/results/bench-mnist.json --plot docs/results/bench-mnist.png
+    python -m bench.gateway_load --data-dir DATA --bundle models/mnist --seconds 20 --concurrency 1,4,16 \
+        --workers 1,2 --wire json,binary --out docs/results/bench-mnist.json --plot docs/results/bench-mnist.png \
+        --md docs/results/bench-mnist.md
 
-Every target gets single-digit requests (the app-facing case) from a closed loop of ``--concurrency``
-aiohttp clients for ``--seconds``, after a warm-up. All processes share this machine's cores with the
-load generator, so figures are for comparison between rows of one run, not absolute capacity. Each row
-also records the resident memory of the serving processes (a gateway's parent and workers summed) after
-its run; the report records the machine and the versions that matter.
+Every target gets single-image requests (the app-facing case) from a closed loop of aiohttp clients, at
+each ``--concurrency`` in turn, for ``--seconds`` after a warm-up. All processes share this machine's cores
+with the load generator, so figures are for comparison between rows of one run, not absolute capacity.
+KServe (the project's ``docker/kserve/serve_onnx.py``, its command and the script's sha256 recorded)
+serves the bundle's own classifier file: the baseline is the same model, not a tuned-down one.
 
 Rows, for each ``--wire`` (json: ``/classify`` JSON to the gateway and JSON to KServe; binary: the OIP
 v2 binary data extension on the gateway's front and to KServe) and each ``--workers`` count:
 ``kserve_direct``; ``gateway_embedded`` (the bundle's classifier in-process); ``gateway_to_kserve``
 (micro-batching on, the default); and, for json with one worker, ``gateway_to_kserve_unbatched``
-(``MAGNET_BATCH_ROWS=0``).
+(``MAGNET_BATCH_ROWS=0``). A bundle with divergence detectors sends two rows upstream per image (x and
+its reformed copy). After a gateway row's runs, one request at the largest batch (``MAGNET_MAX_BATCH``
+images, binary) is sent, and the peak resident memory (VmHWM) of every process of the gateway is
+recorded: ``peak_rss_per_process_mb`` is the largest, a worker's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -34,13 +39,24 @@ import orjson
 import psutil
 
 from tests.procs import ManagedProcess, start_gateway, start_model_server
-from training.data import load_mnist
+from service.defense import Defense
+from tests.procs import MODEL_SERVER
+from training.data import load
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "mnist"
 VERSIONS = ("onnxruntime", "uvicorn", "fastapi", "orjson", "kserve", "numpy")
 
 Request = tuple[bytes, dict[str, str]]
+LARGEST_BATCH = 256  # MAGNET_MAX_BATCH's default
+
+
+async def _once(url: str, request: Request) -> None:
+    """One request, which must succeed (the largest batch, before the memory reading)."""
+    async with aiohttp.ClientSession() as session, session.post(url, data=request[0], headers=request[1]) as r:
+        body = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"the largest batch got {r.status}: {body[:300]!r}")
 
 
 async def _drive(url: str, requests: list[Request], seconds: float, concurrency: int) -> dict:
@@ -76,24 +92,42 @@ def rss_mb(proc: ManagedProcess) -> float:
     return sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20
 
 
-def requests_for(digits: np.ndarray, wire: str, front: str) -> list[Request]:
-    """One request per digit: ``front`` is 'classify' (the gateway's own API) or 'v2' (OIP v2)."""
+def peak_rss_mb(proc: ManagedProcess) -> float:
+    """The largest peak resident memory (VmHWM) of a process and its children: one worker's peak."""
+    root = psutil.Process(proc.pid)
+    peaks = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+    return max(peaks)
+
+
+def binary_request(x: np.ndarray) -> Request:
+    """An OIP v2 binary-data request for the batch ``x``, asking for binary outputs."""
+    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": len(raw)}}],
+                           "parameters": {"binary_data_output": True}})
+    return header + raw, {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(header))}
+
+
+def requests_for(images: np.ndarray, wire: str, front: str) -> list[Request]:
+    """One request per image: ``front`` is 'classify' (the gateway's own API) or 'v2' (OIP v2)."""
     out = []
-    for d in digits:
+    for d in images:
         if front == "classify":  # /classify has no binary form: the binary rows use the gateway's v2 front
-            out.append((orjson.dumps({"inputs": d[0]}, option=orjson.OPT_SERIALIZE_NUMPY),
+            out.append((orjson.dumps({"inputs": d[0] if d.shape[0] == 1 else d}, option=orjson.OPT_SERIALIZE_NUMPY),
                         {"Content-Type": "application/json"}))
         elif wire == "json":
-            out.append((orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+            out.append((orjson.dumps({"inputs": [{"name": "input", "shape": [1, *d.shape], "datatype": "FP32",
                                                   "data": d.ravel()}]}, option=orjson.OPT_SERIALIZE_NUMPY),
                         {"Content-Type": "application/json"}))
         else:
-            raw = np.ascontiguousarray(d[None], dtype="<f4").tobytes()
-            header = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                                               "parameters": {"binary_data_size": len(raw)}}],
-                                   "parameters": {"binary_data_output": True}})
-            out.append((header + raw, {"Content-Type": "application/octet-stream",
-                                       "Inference-Header-Content-Length": str(len(header))}))
+            out.append(binary_request(d[None]))
     return out
 
 
@@ -112,81 +146,144 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Throughput, p50 and p99 against concurrency, one line per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["results"])
-    rates = [report["results"][n]["req_per_s"] for n in names]
-    p50 = [report["results"][n]["p50_ms"] for n in names]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.5), sharey=True)
-    a.barh(names, rates, color=["#888" if n.startswith("kserve") else "#2a6fdb" for n in names])
-    a.set_xlabel("requests / s (single-digit requests)")
-    b.barh(names, p50, color="#d98c1f")
-    b.set_xlabel("p50 latency, ms")
-    a.invert_yaxis()
-    fig.suptitle(f"{report['machine']}, {report['concurrency']} concurrent clients, {report['seconds']:.0f} s per row")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for name, r in report["results"].items():
+        cs = sorted(int(c) for c in r["runs"])
+        style = {"color": "#555", "linestyle": "--"} if name.startswith("kserve") else {}
+        for ax, key in zip(axes, ("req_per_s", "p50_ms", "p99_ms")):
+            ax.plot(cs, [r["runs"][str(c)][key] for c in cs], marker="o", label=name, **style)
+    for ax, label in zip(axes, ("requests / s (single-image requests)", "p50 latency, ms", "p99 latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['bundle']}: {report['machine']}, {report['seconds']:.0f} s per point")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    """The report as a results page: one table per concurrency, every ratio from the same run."""
+    lines = [f"# Throughput: `{report['bundle']}` ({report['machine']})", "",
+             f"Command: `{report['command']}`", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
+             f"Model server: `{' '.join(report['model_server']['command'])}` (script sha256 "
+             f"`{report['model_server']['script_sha256'][:16]}…`), serving the bundle's classifier "
+             f"`{report['model_server']['model_file']}`. Upstream rows per image: {report['upstream_rows_per_image']}.", "",
+             "Rows: `json` = `/classify` JSON to the gateway and JSON to KServe; `binary` = the OIP v2 binary data "
+             "extension on the gateway's v2 front and to KServe; `wN` = N worker processes; ratio = req/s over "
+             "KServe direct on the same wire at the same concurrency; added p50 = p50 minus KServe direct's p50 "
+             "on the same wire at the same concurrency; RSS = the gateway's process tree after the runs; peak = "
+             f"the largest VmHWM of one process after one request of {report['largest_batch']} images.", ""]
+    if report.get("plot"):
+        lines += [f"![throughput and latency against concurrency]({report['plot']})", ""]
+    cs = sorted({int(c) for r in report["results"].values() for c in r["runs"]})
+    for c in cs:
+        lines += [f"## {c} concurrent client{'s' if c > 1 else ''}", "",
+                  "| row | req/s | p50 ms | p99 ms | ratio to KServe | added p50 ms | RSS MB | peak RSS per process MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in report["results"].items():
+            run = r["runs"].get(str(c))
+            if run is None:
+                continue
+            peak = r.get("peak_rss_per_process_mb")
+            lines.append(f"| {name} | {run['req_per_s']:.0f} | {run['p50_ms']:.2f} | {run['p99_ms']:.1f} "
+                         f"| {run['ratio_to_kserve']:.2f} | {run['added_p50_ms']:+.2f} | {r['rss_mb']:.0f} "
+                         f"| {'—' if peak is None else f'{peak:.0f}'} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True, help="directory with the MNIST IDX files")
-    p.add_argument("--seconds", type=float, default=20, help="measured seconds per row")
-    p.add_argument("--warmup", type=float, default=3, help="warm-up seconds per row (not measured)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    p.add_argument("--data-dir", type=Path, required=True, help="directory with the bundle's data set")
+    p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle to serve (default models/mnist)")
+    p.add_argument("--seconds", type=float, default=20, help="measured seconds per row and concurrency")
+    p.add_argument("--warmup", type=float, default=3, help="warm-up seconds per row and concurrency (not measured)")
+    p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[16],
+                   help="requests in flight, comma-separated (default 16)")
     p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1],
                    help="gateway worker counts to run, comma-separated (default 1)")
     p.add_argument("--wire", type=lambda s: s.split(","), default=["json"],
                    help="json, binary or json,binary (default json)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
-    p.add_argument("--plot", type=Path, help="draw the rows as a PNG here (needs matplotlib)")
+    p.add_argument("--plot", type=Path, help="draw throughput, p50 and p99 against concurrency as a PNG here")
+    p.add_argument("--md", type=Path, help="write the results page (markdown) here")
     args = p.parse_args(argv)
     if not set(args.wire) <= {"json", "binary"}:
         p.error("--wire takes json and/or binary")
 
-    digits = load_mnist(args.data_dir, download=False).test.x[:256]
-    kserve, kurl = start_model_server(BUNDLE / "classifier.onnx", "mnist")
+    defense = Defense(args.bundle, device="cpu")
+    manifest = defense.manifest
+    name = manifest.dataset
+    images = load(manifest.dataset, args.data_dir).test.x[:LARGEST_BATCH]
+    largest = binary_request(images)
+    kserve, kurl = start_model_server(defense.classifier_file, name)
     results = {}
     try:
         for row in plan(args):
             front = "v2" if row["kind"] == "kserve" or row["wire"] == "binary" else "classify"
-            reqs = requests_for(digits, row["wire"], front)
+            reqs = requests_for(images, row["wire"], front)
             if row["kind"] == "kserve":
-                proc, url = kserve, f"{kurl}/v2/models/mnist/infer"
+                proc, url = kserve, f"{kurl}/v2/models/{name}/infer"
             else:
-                flags = ["--log-level", "warning", "--workers", str(row["workers"])]
-                env = dict(row.get("env", {}))
+                flags = ["--log-level", "warning", "--workers", str(row["workers"]), "--bundle", str(args.bundle)]
+                env = {"MAGNET_MODEL_NAME": name, **row.get("env", {})}
                 if row["kind"] == "to_kserve":
                     flags += ["--upstream", kurl]
-                    env["MAGNET_UPSTREAM_BINARY"] = str(row["wire"] == "binary").lower()
+                    env |= {"MAGNET_UPSTREAM_MODEL": name, "MAGNET_UPSTREAM_BINARY": str(row["wire"] == "binary").lower()}
                 proc, base = start_gateway(*flags, env=env, timeout=120)
-                url = f"{base}/classify" if front == "classify" else f"{base}/v2/models/mnist/infer"
+                url = f"{base}/classify" if front == "classify" else f"{base}/v2/models/{name}/infer"
+            result = {"wire": row["wire"], "workers": row["workers"], "runs": {}}
             try:
-                asyncio.run(_drive(url, reqs, args.warmup, args.concurrency))
-                figures = asyncio.run(_drive(url, reqs, args.seconds, args.concurrency))
-                figures["rss_mb"] = rss_mb(proc)
+                for c in args.concurrency:
+                    asyncio.run(_drive(url, reqs, args.warmup, c))
+                    result["runs"][str(c)] = asyncio.run(_drive(url, reqs, args.seconds, c))
+                    print(row["name"], c, json.dumps(result["runs"][str(c)]), flush=True)
+                result["rss_mb"] = rss_mb(proc)
+                if proc is not kserve:
+                    asyncio.run(_once(f"{base}/v2/models/{name}/infer", largest))
+                    result["peak_rss_per_process_mb"] = peak_rss_mb(proc)
             finally:
                 if proc is not kserve:
                     proc.stop()
-            results[row["name"]] = {**figures, "wire": row["wire"], "workers": row["workers"]}
-            print(row["name"], json.dumps(results[row["name"]]), flush=True)
+            results[row["name"]] = result
     finally:
         kserve.stop()
-    for name, r in results.items():  # each gateway row against KServe direct on the same wire
-        r["ratio_to_kserve"] = r["req_per_s"] / results[f"kserve_direct_{r['wire']}"]["req_per_s"]
-    report = {"command": "python -m bench.gateway_load " + " ".join(argv or sys.argv[1:]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-                         f"{platform.python_version()}",
+    for r in results.values():  # each row against KServe direct on the same wire, at the same concurrency
+        for c, run in r["runs"].items():
+            direct = results[f"kserve_direct_{r['wire']}"]["runs"][c]
+            run["ratio_to_kserve"] = run["req_per_s"] / direct["req_per_s"]
+            run["added_p50_ms"] = run["p50_ms"] - direct["p50_ms"]
+    divergence = any(defense.needs_logits(m) for m in range(len(defense.members)))
+    report = {"command": "python -m bench.gateway_load " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "bundle": str(args.bundle), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                                     f"{platform.python_implementation()} {platform.python_version()}",
               "versions": {pkg: _version(pkg) for pkg in VERSIONS},
+              "model_server": {"command": ["python", str(MODEL_SERVER.relative_to(ROOT)), "--model-file", "…",
+                                           "--model-name", name, "--http-port", "…"],
+                               "script_sha256": hashlib.sha256(MODEL_SERVER.read_bytes()).hexdigest(),
+                               "model_file": str(Path(defense.classifier_file).resolve().relative_to(ROOT))},
+              "gateway_settings": "defaults, except MAGNET_WORKERS and the rows' own (MAGNET_BATCH_ROWS=0, "
+                                  "MAGNET_UPSTREAM_BINARY)",
+              "upstream_rows_per_image": 2 if divergence else 1, "largest_batch": LARGEST_BATCH,
               "concurrency": args.concurrency, "seconds": args.seconds, "results": results}
+    if args.plot:
+        plot(report, args.plot)
+        report["plot"] = args.plot.name
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot(report, args.plot)
+    if args.md:
+        args.md.write_text(markdown(report))
     return 0
 
 

@@ -22,11 +22,30 @@ def choose_providers(device: Device) -> list[str]:
     if device == "cpu":
         return [CPU]
     if CUDA in available:
+        preload_cuda_libraries()
         return [CUDA, CPU]
     if device == "cuda":
         log.warning("CUDA was asked for but onnxruntime has no CUDA provider (install the 'gpu' "
                     "extra); using the CPU")
     return [CPU]
+
+
+_preloaded = False
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA runtime and cuDNN from NVIDIA's pip wheels (``onnxruntime-gpu[cuda,cudnn]``) when they
+    are installed, else from the default library path (a CUDA base image), once per process. Without
+    them the CUDA provider fails to load and onnxruntime falls back to the CPU, which the sessions'
+    providers (``/readyz``) then show."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # a missing directory or library: onnxruntime reports the provider's own error later
+        log.warning("could not preload the CUDA libraries: %s", e)
 
 
 class OnnxModel:

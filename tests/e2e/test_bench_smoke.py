@@ -1,14 +1,17 @@
-"""The load benchmark runs end to end (a smoke run of a second per row): every row it plans is served
-without errors, with its memory and versions recorded and a plot drawn. Figures come from real runs
+"""The load benchmark runs end to end (a smoke run of a second per row and concurrency): every row it
+plans is served without errors at every concurrency, with its memory, versions and the model server's
+script hash recorded, a plot drawn and the results page written. Figures come from real runs
 (docs/results/bench-*.md), never from this test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
-from tests.conftest import DATA_DIR, SHIPPED_MNIST
+from tests.conftest import DATA_DIR, SHIPPED_CIFAR10_POOL, SHIPPED_MNIST
+from tests.procs import MODEL_SERVER
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MNIST / "manifest.json").exists(), reason="no shipped MNIST bundle")
 
@@ -16,16 +19,40 @@ pytestmark = pytest.mark.skipif(not (SHIPPED_MNIST / "manifest.json").exists(), 
 def test_every_row_of_a_short_run_is_served_without_errors(tmp_path, mnist):
     from bench.gateway_load import main
 
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["--data-dir", str(DATA_DIR), "--seconds", "1", "--warmup", "0.2", "--concurrency", "4",
-                 "--workers", "1", "--wire", "json,binary", "--out", str(out), "--plot", str(png)]) == 0
+    out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
+    assert main(["--data-dir", str(DATA_DIR), "--seconds", "1", "--warmup", "0.2", "--concurrency", "1,4",
+                 "--workers", "1", "--wire", "json,binary", "--out", str(out), "--plot", str(png),
+                 "--md", str(md)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {
         "kserve_direct_json", "gateway_embedded_json_w1", "gateway_to_kserve_json_w1",
         "gateway_to_kserve_unbatched_json_w1", "kserve_direct_binary", "gateway_embedded_binary_w1",
         "gateway_to_kserve_binary_w1"}
     for name, row in report["results"].items():
-        assert row["requests"] > 0 and row["errors"] == 0, name
+        assert set(row["runs"]) == {"1", "4"}, name
+        for run in row["runs"].values():
+            assert run["requests"] > 0 and run["errors"] == 0, name
         assert row["rss_mb"] > 20, name
+        if not name.startswith("kserve"):
+            assert row["peak_rss_per_process_mb"] >= 20, name
+    assert report["results"]["kserve_direct_json"]["runs"]["4"]["ratio_to_kserve"] == 1.0
     assert report["versions"]["onnxruntime"] and "cores" in report["machine"]
+    assert report["model_server"]["script_sha256"] == hashlib.sha256(MODEL_SERVER.read_bytes()).hexdigest()
+    assert report["upstream_rows_per_image"] == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "## 1 concurrent client" in text and "## 4 concurrent clients" in text
+    assert "| gateway_to_kserve_binary_w1 |" in text
+
+
+def test_a_pool_with_divergence_detectors_is_benchmarked_with_two_upstream_rows_per_image(tmp_path, cifar10):
+    from bench.gateway_load import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--data-dir", str(DATA_DIR), "--bundle", str(SHIPPED_CIFAR10_POOL), "--seconds", "1",
+                 "--warmup", "0.2", "--concurrency", "2", "--wire", "binary", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["upstream_rows_per_image"] == 2
+    assert report["model_server"]["model_file"].endswith(".onnx")
+    for name, row in report["results"].items():
+        assert row["runs"]["2"]["requests"] > 0 and row["runs"]["2"]["errors"] == 0, name
