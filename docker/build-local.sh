@@ -11,6 +11,13 @@
 #    the example digit (a 7) through POST /classify, and the gateway image holds no torch.
 # Sizes and build times go to docs/results/images-build-local.json (or $OUT).
 #
+# MAGNET_BUILD_CUDA=1 also builds docker/Dockerfile.cuda as far as this machine allows: no CUDA base image
+# can be made offline, so on the same Debian base with CUDA 13 and cuDNN from PyPI (ORT_GPU_EXTRAS);
+# checks that onnxruntime lists the CUDA provider, that every library the provider links against
+# resolves in the image except the driver (libcuda.so.1, which the NVIDIA container toolkit mounts
+# from the host), and that the entrypoint on MAGNET_DEVICE=cuda without a GPU falls back to the CPU
+# and classifies the example digit. No GPU runs here: CUDA inference itself is not checked.
+#
 # MAGNET_REQUIRE_IMAGES=1 (the CI step sets it on root runners) turns every "cannot run here" into a
 # failure instead of a skip. A TLS-intercepting proxy's CA (this machine's system bundle) is bind-mounted
 # for the build steps that run pip and never baked into the images.
@@ -23,6 +30,8 @@ BASE=localhost/magnet-python:3.11-bookworm
 API_PORT=${API_PORT:-18000}
 OP_PORT=${OP_PORT:-18002}
 KSERVE_PORT=${KSERVE_PORT:-18080}
+CUDA_PORT=${CUDA_PORT:-18010}
+CUDA_OP_PORT=${CUDA_OP_PORT:-18012}
 
 skip() {
   if [ "${MAGNET_REQUIRE_IMAGES:-0}" = 1 ]; then echo "build-local: FAILED: $*" >&2; exit 1; fi
@@ -102,13 +111,15 @@ wait_for "http://127.0.0.1:$API_PORT/readyz" 120
 
 # 4. checks
 digit=$(base64 -w0 examples/mnist-test-0-label-7.png)
-answer=$(python3 - "http://127.0.0.1:$API_PORT/classify" "$digit" <<'EOF'
+classify() {  # [PORT]: the example digit through the gateway on PORT (default $API_PORT); prints the answer
+  python3 - "http://127.0.0.1:${1:-$API_PORT}/classify" "$digit" <<'EOF'
 import json, sys, urllib.request
 body = json.dumps({"images": [sys.argv[2]]}).encode()
 request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
 print(urllib.request.urlopen(request, timeout=30).read().decode())
 EOF
-)
+}
+answer=$(classify)
 echo "$answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
   || { echo "build-local: FAILED: /classify answered $answer" >&2; exit 1; }
 ctr=$(buildah from -q magnet-gateway:local)
@@ -120,8 +131,50 @@ for image in magnet-gateway:local magnet-kserve:local; do
   fi
 done
 
+# 5. optional: the CUDA image (see the header)
+CUDA_REPORT='null'
+if [ "${MAGNET_BUILD_CUDA:-0}" = 1 ]; then
+  t_cuda=$(now)
+  buildah bud --isolation chroot --format docker -q -f docker/Dockerfile.cuda --build-arg BASE="$BASE" \
+    --build-arg ORT_GPU_EXTRAS='[cuda,cudnn]' -v "$CA:/etc/ssl/certs/ca-certificates.crt:ro" \
+    -t magnet-gateway:cuda-local . >"$WORK/magnet-gateway-cuda.log" 2>&1 \
+    || { tail -20 "$WORK/magnet-gateway-cuda.log" >&2; echo "build-local: FAILED: building magnet-gateway:cuda-local" >&2; exit 1; }
+  t_cuda=$(secs "$t_cuda" "$(now)")
+  if buildah inspect --type image magnet-gateway:cuda-local | grep -q 'PIP_CERT\|SSL_CERT_FILE'; then
+    echo "build-local: FAILED: magnet-gateway:cuda-local carries the build's CA settings" >&2; exit 1
+  fi
+  ctr=$(buildah from -q magnet-gateway:cuda-local)
+  libs=$(buildah run --isolation chroot "$ctr" -- python -c '
+import glob, json, os, subprocess, onnxruntime as ort
+here = os.path.dirname(ort.__file__)
+provider = os.path.join(here, "capi", "libonnxruntime_providers_cuda.so")
+paths = sorted(glob.glob(os.path.join(os.path.dirname(here), "nvidia", "*", "lib")))
+env = {**os.environ, "LD_LIBRARY_PATH": ":".join(paths)}
+out = subprocess.run(["ldd", provider], env=env, capture_output=True, text=True).stdout
+print(json.dumps({"providers": ort.get_available_providers(), "onnxruntime": ort.__version__,
+                  "nvidia_lib_dirs": len(paths), "linked": len(out.splitlines()),
+                  "unresolved": sorted({l.split()[0] for l in out.splitlines() if "not found" in l})}))') \
+    || { echo "build-local: FAILED: inspecting the CUDA image" >&2; exit 1; }
+  echo "$libs" | python3 -c 'import json,sys; r=json.load(sys.stdin); sys.exit(0 if "CUDAExecutionProvider" in r["providers"] and r["linked"] > 5 and set(r["unresolved"]) <= {"libcuda.so.1"} else 1)' \
+    || { echo "build-local: FAILED: the CUDA image: $libs" >&2; exit 1; }
+  run magnet-gateway:cuda-local magnet "--env MAGNET_PORT=$CUDA_PORT --env MAGNET_OPERATOR_PORT=$CUDA_OP_PORT \
+--env MAGNET_HOST=127.0.0.1 --env MAGNET_WORKERS=1 --env MAGNET_DEVICE=cuda"
+  wait_for "http://127.0.0.1:$CUDA_PORT/readyz" 120
+  ready=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$CUDA_PORT/readyz")
+  cuda_answer=$(classify "$CUDA_PORT")
+  echo "$cuda_answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
+    || { echo "build-local: FAILED: the CUDA image's /classify answered $cuda_answer" >&2; exit 1; }
+  CUDA_REPORT=$(LIBS="$libs" READY="$ready" T="$t_cuda" SIZE="$(size magnet-gateway:cuda-local)" python3 -c '
+import json, os
+e = os.environ
+print(json.dumps({"build_seconds": float(e["T"]), "size": e["SIZE"], "ort_gpu_extras": "[cuda,cudnn]",
+                  "image": json.loads(e["LIBS"]), "readyz_without_gpu": json.loads(e["READY"]),
+                  "classify_label": 7}))')
+fi
+
 ANSWER="$answer" T_BASE="$t_base" T_GATEWAY="$t_gateway" T_KSERVE="$t_kserve" BASE="$BASE" \
-SIZE_GATEWAY="$(size magnet-gateway:local)" SIZE_KSERVE="$(size magnet-kserve:local)" python3 - "$OUT" <<'EOF'
+SIZE_GATEWAY="$(size magnet-gateway:local)" SIZE_KSERVE="$(size magnet-kserve:local)" CUDA_REPORT="$CUDA_REPORT" \
+python3 - "$OUT" <<'EOF'
 import json, os, sys
 e = os.environ
 report = {"base": f"{e['BASE']} (debootstrap bookworm minbase + python3)", "base_seconds": float(e["T_BASE"]),
@@ -129,6 +182,8 @@ report = {"base": f"{e['BASE']} (debootstrap bookworm minbase + python3)", "base
                      "magnet-kserve": {"build_seconds": float(e["T_KSERVE"]), "size": e["SIZE_KSERVE"]}},
           "checks": {"kserve_ready": True, "gateway_readyz": True, "classify_answer": json.loads(e["ANSWER"]),
                      "gateway_has_torch": False, "build_ca_left_in_images": False}}
+cuda = json.loads(e["CUDA_REPORT"])
+report["images"]["magnet-gateway-cuda"] = cuda or "not built (MAGNET_BUILD_CUDA unset)"
 open(sys.argv[1], "w").write(json.dumps(report, indent=2) + "\n")
 print(json.dumps(report, indent=2))
 EOF

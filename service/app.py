@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     settings = settings or Settings()
     protocol.configure(settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="magnet-infer")
-    defense = defense or Defense(settings.bundle, settings.device, settings.ort_threads)
+    defense = defense or Defense(settings.bundle, settings.device, settings.ort_threads, settings.ort_spinning)
     upstream = upstream or make_upstream(settings, defense, executor)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))

@@ -8,7 +8,6 @@ is still computed and counted, so the metrics show what enforcing would do.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from service.defense import scores as S
 from service.defense.core import Defense, Screening, Verdict
 from service.errors import MagnetError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.metrics import Metrics
+from service.offload import Offload
 from service.upstream.base import Upstream
 
 
@@ -60,6 +60,7 @@ class Pipeline:
         self.upstream = upstream
         self.metrics = metrics
         self.executor = executor
+        self.offload = Offload(executor)
 
     async def _call_upstream(self, x: np.ndarray) -> np.ndarray:
         """Upstream scores as logits (probabilities become log p, equal up to a per-row constant), after
@@ -110,9 +111,8 @@ class Pipeline:
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1]); ``shadow``: score and count,
         but answer every row with the classifier's output on the row itself."""
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        screening = await loop.run_in_executor(self.executor, self.defense.screen, x, member)
+        screening = await self.offload(self.defense.screen, x, member)
         t_screen = time.perf_counter() - t0
         verdict, logits = await (self._watch(screening) if shadow else self._decide(screening))
         self.metrics.stage_seconds.labels("defense").observe(t_screen)

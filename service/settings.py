@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         "auto", description="Where onnxruntime runs the autoencoders (and the embedded classifier): "
                             "'auto' uses CUDA when the CUDA provider is installed.")
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = all cores.")
+    ort_spinning: bool = Field(True, description="Let onnxruntime's idle intra-op threads busy-wait for the next "
+                               "call: lower latency on cores of their own, cycles taken from a model server or "
+                               "other workers on shared cores.")
     workers: int = Field(0, ge=0, description="Gateway processes on one port (0: one per two cores, at most 8). "
                          "They share the session secret and their metrics; a worker that dies is replaced.")
     inference_threads: int = Field(4, ge=1, description="Worker threads that run onnxruntime off the event loop.")

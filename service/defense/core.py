@@ -99,13 +99,14 @@ class Classifier:
 class Defense:
     """A loaded, verified bundle with onnxruntime sessions for every autoencoder and the classifier."""
 
-    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0) -> None:
+    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, spinning: bool = True) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.files: dict[str, Path] = verify_files(self.bundle_dir, self.manifest)  # manifest path -> file
         providers = choose_providers(device)
-        self.autoencoders = {f: OnnxModel(self.files[f], providers, threads)
+        self.autoencoders = {f: OnnxModel(self.files[f], providers, threads, spinning=spinning)
                              for f in self.manifest.autoencoder_files()}
+        self._spinning = spinning
         self._classifier_providers = providers
         self._threads = threads
         self._classifier: Classifier | None = None
@@ -129,7 +130,7 @@ class Defense:
         if self._classifier is None:
             spec = self.manifest.classifier
             model = OnnxModel(self.classifier_file, self._classifier_providers, self._threads,
-                              input_name=spec.input.name, output_name=spec.output_name)
+                              input_name=spec.input.name, output_name=spec.output_name, spinning=self._spinning)
             self._classifier = Classifier(model, spec.input, spec.output)
         return self._classifier
 

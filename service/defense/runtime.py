@@ -52,9 +52,12 @@ class OnnxModel:
     """One ONNX graph with a single input and a single output, batch axis first."""
 
     def __init__(self, path: Path, providers: list[str], threads: int = 0, input_name: str | None = None,
-                 output_name: str | None = None) -> None:
+                 output_name: str | None = None, spinning: bool = True) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # spinning: idle intra-op threads busy-wait for the next call (lower latency on cores of their own,
+        # stolen cycles on cores shared with a model server or the other workers)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import Executor
 from typing import Literal
 
 import numpy as np
 
 from service.defense.runtime import OnnxModel
+from service.offload import Offload
 
 
 class EmbeddedUpstream:
@@ -16,6 +16,7 @@ class EmbeddedUpstream:
                  outputs: Literal["logits", "probabilities"] = "logits") -> None:
         self.model = model
         self.executor = executor
+        self.offload = Offload(executor)
         self.outputs = outputs
 
     def describe(self) -> str:
@@ -31,5 +32,5 @@ class EmbeddedUpstream:
         return True
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        # onnxruntime releases the GIL, so a worker thread keeps the event loop free
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.model, x)
+        # onnxruntime releases the GIL: a call too long for the event loop runs on a worker thread
+        return await self.offload(self.model, x)
