@@ -53,10 +53,11 @@ def serve(argv: list[str]) -> int:
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if not settings.workers:
-        from service.workers import default_workers
+    from service.workers import default_workers, ort_threads_per_worker
 
+    if not settings.workers:
         settings = settings.model_copy(update={"workers": default_workers()})
+    settings = settings.model_copy(update={"ort_threads": ort_threads_per_worker(settings)})
     if settings.workers > 1:
         return _serve_workers(settings, overrides)
 

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where onnxruntime runs the autoencoders (and the embedded classifier): "
                             "'auto' uses CUDA when the CUDA provider is installed.")
-    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = all cores.")
+    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model; 0 = each worker's share "
+                             "of the usable cores less one (the event loop's), at least 1.")
     ort_spinning: bool = Field(True, description="Let onnxruntime's idle intra-op threads busy-wait for the next "
                                "call: lower latency on cores of their own, cycles taken from a model server or "
                                "other workers on shared cores.")

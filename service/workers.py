@@ -13,9 +13,12 @@ things must hold across workers, and the parent sets them up before the first wo
   Unset, the parent makes a private directory and removes it at exit; set (a Kubernetes emptyDir, say),
   its old files are cleared at start.
 
-onnxruntime's threads are split between workers: with ``MAGNET_ORT_THREADS=0`` (all cores) and N workers,
-each worker gets ``max(1, cores // N)`` intra-op threads instead of all of them, where cores are those this
-process may use (its affinity and its container's CPU quota).
+onnxruntime's threads are split between workers: with ``MAGNET_ORT_THREADS=0`` (the default) and N workers,
+each worker's sessions get ``max(1, cores // N - 1)`` intra-op threads, where cores are those this process
+may use (its affinity and its container's CPU quota): each worker's share of the cores less one, which
+its event loop (HTTP, JSON, the upstream calls) keeps. On 2 cores and one worker that is one thread, no
+intra-op pool at all: in a same-run comparison in front of KServe, a second intra-op thread only competed
+with the event loop and the model server (docs/results/bench-workers.md).
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def default_workers() -> int:
 
 
 def ort_threads_per_worker(settings: Settings) -> int:
-    if settings.ort_threads or settings.workers <= 1:
+    """Intra-op threads per onnxruntime session in each worker (see the module); an explicit
+    ``MAGNET_ORT_THREADS`` is kept."""
+    if settings.ort_threads:
         return settings.ort_threads
-    return max(1, available_cpus() // settings.workers)
+    return max(1, available_cpus() // max(1, settings.workers) - 1)
 
 
 def prepare_environment(settings: Settings, overrides: dict[str, object], members: int) -> Path | None:

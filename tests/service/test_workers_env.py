@@ -51,13 +51,15 @@ def test_a_chosen_secret_is_kept_and_a_chosen_metrics_dir_is_cleared(clean_env, 
 
 def test_onnxruntime_threads_are_split_between_workers(monkeypatch):
     monkeypatch.setattr(workers, "available_cpus", lambda: 16)
-    assert ort_threads_per_worker(Settings(workers=4, ort_threads=0)) == 4
+    assert ort_threads_per_worker(Settings(workers=4, ort_threads=0)) == 3  # 4 cores each, one for the loop
     assert ort_threads_per_worker(Settings(workers=32, ort_threads=0)) == 1
     assert ort_threads_per_worker(Settings(workers=4, ort_threads=3)) == 3  # an explicit choice is kept
-    assert ort_threads_per_worker(Settings(workers=1, ort_threads=0)) == 0
+    assert ort_threads_per_worker(Settings(workers=1, ort_threads=0)) == 15
     assert default_workers() == 8
+    assert ort_threads_per_worker(Settings(workers=default_workers(), ort_threads=0)) == 1
     monkeypatch.setattr(workers, "available_cpus", lambda: 2)
     assert default_workers() == 1
+    assert ort_threads_per_worker(Settings(workers=1, ort_threads=0)) == 1
 
 
 def test_a_containers_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
