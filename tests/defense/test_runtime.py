@@ -42,3 +42,20 @@ def test_a_failed_preload_is_a_warning_and_cuda_is_still_tried(monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="magnet.runtime"):
         assert runtime.choose_providers("cuda") == [runtime.CUDA, runtime.CPU]
     assert "could not preload the CUDA libraries" in caplog.text
+
+
+def test_large_batches_run_in_chunks_on_the_cpu_with_the_same_outputs(monkeypatch):
+    import numpy as np
+
+    from tests.conftest import SHIPPED_MNIST
+
+    model = runtime.OnnxModel(SHIPPED_MNIST / "classifier.onnx", [runtime.CPU], threads=1)
+    x = np.random.default_rng(0).random((150, 1, 28, 28), dtype=np.float32)
+    whole = model(x)
+    calls = []
+    run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda names, feed: calls.append(len(next(iter(feed.values())))) or run(names, feed))
+    monkeypatch.setattr(runtime, "CPU_CHUNK_ELEMENTS", 64 * 28 * 28)
+    chunked = model(x)
+    assert calls == [64, 64, 22]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
