@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             run["added_p50_ms"] = run["p50_ms"] - direct["p50_ms"]
     divergence = any(defense.needs_logits(m) for m in range(len(defense.members)))
     report = {"command": "python -m bench.gateway_load " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "bundle": str(args.bundle), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              "bundle": _shown(args.bundle), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                                      f"{platform.python_implementation()} {platform.python_version()}",
               "versions": {pkg: _version(pkg) for pkg in VERSIONS},
               "model_server": {"command": ["python", str(MODEL_SERVER.relative_to(ROOT)), "--model-file", "…",
@@ -285,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         args.md.write_text(markdown(report))
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as the results page shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _version(package: str) -> str | None:
