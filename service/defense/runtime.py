@@ -49,6 +49,24 @@ def preload_cuda_libraries() -> None:
         log.warning("could not preload the CUDA libraries: %s", e)
 
 
+_shared_arena: bool | None = None
+
+
+def shared_cpu_arena() -> bool:
+    """Register one CPU arena allocator with onnxruntime's environment, once per process; sessions that
+    ask for it share it instead of keeping an arena each. False where this onnxruntime cannot."""
+    global _shared_arena
+    if _shared_arena is None:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, None)
+            _shared_arena = True
+        except Exception as e:  # an older onnxruntime, or one registered already by the host application
+            log.info("no shared onnxruntime CPU arena (%s): one arena per session", e)
+            _shared_arena = False
+    return _shared_arena
+
+
 class OnnxModel:
     """One ONNX graph with a single input and a single output, batch axis first."""
 
@@ -59,6 +77,9 @@ class OnnxModel:
         # spinning: idle intra-op threads busy-wait for the next call (lower latency on cores of their own,
         # stolen cycles on cores shared with a model server or the other workers)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if providers[0] == CPU and shared_cpu_arena():
+            # one CPU arena for every session of the process: a pool's members do not each keep a peak
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]

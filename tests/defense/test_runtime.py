@@ -59,3 +59,16 @@ def test_large_batches_run_in_chunks_on_the_cpu_with_the_same_outputs(monkeypatc
     chunked = model(x)
     assert calls == [64, 64, 22]
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_sessions_share_one_arena_with_the_same_outputs():
+    import numpy as np
+
+    from tests.conftest import SHIPPED_MNIST
+
+    assert runtime.shared_cpu_arena()  # this onnxruntime registers an environment arena
+    x = np.random.default_rng(1).random((8, 1, 28, 28), dtype=np.float32)
+    shared = runtime.OnnxModel(SHIPPED_MNIST / "classifier.onnx", [runtime.CPU], threads=1)
+    assert shared.session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    plain = runtime.ort.InferenceSession(str(SHIPPED_MNIST / "classifier.onnx"), providers=[runtime.CPU])
+    np.testing.assert_allclose(shared(x), plain.run(None, {plain.get_inputs()[0].name: x})[0], rtol=1e-5, atol=1e-5)
