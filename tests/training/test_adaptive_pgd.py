@@ -68,3 +68,20 @@ def test_evaluate_runs_the_adaptive_pgd_on_every_target_group_into_its_report(tm
     assert all(r["params"]["steps"] == 3 and r["examples"] == 6 for r in runs)
     md = (out / "report.md").read_text()
     assert "## Adaptive PGD" in md and "| 0.2 | all 8 (EOT) | 6 |" in md
+
+
+def test_the_summary_lists_the_adaptive_pgd_runs(tmp_path):
+    from training.evaluate.summary import summary
+
+    report = {"bundle": "models/x-pool", "dataset": "cifar10", "examples": "", "rows": [],
+              "carlini_confidence_curve": [], "clean": {"classifier_test_accuracy": 0.9,
+                                                        "defense_clean_test_accuracy": 0.88},
+              "adaptive_pgd": {"runs": [{"members": [f"member-{i}" for i in range(8)], "eps": 0.03137,
+                                         "params": {"steps": 50}, "examples": 30,
+                                         "full_defense_random_member": 0.1}]},
+              "provenance": {"command": "magnet evaluate", "git_revision": "x", "date": "d"}}
+    (tmp_path / "eval-x").mkdir()
+    (tmp_path / "eval-x" / "report.json").write_text(json.dumps(report))
+    text = summary([tmp_path / "eval-x" / "report.json"], tmp_path / "evaluation.md")
+    assert "Adaptive PGD (ε = 0.03137, 50 steps) on all 8 members (EOT) of `models/x-pool` (30 examples" in text
+    assert "accuracy with the defense 10.0 % (random member)" in text

@@ -80,6 +80,11 @@ def summary(paths: list[Path], out: Path) -> str:
                               f"{_link(p, out)}): accuracy with the defense {_pct(run['full_defense_random_member'])} % "
                               f"(random member), mean L2 of the successes {_num(run['mean_l2'])} against "
                               f"{_num(base['mean_l2'])} for Carlini L2 on the undefended classifier, same budget."]
+            for run in (r.get("adaptive_pgd") or {}).get("runs", []):
+                who = run["members"][0] if len(run["members"]) == 1 else f"all {len(run['members'])} members (EOT)"
+                lines += ["", f"Adaptive PGD (ε = {run['eps']:g}, {run['params']['steps']} steps) on {who} of "
+                          f"`{r['bundle']}` ({run['examples']} examples, {_link(p, out)}): accuracy with the defense "
+                          f"{_pct(run['full_defense_random_member'])} % (random member)."]
         lines.append("")
     png = out.with_suffix(".png")
     if plot(reports, png):

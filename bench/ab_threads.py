@@ -1,0 +1,94 @@
+"""A/B of the gateway's onnxruntime settings in front of KServe (MNIST), in one run, interleaved:
+
+    python -m bench.ab_threads --data-dir ../shared/data --baseline-tree /tmp/wt-base --rounds 3
+
+Variants: the code in ``--baseline-tree`` (a ``git worktree`` of an earlier commit), this tree as it is,
+this tree with ``MAGNET_ORT_SPINNING=false``, this tree with ``MAGNET_ORT_THREADS=1``. Per variant and
+round: added p50 at one client (the mean of two 5 s gateway runs minus the mean of two 5 s KServe-direct
+runs, interleaved), and throughput over KServe direct at 16 clients (6 s each). Figures in
+docs/results/throughput.md; on 2 shared cores they are noisy, hence the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import orjson
+
+from tests.procs import REPO, free_port, start_model_server, start_on_free_port
+from training.data import load_mnist
+
+
+async def drive(url: str, bodies: list[bytes], seconds: float, clients: int = 1) -> tuple[float, float]:
+    """(p50 ms, req/s) of a closed loop of ``clients`` for ``seconds``."""
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        end = time.perf_counter() + seconds
+
+        async def client(k: int) -> None:
+            i = k
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                async with session.post(url, data=bodies[i % len(bodies)],
+                                        headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                latencies.append(time.perf_counter() - t)
+                i += clients
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return float(np.median(latencies) * 1e3), len(latencies) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--baseline-tree", type=Path, required=True, help="a worktree of the commit to compare with")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    digits = load_mnist(args.data_dir, download=False).test.x[:200]
+    body = [orjson.dumps({"inputs": d[0]}, option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    v2 = [orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": d.ravel()}]},
+                       option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    variants = {"baseline": (args.baseline_tree.resolve(), {}), "this tree": (REPO, {}),
+                "spinning off": (REPO, {"MAGNET_ORT_SPINNING": "false"}), "one thread": (REPO, {"MAGNET_ORT_THREADS": "1"})}
+    kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
+    direct_url = f"{kurl}/v2/models/mnist/infer"
+    results: dict[str, list[dict]] = {}
+    try:
+        for _ in range(args.rounds):
+            for name, (tree, env) in variants.items():
+                flags = ["--log-level", "warning", "--operator-port", str(free_port()), "--upstream", kurl]
+                gateway, base = start_on_free_port(
+                    lambda port: [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *flags],
+                    "/readyz", 60, cwd=tree,
+                    env={"MAGNET_WORKERS": "1", "MAGNET_UPSTREAM_MODEL": "mnist", "PYTHONPATH": str(tree), **env})
+                try:
+                    asyncio.run(drive(f"{base}/classify", body, 2))
+                    d1 = asyncio.run(drive(direct_url, v2, 5))[0]
+                    g1 = asyncio.run(drive(f"{base}/classify", body, 5))[0]
+                    d2 = asyncio.run(drive(direct_url, v2, 5))[0]
+                    g2 = asyncio.run(drive(f"{base}/classify", body, 5))[0]
+                    g16 = asyncio.run(drive(f"{base}/classify", body, 6, 16))[1]
+                    d16 = asyncio.run(drive(direct_url, v2, 6, 16))[1]
+                finally:
+                    gateway.stop()
+                results.setdefault(name, []).append({"added_p50_ms": (g1 + g2 - d1 - d2) / 2, "c16_ratio": g16 / d16})
+                print(name, json.dumps(results[name][-1]), flush=True)
+    finally:
+        kserve.stop()
+    for name, rows in results.items():
+        print(f"{name}: added p50 {[round(r['added_p50_ms'], 2) for r in rows]} ms, "
+              f"16-client ratio {[round(r['c16_ratio'], 2) for r in rows]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
