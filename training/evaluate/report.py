@@ -92,46 +92,60 @@ def _graybox(g: dict | None) -> list[str]:
     return lines
 
 
+JUDGED = ("full defense, per member (%)", "full defense, random member", "seconds")
+
+
+def _runs_table(title: str, text: str, lead: list[str], cells, runs: list[dict], footer: str) -> list[str]:
+    """A report section of adaptive runs: heading, paragraph, one row per run (``cells(run)``, then the
+    judged columns), and a closing line."""
+    columns = [*lead, *JUDGED]
+    return (["", f"## {title}", "", text, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            + [f"| {cells(r)} | {_judged(r)} |" for r in runs] + ["", footer])
+
+
+def _targets(run: dict) -> str:
+    """An adaptive run's targets: the member's name, or all of them (expectation over the pool)."""
+    return run["members"][0] if len(run["members"]) == 1 else f"all {len(run['members'])} (EOT)"
+
+
+def _judged(run: dict) -> str:
+    """An adaptive run's last three cells: full defense per member, for a random member, seconds."""
+    return (f"{', '.join(_pct(v) for v in run['full_defense_per_member'])} "
+            f"| **{_pct(run['full_defense_random_member'])}** | {run['seconds']:.0f}")
+
+
 def _adaptive(a: dict | None) -> list[str]:
     if not a:
         return []
     base = a["undefended_carlini_l2"]
-    lines = ["", "## Adaptive attack (whitebox, and expectation over the pool)", "",
-             "Carlini L2 through the reformer with a penalty on detector scores above threshold; a success must be "
-             "accepted and misclassified by every targeted member. Judged by the core, member by member.", "",
-             "| targets | n | success on the twins | mean L2 | median L2 | full defense, per member (%) "
-             "| full defense, random member | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in a["runs"]:
-        targets = r["members"][0] if len(r["members"]) == 1 else f"all {len(r['members'])} (EOT)"
-        lines.append(f"| {targets} | {r['examples']} | {_pct(r['attack_success_twin'])} | {_num(r['mean_l2'])} "
-                     f"| {_num(r['median_l2'])} | {', '.join(_pct(v) for v in r['full_defense_per_member'])} "
-                     f"| **{_pct(r['full_defense_random_member'])}** | {r['seconds']:.0f} |")
-    lines += ["", f"Undefended Carlini L2 on the same examples and budget: success {_pct(base['attack_success'])} %, "
-              f"mean L2 {_num(base['mean_l2'])}, median {_num(base['median_l2'])} ({base['seconds']:.0f} s). "
-              f"Budget: {base['params']}; penalty weight {a['runs'][0]['params']['penalty_weight']}, "
-              f"margin {a['runs'][0]['params']['penalty_margin']}."]
-    return lines
+    return _runs_table(
+        "Adaptive attack (whitebox, and expectation over the pool)",
+        "Carlini L2 through the reformer with a penalty on detector scores above threshold; a success must be "
+        "accepted and misclassified by every targeted member. Judged by the core, member by member.",
+        ["targets", "n", "success on the twins", "mean L2", "median L2"],
+        lambda r: f"{_targets(r)} | {r['examples']} | {_pct(r['attack_success_twin'])} | {_num(r['mean_l2'])} "
+                  f"| {_num(r['median_l2'])}", a["runs"],
+        f"Undefended Carlini L2 on the same examples and budget: success {_pct(base['attack_success'])} %, "
+        f"mean L2 {_num(base['mean_l2'])}, median {_num(base['median_l2'])} ({base['seconds']:.0f} s). "
+        f"Budget: {base['params']}; penalty weight {a['runs'][0]['params']['penalty_weight']}, "
+        f"margin {a['runs'][0]['params']['penalty_margin']}.")
 
 
 def _adaptive_pgd(a: dict | None) -> list[str]:
     if not a or not a["runs"]:
         return []
     first = a["runs"][0]["params"]
-    lines = ["", "## Adaptive PGD (whitebox, and expectation over the pool)", "",
-             "PGD L∞ from a random start, maximising CE(f(D(x′)), y) + CE(f(x′), y) − weight · the detectors' excess "
-             "over their thresholds (the second term keeps f(x′) and f(D(x′)) on the same wrong answer, so the "
-             "divergence detectors stay quiet); a success must be accepted and misclassified by every targeted "
-             "member. Judged by the core, member by member.", "",
-             "| ε | targets | n | success on the twins | max L∞ | full defense, per member (%) "
-             "| full defense, random member | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in a["runs"]:
-        targets = r["members"][0] if len(r["members"]) == 1 else f"all {len(r['members'])} (EOT)"
-        lines.append(f"| {r['eps']:g} | {targets} | {r['examples']} | {_pct(r['attack_success_twin'])} | {_num(r['linf'])} "
-                     f"| {', '.join(_pct(v) for v in r['full_defense_per_member'])} "
-                     f"| **{_pct(r['full_defense_random_member'])}** | {r['seconds']:.0f} |")
-    lines += ["", f"Budget: {first['steps']} steps of ε/4 (divided by steps // 40 above 1), random start; "
-              f"detector weight {first['weight']}, margin 0.05."]
-    return lines
+    return _runs_table(
+        "Adaptive PGD (whitebox, and expectation over the pool)",
+        "PGD L∞ from a random start, maximising CE(f(D(x′)), y) + CE(f(x′), y) − weight · the detectors' excess "
+        "over their thresholds (the second term keeps f(x′) and f(D(x′)) on the same wrong answer, so the "
+        "divergence detectors stay quiet); a success must be accepted and misclassified by every targeted "
+        "member. Judged by the core, member by member.",
+        ["ε", "targets", "n", "success on the twins", "max L∞"],
+        lambda r: f"{r['eps']:g} | {_targets(r)} | {r['examples']} | {_pct(r['attack_success_twin'])} "
+                  f"| {_num(r['linf'])}", a["runs"],
+        f"Budget: {first['steps']} steps of ε/4 (divided by steps // 40 above 1), random start; "
+        f"detector weight {first['weight']}, margin 0.05.")
 
 
 def plot(report: dict, path: Path) -> None:
