@@ -1,0 +1,68 @@
+"""Where one request's time goes in the gateway in front of KServe (MNIST, one client, sequential):
+
+    python -m bench.stage_breakdown --data-dir ../shared/data --requests 500
+
+Runs KServe and the gateway as processes, sends ``--requests`` single digits to KServe directly and then
+through the gateway, twice, and prints the p50s and the gateway's own stage means from its metrics
+(``magnet_stage_seconds``: decode, queue, defense, upstream, total; the first round's requests are
+included, so means sit a little above steady state). Figures in docs/results/throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import orjson
+
+from tests.procs import REPO, start_gateway, start_model_server
+from training.data import load_mnist
+
+
+async def p50(url: str, bodies: list[bytes], n: int) -> float:
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            t = time.perf_counter()
+            async with session.post(url, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                assert r.status == 200, r.status
+            latencies.append(time.perf_counter() - t)
+    return float(np.median(latencies) * 1e3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--requests", type=int, default=500)
+    args = p.parse_args(argv)
+    digits = load_mnist(args.data_dir, download=False).test.x[:200]
+    body = [orjson.dumps({"inputs": d[0]}, option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    v2 = [orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": d.ravel()}]},
+                       option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
+    gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
+    try:
+        for _ in range(2):
+            direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, args.requests))
+            through = asyncio.run(p50(f"{gurl}/classify", body, args.requests))
+            print(f"KServe direct p50 {direct:.2f} ms, through the gateway {through:.2f} ms (+{through - direct:.2f})")
+        metrics = urllib.request.urlopen(gateway.operator_url + "/metrics").read().decode()
+        for stage in ("decode", "queue", "defense", "upstream", "total"):
+            total = float(re.search(rf'magnet_stage_seconds_sum{{stage="{stage}"}} (\S+)', metrics).group(1))
+            count = float(re.search(rf'magnet_stage_seconds_count{{stage="{stage}"}} (\S+)', metrics).group(1))
+            print(f"{stage:>8}: {total / count * 1e3:.3f} ms mean over {count:.0f} requests")
+    finally:
+        gateway.stop()
+        kserve.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
