@@ -20,10 +20,9 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import orjson
 
+from bench.gateway_load import mnist_json_bodies
 from tests.procs import REPO, free_port, start_model_server, start_on_free_port
-from training.data import load_mnist
 
 
 async def drive(url: str, bodies: list[bytes], seconds: float, clients: int = 1) -> tuple[float, float]:
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-tree", type=Path, required=True, help="a worktree of the commit to compare with")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    digits = load_mnist(args.data_dir, download=False).test.x[:200]
-    body = [orjson.dumps({"inputs": d[0]}, option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
-    v2 = [orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": d.ravel()}]},
-                       option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    body, v2 = mnist_json_bodies(args.data_dir)
     variants = {"baseline": (args.baseline_tree.resolve(), {}), "this tree": (REPO, {}),
                 "spinning off": (REPO, {"MAGNET_ORT_SPINNING": "false"}), "one thread": (REPO, {"MAGNET_ORT_THREADS": "1"})}
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")

@@ -131,6 +131,12 @@ def requests_for(images: np.ndarray, wire: str, front: str) -> list[Request]:
     return out
 
 
+def mnist_json_bodies(data_dir: Path, n: int = 200) -> tuple[list[bytes], list[bytes]]:
+    """JSON bodies of the first ``n`` MNIST test digits: for the gateway's /classify, and for OIP v2."""
+    digits = load("mnist", data_dir).test.x[:n]
+    return ([b for b, _ in requests_for(digits, "json", "classify")], [b for b, _ in requests_for(digits, "json", "v2")])
+
+
 def plan(args: argparse.Namespace) -> list[dict]:
     """The rows to run, in order: name, target kind, wire, workers."""
     rows = []

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import orjson
 
+from bench.gateway_load import mnist_json_bodies
 from tests.procs import REPO, start_gateway, start_model_server
-from training.data import load_mnist
 
 
 async def p50(url: str, bodies: list[bytes], n: int) -> float:
@@ -42,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--requests", type=int, default=500)
     args = p.parse_args(argv)
-    digits = load_mnist(args.data_dir, download=False).test.x[:200]
-    body = [orjson.dumps({"inputs": d[0]}, option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
-    v2 = [orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": d.ravel()}]},
-                       option=orjson.OPT_SERIALIZE_NUMPY) for d in digits]
+    body, v2 = mnist_json_bodies(args.data_dir)
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
     gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
     try:
