@@ -15,35 +15,18 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
-import aiohttp
-import numpy as np
-
-from bench.gateway_load import mnist_json_bodies
+from bench.gateway_load import Request, _drive, mnist_json_requests
 from tests.procs import REPO, free_port, start_model_server, start_on_free_port
 
 
-async def drive(url: str, bodies: list[bytes], seconds: float, clients: int = 1) -> tuple[float, float]:
-    """(p50 ms, req/s) of a closed loop of ``clients`` for ``seconds``."""
-    latencies = []
-    async with aiohttp.ClientSession() as session:
-        end = time.perf_counter() + seconds
-
-        async def client(k: int) -> None:
-            i = k
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                async with session.post(url, data=bodies[i % len(bodies)],
-                                        headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-                    assert r.status == 200, r.status
-                latencies.append(time.perf_counter() - t)
-                i += clients
-
-        await asyncio.gather(*(client(k) for k in range(clients)))
-    return float(np.median(latencies) * 1e3), len(latencies) / seconds
+def drive(url: str, requests: list[Request], seconds: float, clients: int = 1) -> tuple[float, float]:
+    """(p50 ms, req/s) of ``bench.gateway_load``'s closed loop of ``clients`` for ``seconds``; any error fails."""
+    figures = asyncio.run(_drive(url, requests, seconds, clients))
+    if figures["errors"]:
+        raise RuntimeError(f"{figures['errors']} requests to {url} failed")
+    return figures["p50_ms"], figures["req_per_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-tree", type=Path, required=True, help="a worktree of the commit to compare with")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    body, v2 = mnist_json_bodies(args.data_dir)
+    body, v2 = mnist_json_requests(args.data_dir)
     variants = {"baseline": (args.baseline_tree.resolve(), {}), "this tree": (REPO, {}),
                 "spinning off": (REPO, {"MAGNET_ORT_SPINNING": "false"}), "one thread": (REPO, {"MAGNET_ORT_THREADS": "1"})}
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
@@ -67,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                     "/readyz", 60, cwd=tree,
                     env={"MAGNET_WORKERS": "1", "MAGNET_UPSTREAM_MODEL": "mnist", "PYTHONPATH": str(tree), **env})
                 try:
-                    asyncio.run(drive(f"{base}/classify", body, 2))
-                    d1 = asyncio.run(drive(direct_url, v2, 5))[0]
-                    g1 = asyncio.run(drive(f"{base}/classify", body, 5))[0]
-                    d2 = asyncio.run(drive(direct_url, v2, 5))[0]
-                    g2 = asyncio.run(drive(f"{base}/classify", body, 5))[0]
-                    g16 = asyncio.run(drive(f"{base}/classify", body, 6, 16))[1]
-                    d16 = asyncio.run(drive(direct_url, v2, 6, 16))[1]
+                    drive(f"{base}/classify", body, 2)
+                    d1 = drive(direct_url, v2, 5)[0]
+                    g1 = drive(f"{base}/classify", body, 5)[0]
+                    d2 = drive(direct_url, v2, 5)[0]
+                    g2 = drive(f"{base}/classify", body, 5)[0]
+                    g16 = drive(f"{base}/classify", body, 6, 16)[1]
+                    d16 = drive(direct_url, v2, 6, 16)[1]
                 finally:
                     gateway.stop()
                 results.setdefault(name, []).append({"added_p50_ms": (g1 + g2 - d1 - d2) / 2, "c16_ratio": g16 / d16})

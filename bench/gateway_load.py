@@ -38,9 +38,8 @@ import numpy as np
 import orjson
 import psutil
 
-from tests.procs import ManagedProcess, start_gateway, start_model_server
 from service.defense import Defense
-from tests.procs import MODEL_SERVER
+from tests.procs import MODEL_SERVER, ManagedProcess, start_gateway, start_model_server
 from training.data import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +130,10 @@ def requests_for(images: np.ndarray, wire: str, front: str) -> list[Request]:
     return out
 
 
-def mnist_json_bodies(data_dir: Path, n: int = 200) -> tuple[list[bytes], list[bytes]]:
-    """JSON bodies of the first ``n`` MNIST test digits: for the gateway's /classify, and for OIP v2."""
+def mnist_json_requests(data_dir: Path, n: int = 200) -> tuple[list[Request], list[Request]]:
+    """JSON requests of the first ``n`` MNIST test digits: for the gateway's /classify, and for OIP v2."""
     digits = load("mnist", data_dir).test.x[:n]
-    return ([b for b, _ in requests_for(digits, "json", "classify")], [b for b, _ in requests_for(digits, "json", "v2")])
+    return requests_for(digits, "json", "classify"), requests_for(digits, "json", "v2")
 
 
 def plan(args: argparse.Namespace) -> list[dict]:

@@ -20,16 +20,17 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.gateway_load import mnist_json_bodies
+from bench.gateway_load import Request, mnist_json_requests
 from tests.procs import REPO, start_gateway, start_model_server
 
 
-async def p50(url: str, bodies: list[bytes], n: int) -> float:
+async def p50(url: str, requests: list[Request], n: int) -> float:
     latencies = []
     async with aiohttp.ClientSession() as session:
         for i in range(n):
             t = time.perf_counter()
-            async with session.post(url, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}) as r:
+            body, headers = requests[i % len(requests)]
+            async with session.post(url, data=body, headers=headers) as r:
                 await r.read()
                 assert r.status == 200, r.status
             latencies.append(time.perf_counter() - t)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--requests", type=int, default=500)
     args = p.parse_args(argv)
-    body, v2 = mnist_json_bodies(args.data_dir)
+    body, v2 = mnist_json_requests(args.data_dir)
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
     gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
     try:

@@ -119,8 +119,11 @@ request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "applicatio
 print(urllib.request.urlopen(request, timeout=30).read().decode())
 EOF
 }
+is_seven() {  # ANSWER: the first result accepted and labelled 7
+  python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' <<<"$1"
+}
 answer=$(classify)
-echo "$answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
+is_seven "$answer" \
   || { echo "build-local: FAILED: /classify answered $answer" >&2; exit 1; }
 ctr=$(buildah from -q magnet-gateway:local)
 buildah run --isolation chroot "$ctr" -- python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
@@ -162,7 +165,7 @@ print(json.dumps({"providers": ort.get_available_providers(), "onnxruntime": ort
   wait_for "http://127.0.0.1:$CUDA_PORT/readyz" 120
   ready=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$CUDA_PORT/readyz")
   cuda_answer=$(classify "$CUDA_PORT")
-  echo "$cuda_answer" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; sys.exit(0 if (not r["rejected"] and r["label"] == 7) else 1)' \
+  is_seven "$cuda_answer" \
     || { echo "build-local: FAILED: the CUDA image's /classify answered $cuda_answer" >&2; exit 1; }
   CUDA_REPORT=$(LIBS="$libs" READY="$ready" T="$t_cuda" SIZE="$(size magnet-gateway:cuda-local)" python3 -c '
 import json, os

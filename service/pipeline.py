@@ -59,7 +59,6 @@ class Pipeline:
         self.defense = defense
         self.upstream = upstream
         self.metrics = metrics
-        self.executor = executor
         self.offload = Offload(executor)
 
     async def _call_upstream(self, x: np.ndarray) -> np.ndarray:

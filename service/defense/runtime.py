@@ -105,8 +105,8 @@ class OnnxModel:
     def max_rows(self, x: np.ndarray) -> int:
         """Rows per onnxruntime call: on the CPU, at most ``CPU_CHUNK_ELEMENTS`` input values, since
         onnxruntime's arena keeps the peak of every call's activations for the life of the process (a
-        large batch in one call would set a worker's memory for good; per image, chunks cost the CPU no
-        throughput); on a GPU, the whole batch."""
+        large batch in one call would set a worker's memory for good; ``bench.peak_memory``); on a GPU,
+        the whole batch."""
         if not self._on_cpu:
             return len(x)
         return max(1, CPU_CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))

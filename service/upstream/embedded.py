@@ -15,7 +15,6 @@ class EmbeddedUpstream:
     def __init__(self, model: OnnxModel, executor: Executor,
                  outputs: Literal["logits", "probabilities"] = "logits") -> None:
         self.model = model
-        self.executor = executor
         self.offload = Offload(executor)
         self.outputs = outputs
 
