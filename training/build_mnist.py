@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -39,6 +40,9 @@ def parser():
     p.add_argument("--ae-epochs", type=int, default=100, help="max epochs per autoencoder")
     p.add_argument("--ae-patience", type=int, default=10,
                    help="stop an autoencoder after this many epochs without validation improvement")
+    p.add_argument("--autoencoders", default=",".join(AUTOENCODERS),
+                   help="with --train-only: the autoencoder stages to train (comma-separated), so that they can "
+                        "train in separate processes sharing one --work-dir")
     p.add_argument("--fpr", type=float, default=0.001, help="target false-positive rate per detector")
     return p
 
@@ -51,6 +55,9 @@ def detectors(fpr: float, ae_i: str = "ae_i.onnx", ae_ii: str = "ae_ii.onnx") ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    wanted = set(args.autoencoders.split(","))
+    if not wanted <= set(AUTOENCODERS) or (wanted != set(AUTOENCODERS) and not args.train_only):
+        raise SystemExit(f"--autoencoders takes names from {sorted(AUTOENCODERS)}; a subset needs --train-only")
     sys.stdout.reconfigure(line_buffering=True)  # per-epoch lines show up at once in a log file
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -68,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                                        lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config)}
     aes = {name: make_autoencoder(kind) for name, kind in AUTOENCODERS.items()}
     for name, ae in aes.items():
+        if name not in wanted:
+            continue
+        if args.fresh:
+            (args.work_dir / f"{name}.checkpoint.pt").unlink(missing_ok=True)
         histories[name] = B.stage(args.work_dir, name, [ae], args.fresh,
-                                  lambda ms, n=name: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=n),
+                                  lambda ms, n=name: train_autoencoder(
+                                      ms[0], train, ds.val,
+                                      replace(ae_cfg, checkpoint=str(args.work_dir / f"{n}.checkpoint.pt")), name=n),
                                   config)
     if args.train_only:
         return 0

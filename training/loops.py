@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +51,9 @@ class AutoencoderConfig:
     max_seconds: float = 0.0  # stop after the epoch that passes this wall time (0: no limit)
     device: str = "cpu"
     seed: int = 0
+    # a file the state is saved to after every epoch and resumed from when it exists (a long run survives
+    # the end of its process); removed when training ends
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -222,8 +227,20 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=cfg.lr)
     x_all = torch.from_numpy(train.x).to(device)
     n, hist, best, best_state, since_best = len(models), History(), math.inf, None, 0
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    start, first, elapsed = time.perf_counter(), 0, 0.0
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        for m, state in zip(models, saved["models"]):
+            m.load_state_dict(state)
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["gen"])
+        noise_gen.set_state(saved["noise_gen"])
+        torch.set_rng_state(saved["torch"])
+        first, best, best_state, since_best = saved["epoch"], saved["best"], saved["best_state"], saved["since_best"]
+        hist.epochs, hist.best_epoch, elapsed = saved["epochs"], saved["best_epoch"], saved["seconds"]
+        log(f"{name}: resuming after epoch {first} from {ckpt}")
+    for epoch in range(first, cfg.epochs):
         for m in models:
             m.train()
         t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
@@ -253,14 +270,29 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
             if since_best >= cfg.patience:
                 log(f"{name}: no validation improvement for {cfg.patience} epochs, stopping")
                 break
+        if ckpt is not None:
+            _save_checkpoint(ckpt, {"models": [m.state_dict() for m in models], "optimizer": opt.state_dict(),
+                                    "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
+                                    "torch": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
+                                    "best_state": best_state, "since_best": since_best, "epochs": hist.epochs,
+                                    "best_epoch": hist.best_epoch, "seconds": elapsed + time.perf_counter() - start})
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
             log(f"{name}: time budget of {cfg.max_seconds:.0f} s spent, stopping")
             break
     for m, state in zip(models, best_state):
         m.load_state_dict(state)
         m.to("cpu").eval()
-    hist.seconds = time.perf_counter() - start
+    hist.seconds = elapsed + time.perf_counter() - start
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return hist
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a run killed while saving keeps the previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def train_autoencoder(model: nn.Module, train: Split, val: Split, cfg: AutoencoderConfig, log=print,

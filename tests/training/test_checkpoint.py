@@ -1,0 +1,55 @@
+"""Autoencoder training resumes from its per-epoch checkpoint: a run killed after an epoch and started
+again ends with the weights and history of a run never interrupted."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.loops import AutoencoderConfig, train_autoencoder  # noqa: E402
+from training.nets import make_autoencoder  # noqa: E402
+
+
+class Killed(Exception):
+    pass
+
+
+def _train(mnist, cfg, log=lambda line: None):
+    torch.manual_seed(123)  # the same initial weights in every run
+    model = make_autoencoder("mnist_ae_ii")
+    hist = train_autoencoder(model, mnist.train.head(512), mnist.val.head(256), cfg, log=log)
+    return model, hist
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, mnist):
+    base = AutoencoderConfig(epochs=3, batch_size=128, patience=10)
+    whole, whole_hist = _train(mnist, base)
+
+    ckpt = tmp_path / "ae.checkpoint.pt"
+    cfg = AutoencoderConfig(epochs=3, batch_size=128, patience=10, checkpoint=str(ckpt))
+
+    def kill_in_epoch_2(line):
+        if "epoch   2/3" in line:
+            raise Killed  # after epoch 2 ran, before its checkpoint: the file holds epoch 1
+
+    with pytest.raises(Killed):
+        _train(mnist, cfg, log=kill_in_epoch_2)
+    assert ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] == 1
+
+    lines = []
+    resumed, resumed_hist = _train(mnist, cfg, log=lines.append)
+    assert any("resuming after epoch 1" in line for line in lines)
+    assert sum("epoch " in line and "/3" in line for line in lines) == 2  # epochs 2 and 3 only
+    assert not ckpt.exists()  # removed once training ended
+    assert [e["epoch"] for e in resumed_hist.epochs] == [1, 2, 3]
+    assert [e["val_denoise_mse"] for e in resumed_hist.epochs] == [e["val_denoise_mse"] for e in whole_hist.epochs]
+    assert resumed_hist.best_epoch == whole_hist.best_epoch
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_one_autoencoder_stage_alone_needs_train_only(tmp_path):
+    from training import build_mnist
+
+    for extra in (["--autoencoders", "ae_i"], ["--autoencoders", "ae_iii", "--train-only"]):
+        with pytest.raises(SystemExit, match="--autoencoders takes names"):
+            build_mnist.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "b"), *extra])
