@@ -2,7 +2,8 @@
 and one upstream call, the way Triton's dynamic batcher and MLServer's adaptive batching work.
 
 A request's rows join the queue of its (member, mode) group. A group with no batch in flight starts one
-at once with what is queued (an idle gateway adds no waiting; ``MAGNET_BATCH_WINDOW_MS`` waits that long
+at once with what is queued (an idle gateway adds no waiting, and a request that finds its group idle
+runs as its own batch in its own task; ``MAGNET_BATCH_WINDOW_MS`` waits that long
 first, to gather more); while a batch runs, new requests queue, and the next batch takes them all, up to
 ``MAGNET_BATCH_ROWS`` rows (a request larger than that still goes whole, alone). The batch's outcome is
 split back to its requests in order. Inputs are decoded and checked per request before they queue, so a
@@ -59,14 +60,34 @@ class MicroBatcher:
 
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         key = (member, shadow)
+        queue = self._queues.setdefault(key, deque())
+        if key not in self._draining and not queue and not self.window_s:
+            return await self._alone(x, key)
         pending = _Pending(x, asyncio.get_running_loop().create_future())
-        self._queues.setdefault(key, deque()).append(pending)
+        queue.append(pending)
         if key not in self._draining:
             self._draining.add(key)
-            task = asyncio.create_task(self._drain(key))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn_drain(key)
         return await pending.future
+
+    async def _alone(self, x: np.ndarray, key: tuple[int, bool]) -> Outcome:
+        """An idle group: this request is the batch, run in its own task (no hand-over to a drain task and
+        back); requests that arrive meanwhile queue, and a drain task takes them once it is done."""
+        self._draining.add(key)
+        try:
+            self.metrics.stage_seconds.labels("queue").observe(0.0)
+            self.metrics.batch_rows.observe(len(x))
+            return await self.pipeline.classify(x, member=key[0], shadow=key[1])
+        finally:
+            if self._queues.get(key):
+                self._spawn_drain(key)
+            else:
+                self._draining.discard(key)
+
+    def _spawn_drain(self, key: tuple[int, bool]) -> None:
+        task = asyncio.create_task(self._drain(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _take(self, key: tuple[int, bool]) -> list[_Pending]:
         queue, batch, rows = self._queues[key], [], 0

@@ -74,9 +74,15 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(read(), timeout_s)
+        if _timeout is None:  # Python 3.10: wait_for wraps the read in a task of its own
+            return await asyncio.wait_for(read(), timeout_s)
+        async with _timeout(timeout_s):  # a timer on this task, no new task: cheaper per request
+            return await read()
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
+
+
+_timeout = getattr(asyncio, "timeout", None)
 
 
 JSON_TYPES = ("application/json",)
@@ -187,8 +193,9 @@ def answer(request: Request, defended: Defended, content: object = None, raw: Re
     when one was issued; records the total latency."""
     gw = request.app.state.gateway
     response = raw if raw is not None else json_response(content)
-    if defended.issued:
-        response.set_cookie(gw.settings.session_cookie, defended.session, httponly=True, samesite="lax")
+    if defended.issued:  # the id is URL-safe base64: the header needs no quoting (set_cookie's Morsel is slow)
+        response.raw_headers.append((b"set-cookie", f"{gw.settings.session_cookie}={defended.session}; HttpOnly; "
+                                                    f"Path=/; SameSite=lax".encode("latin-1")))
     gw.metrics.stage_seconds.labels("total").observe(time.perf_counter() - defended.started)
     return response
 

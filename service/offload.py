@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-INLINE_BUDGET_S = 0.5e-3  # at most this long on the event loop per call
+INLINE_BUDGET_S = 1e-3  # at most this long on the event loop per call (docs/results/throughput.md)
 _ALPHA = 0.2  # weight of the newest measurement in the average
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Literal
 
@@ -140,6 +142,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"MAGNET_SESSION_SECRET_FILE {self.session_secret_file}: {e.strerror}") from e
             self.session_secret = SecretStr(text)
         return self
+
+    @field_validator("session_cookie")
+    @classmethod
+    def _cookie_name(cls, value: str) -> str:
+        """A cookie name is an HTTP token (RFC 6265): letters, digits and ``!#$%&'*+-.^_`|~``."""
+        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", value):
+            raise ValueError(f"{value!r} is not a cookie name (an HTTP token: no spaces, ';', '=' or quotes)")
+        return value
 
     @field_validator("rejection_limit", "rate_limit")
     @classmethod

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 (REST) upstream: Triton, KServe, MLServer, over one pooled aiohttp session."""
+"""Open Inference Protocol v2 (REST) upstream: Triton, KServe, MLServer, over one pool of keep-alive connections."""
 
 from __future__ import annotations
 

@@ -1,53 +1,54 @@
-"""What the HTTP upstream adapters share: one pooled keep-alive ``aiohttp`` session, the mapping of
-transport failures to the gateway's errors (the classifier's input contract is in
-``service.defense.contract``).
+"""What the HTTP upstream adapters share: one pool of keep-alive connections
+(``service.upstream.http1``), the mapping of transport failures to the gateway's errors (the classifier's
+input contract is in ``service.defense.contract``).
 
-aiohttp rather than httpx: measured here, httpx's AsyncClient reached less than half of aiohttp's
-throughput on this hop (encode/httpx#3215), which is the gateway's hot path.
+Neither httpx nor aiohttp: measured here, httpx's AsyncClient reached less than half of aiohttp's
+throughput on this hop (encode/httpx#3215), and aiohttp's own per-request work was a fifth of the hop's
+time to a Python model server at one client (docs/results/throughput.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
-
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from service.upstream import http1
 
 
 class PooledHttp:
-    """Base of the HTTP adapters: ``start``/``close`` the session, ``post`` and ``get`` with error mapping."""
+    """Base of the HTTP adapters: ``start``/``close`` the pool, ``post`` and ``get`` with error mapping."""
 
     def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64,
                  max_response_bytes: int = 32 * 2**20) -> None:
         self.base = url.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._client: http1.Http1Client | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+        self._client = http1.Http1Client(self.base, self.timeout_s, self.max_connections, self.max_response_bytes)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def client(self) -> http1.Http1Client:
+        if self._client is None:
             raise UpstreamUnavailable("upstream client is not started")
-        return self._session
+        return self._client
+
+    def _path(self, url: str) -> str:
+        """The part of ``url`` below the base URL (the adapters build full URLs for their logs)."""
+        return url[len(self.base):] if url.startswith(self.base) else url
 
     async def get(self, url: str) -> tuple[int, bytes] | None:
         """Status and body of a GET, or None when the upstream cannot be reached in time (for readiness)."""
         try:
-            async with self.session.get(url) as r:
-                return r.status, await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            answer = await self.client.request("GET", self._path(url))
+        except http1.HttpError:
             return None
+        return answer.status, answer.body
 
     async def post(self, url: str, body: bytes) -> bytes:
         """The body of a 200 answer to a JSON POST; anything else raises the matching upstream error."""
@@ -57,33 +58,20 @@ class PooledHttp:
         """The body and headers of a 200 answer to a POST with ``headers``; else the matching upstream error.
 
         Not reachable, or the connection lost before an answer began: 503. An answer that is not a 200,
-        is larger than ``max_response_bytes`` (read no further) or breaks off midway: 502. What the
-        upstream said, and its URL, go to the log only (``detail``), never to the client."""
+        is larger than ``max_response_bytes`` (read no further) or breaks off midway: 502. No complete
+        answer in time: 504. What the upstream said, and its URL, go to the log only (``detail``), never
+        to the client."""
         try:
-            async with self.session.post(url, data=body, headers=headers) as r:
-                try:
-                    answer = await self._read_capped(r)
-                except aiohttp.ClientError as e:
-                    raise UpstreamError("the model server's answer broke off", f"{url}: {e!r}")
-                if r.status != 200:
-                    raise UpstreamError(f"the model server answered {r.status}",
-                                        f"{url}: {answer[:500].decode(errors='replace')}")
-                return answer, {k.lower(): v for k, v in r.headers.items()}
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"the model server did not answer within {self.timeout.total:g} s", url)
-        except aiohttp.ClientError as e:
-            raise UpstreamUnavailable("the model server is unreachable", f"{url}: {e!r}")
-
-    async def _read_capped(self, r: aiohttp.ClientResponse) -> bytes:
-        declared = r.content_length
-        if declared is not None and declared > self.max_response_bytes:
-            raise UpstreamError(f"the model server's answer exceeds {self.max_response_bytes} bytes",
-                                f"{r.url}: Content-Length {declared}")
-        chunks, size = [], 0
-        async for chunk in r.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                r.close()  # drop the connection rather than read the rest
-                raise UpstreamError(f"the model server's answer exceeds {self.max_response_bytes} bytes", str(r.url))
-            chunks.append(chunk)
-        return b"".join(chunks)
+            answer = await self.client.request("POST", self._path(url), body, headers)
+        except http1.Timeout:
+            raise UpstreamTimeout(f"the model server did not answer within {self.timeout_s:g} s", url)
+        except http1.Unreachable as e:
+            raise UpstreamUnavailable("the model server is unreachable", f"{url}: {e}")
+        except http1.AnswerTooLarge as e:
+            raise UpstreamError(f"the model server's answer exceeds {self.max_response_bytes} bytes", f"{url}: {e}")
+        except http1.BrokenAnswer as e:
+            raise UpstreamError("the model server's answer broke off", f"{url}: {e}")
+        if answer.status != 200:
+            raise UpstreamError(f"the model server answered {answer.status}",
+                                f"{url}: {answer.body[:500].decode(errors='replace')}")
+        return answer.body, answer.headers

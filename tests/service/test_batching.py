@@ -159,3 +159,27 @@ def test_the_setting_turns_it_off_or_sizes_it(tmp_path, rows):
     assert isinstance(pipeline, MicroBatcher) == (rows > 0)
     if rows:
         assert pipeline.max_rows == rows
+
+
+def test_requests_queued_behind_a_lone_request_are_served_even_when_it_is_cancelled(tmp_path):
+    batcher, pipeline, upstream, _ = setup(tmp_path)
+    xs = [fakes.images(0.5, 0.4) for _ in range(4)]  # accepted by the toy bundle: they go upstream
+
+    async def run():
+        first = asyncio.create_task(batcher.classify(xs[0]))  # an idle group: it runs in its own task
+        await asyncio.sleep(0.01)  # its upstream call is in flight
+        assert not first.done() and batcher._draining
+        behind = [asyncio.create_task(batcher.classify(x)) for x in xs[1:]]
+        await asyncio.sleep(0)
+        first.cancel()  # its client went away
+        outcomes = await asyncio.wait_for(asyncio.gather(*behind), 10)  # not stranded in the queue
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        later = await batcher.classify(xs[0])  # the group is idle again, not stuck
+        return outcomes, later
+
+    outcomes, later = asyncio.run(run())
+    for x, got in zip(xs[1:], outcomes):
+        same(got, asyncio.run(pipeline.classify(x)))
+    same(later, asyncio.run(pipeline.classify(xs[0])))
+    assert sum(len(b) for b in upstream.batches[1:]) >= sum(len(x) for x in xs[1:])

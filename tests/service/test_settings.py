@@ -29,3 +29,10 @@ def test_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("MAGNET_DEVICE", "tpu")
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.parametrize("name", ["my session", "a;b", "a=b", '"x"', ""])
+def test_a_cookie_name_must_be_a_token(name):
+    with pytest.raises(ValidationError, match="cookie name"):
+        Settings(session_cookie=name)
+    assert Settings(session_cookie="magnet.session-2").session_cookie == "magnet.session-2"

@@ -132,7 +132,7 @@ def test_factory_picks_the_adapter_and_passes_the_settings(toy_bundle, protocol,
     with ThreadPoolExecutor(1) as executor:
         upstream = make_upstream(settings, Defense(toy_bundle, device="cpu"), executor)
     assert type(upstream) is kind
-    assert (upstream.base, upstream.model, upstream.layout, upstream.outputs, upstream.timeout.total) == \
+    assert (upstream.base, upstream.model, upstream.layout, upstream.outputs, upstream.timeout_s) == \
         ("http://tf:8501", "toy", "NHWC", "probabilities", 3)
 
 
