@@ -3,9 +3,11 @@
     python -m bench.stage_breakdown --data-dir ../shared/data --requests 500
 
 Runs KServe and the gateway as processes, sends ``--requests`` single digits to KServe directly and then
-through the gateway, twice, and prints the p50s and the gateway's own stage means from its metrics
-(``magnet_stage_seconds``: decode, queue, defense, upstream, total; the first round's requests are
-included, so means sit a little above steady state). Figures in docs/results/throughput.md.
+through the gateway, twice, and prints the p50s, the CPU time each process spent per request (user +
+system, the process and its children: what the hop costs the machine, beside what it costs the client
+in wall time), and the gateway's own stage means from its metrics (``magnet_stage_seconds``: decode,
+queue, defense, upstream, total; the first round's requests are included, so means sit a little above
+steady state). Figures in docs/results/throughput.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 
 from bench.gateway_load import Request, mnist_json_requests
 from tests.procs import REPO, start_gateway, start_model_server
@@ -37,6 +40,12 @@ async def p50(url: str, requests: list[Request], n: int) -> float:
     return float(np.median(latencies) * 1e3)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children so far."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True)
@@ -46,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
     gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
     try:
+        n = args.requests
         for _ in range(2):
-            direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, args.requests))
-            through = asyncio.run(p50(f"{gurl}/classify", body, args.requests))
-            print(f"KServe direct p50 {direct:.2f} ms, through the gateway {through:.2f} ms (+{through - direct:.2f})")
+            k0 = cpu_seconds(kserve.pid)
+            direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, n))
+            k1, g1 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
+            through = asyncio.run(p50(f"{gurl}/classify", body, n))
+            k2, g2 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
+            print(f"KServe direct p50 {direct:.2f} ms, through the gateway {through:.2f} ms (+{through - direct:.2f}); "
+                  f"CPU ms per request: KServe {(k1 - k0) / n * 1e3:.2f} direct, {(k2 - k1) / n * 1e3:.2f} behind "
+                  f"the gateway; gateway {(g2 - g1) / n * 1e3:.2f}")
         metrics = urllib.request.urlopen(gateway.operator_url + "/metrics").read().decode()
         for stage in ("decode", "queue", "defense", "upstream", "total"):
             total = float(re.search(rf'magnet_stage_seconds_sum{{stage="{stage}"}} (\S+)', metrics).group(1))
