@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from service.dataplane import Gateway
 from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
+from service.defense.fused import FusionError
 from service.errors import MagnetError, error_response, handle_magnet_error
 from service.metrics import Metrics
 from service import protocol
@@ -66,7 +67,13 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     settings = settings or Settings()
     protocol.configure(settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="magnet-infer")
-    defense = defense or Defense(settings.bundle, settings.device, settings.ort_threads, settings.ort_spinning)
+    if defense is None:
+        try:
+            defense = Defense(settings.bundle, settings.device, settings.ort_threads, settings.ort_spinning,
+                              fused={"on": True, "off": False, "auto": None}[settings.fused],
+                              embed_classifier=settings.upstream is None)
+        except FusionError as e:
+            raise ConfigError(f"MAGNET_FUSED=on: {e}") from e
     upstream = upstream or make_upstream(settings, defense, executor)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))

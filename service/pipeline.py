@@ -98,6 +98,21 @@ class Pipeline:
         logits_reformed = self._scatter(out[len(idx):], idx, n)
         return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
 
+    def _decide_fused(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
+        """The embedded classifier's logits came with the screening (one fused graph): the same verdict
+        and answered logits as ``_decide`` with the embedded upstream, without a second call."""
+        n, member = len(screening.x), screening.member
+        spec = self.defense.manifest.classifier
+        rows = 2 * n if self.defense.needs_logits(member) else n
+        check_scores(screening.logits, rows, len(spec.classes), spec.output)
+        logits = S.logits_from_probabilities(screening.logits) if spec.output == "probabilities" else screening.logits
+        if rows == n:
+            verdict = self.defense.decide(screening)
+            return verdict, np.where(verdict.accepted[:, None], logits, np.nan)
+        sent = ~self.defense.screened_out(screening)[:, None]  # rows _decide would have sent upstream
+        logits_x, logits_reformed = np.where(sent, logits[:n], np.nan), np.where(sent, logits[n:], np.nan)
+        return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
+
     async def _watch(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
         """Shadow mode: every row goes upstream as it came (with its reformed copy when a detector needs
         logits); the verdict is scored and counted, and the logits on x are what gets answered."""
@@ -113,7 +128,10 @@ class Pipeline:
         t0 = time.perf_counter()
         screening = await self.offload(self.defense.screen, x, member)
         t_screen = time.perf_counter() - t0
-        verdict, logits = await (self._watch(screening) if shadow else self._decide(screening))
+        if screening.logits is not None and not shadow:
+            verdict, logits = self._decide_fused(screening)
+        else:
+            verdict, logits = await (self._watch(screening) if shadow else self._decide(screening))
         self.metrics.stage_seconds.labels("defense").observe(t_screen)
         self._count(verdict)
         probabilities = np.full(logits.shape, np.nan)

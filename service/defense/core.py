@@ -7,6 +7,7 @@ halves around its upstream call; ``Defense.inspect`` chains them for offline use
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,10 +18,12 @@ from service.defense import detectors as D
 from service.defense.contract import ClassifierInput, prepare
 from service.defense.scores import logits_from_probabilities
 from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
-from service.defense.runtime import Device, OnnxModel, choose_providers
+from service.defense.fused import TOLERANCE, FusedMember, FusionError, fuse_member
+from service.defense.runtime import CUDA, Device, OnnxModel, choose_providers, make_session
 from service.defense.thresholds import passes
 
 Classify = Callable[[np.ndarray], np.ndarray]
+log = logging.getLogger("magnet.defense")
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,15 @@ class Screening:
     reformed : ndarray (N, C, H, W) float32, reformer output clipped to [0, 1]
     scores : dict detector name -> ndarray (N,) for the reconstruction detectors
     member : int, the pool member that screened the batch
+    logits : ndarray or None, the embedded classifier's raw output when a fused graph computed it: on
+        ``concat(x, reformed)`` (2N rows) for a member with divergence detectors, else on ``reformed``
     """
 
     x: np.ndarray
     reformed: np.ndarray
     scores: dict[str, np.ndarray]
     member: int
+    logits: np.ndarray | None = None  # a fused graph's classifier output (see ``service.defense.fused``)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,11 @@ class Classifier:
 class Defense:
     """A loaded, verified bundle with onnxruntime sessions for every autoencoder and the classifier."""
 
-    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, spinning: bool = True,
+                 fused: bool | None = False, embed_classifier: bool = False) -> None:
+        """``fused``: one graph per member (``service.defense.fused``): True requires it (FusionError
+        otherwise), None uses it on CUDA when it can be built, False never; ``embed_classifier``: the
+        fused graphs include the bundle's classifier (the gateway's embedded upstream)."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.files: dict[str, Path] = verify_files(self.bundle_dir, self.manifest)  # manifest path -> file
@@ -110,6 +120,41 @@ class Defense:
         self._classifier_providers = providers
         self._threads = threads
         self._classifier: Classifier | None = None
+        self.fused: dict[int, FusedMember] = {}
+        if fused or (fused is None and providers[0] == CUDA):
+            self._fuse(embed_classifier, required=bool(fused))
+
+    def _fuse(self, embed_classifier: bool, required: bool) -> None:
+        """Build and check each member's fused graph; without ``required`` a member that cannot be fused
+        keeps its separate sessions (logged)."""
+        spec = self.manifest.classifier
+        for k, member in enumerate(self.members):
+            files = list(dict.fromkeys([d.autoencoder for d in member.detectors] + [member.reformer]))
+            try:
+                model = fuse_member([self.files[f] for f in files], self.files[member.reformer],
+                                    self.classifier_file if embed_classifier else None, spec.input,
+                                    spec.output_name, both_rows=self.needs_logits(k))
+                fm = FusedMember(make_session(model, self._classifier_providers, self._threads, self._spinning), files)
+                self._check_fused(k, fm)
+            except FusionError as e:
+                if required:
+                    raise
+                log.warning("member %s: separate sessions (%s)", member.name, e)
+                continue
+            self.fused[k] = fm
+
+    def _check_fused(self, member: int, fm: FusedMember) -> None:
+        x = np.random.default_rng(member).uniform(size=(4, *self.input_shape)).astype(np.float32)
+        out = fm(x)
+        expected = {name: self.autoencoders[f](x) for f, name in fm.outputs.items()}
+        expected["reformed"] = np.clip(self.autoencoders[self.members[member].reformer](x), 0, 1)
+        if fm.has_logits:
+            rows = np.concatenate([x, expected["reformed"]]) if self.needs_logits(member) else expected["reformed"]
+            expected["logits"] = self.classifier(rows)
+        for name, want in expected.items():
+            diff = float(np.abs(out[name] - want).max())
+            if not diff <= TOLERANCE:
+                raise FusionError(f"the fused graph's {name} differs from the separate sessions' by {diff:.2e}")
 
     @property
     def providers(self) -> list[str]:
@@ -146,6 +191,12 @@ class Defense:
     def screen(self, x: np.ndarray, member: int = 0) -> Screening:
         """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1])."""
         spec = self.members[member]
+        fm = self.fused.get(member)
+        if fm is not None:
+            out = fm(x)
+            scores = {d.name: D.score(d, x, out[fm.outputs[d.autoencoder]])
+                      for d in spec.detectors if not D.kind_of(d).needs_logits}
+            return Screening(x=x, reformed=out["reformed"], scores=scores, member=member, logits=out.get("logits"))
         outputs: dict[str, np.ndarray] = {}
 
         def ae(path: str) -> np.ndarray:

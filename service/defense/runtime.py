@@ -67,28 +67,45 @@ def shared_cpu_arena() -> bool:
     return _shared_arena
 
 
+def make_session(model: Path | bytes, providers: list[str], threads: int = 0,
+                 spinning: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session on a model file or a serialized model, with the gateway's options."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    # spinning: idle intra-op threads busy-wait for the next call (lower latency on cores of their own,
+    # stolen cycles on cores shared with a model server or the other workers)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if providers[0] == CPU and shared_cpu_arena():
+        # one CPU arena for every session of the process: a pool's members do not each keep a peak
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=opts,
+                                providers=providers)
+
+
+def chunk_rows(on_cpu: bool, x: np.ndarray) -> int:
+    """Rows per onnxruntime call: on the CPU, at most ``CPU_CHUNK_ELEMENTS`` input values, since
+    onnxruntime's arena keeps the peak of every call's activations for the life of the process (a
+    large batch in one call would set a worker's memory for good; ``bench.peak_memory``); on a GPU,
+    the whole batch."""
+    if not on_cpu:
+        return len(x)
+    return max(1, CPU_CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+
+
 class OnnxModel:
     """One ONNX graph with a single input and a single output, batch axis first."""
 
     def __init__(self, path: Path, providers: list[str], threads: int = 0, input_name: str | None = None,
                  output_name: str | None = None, spinning: bool = True) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        # spinning: idle intra-op threads busy-wait for the next call (lower latency on cores of their own,
-        # stolen cycles on cores shared with a model server or the other workers)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if providers[0] == CPU and shared_cpu_arena():
-            # one CPU arena for every session of the process: a pool's members do not each keep a peak
-            opts.add_session_config_entry("session.use_env_allocators", "1")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.session = make_session(self.path, providers, threads, spinning)
         inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         for name, names, what in ((input_name, inputs, "input"), (output_name, outputs, "output")):
             if name is not None and name not in names:
                 raise ValueError(f"{self.path.name} has no {what} named {name!r} (it has {', '.join(names)})")
         self.input_name = input_name or inputs[0]
-        self._on_cpu = self.session.get_providers()[0] == CPU
         self.output_name = output_name or outputs[0]
+        self._on_cpu = self.session.get_providers()[0] == CPU
 
     @property
     def providers(self) -> list[str]:
@@ -103,10 +120,5 @@ class OnnxModel:
                                for i in range(0, len(x), rows)])
 
     def max_rows(self, x: np.ndarray) -> int:
-        """Rows per onnxruntime call: on the CPU, at most ``CPU_CHUNK_ELEMENTS`` input values, since
-        onnxruntime's arena keeps the peak of every call's activations for the life of the process (a
-        large batch in one call would set a worker's memory for good; ``bench.peak_memory``); on a GPU,
-        the whole batch."""
-        if not self._on_cpu:
-            return len(x)
-        return max(1, CPU_CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+        """Rows per call for ``x`` (``chunk_rows``)."""
+        return chunk_rows(self._on_cpu, x)
