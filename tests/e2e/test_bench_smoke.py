@@ -56,3 +56,18 @@ def test_a_pool_with_divergence_detectors_is_benchmarked_with_two_upstream_rows_
     assert report["model_server"]["model_file"].endswith(".onnx")
     for name, row in report["results"].items():
         assert row["runs"]["2"]["requests"] > 0 and row["runs"]["2"]["errors"] == 0, name
+
+
+def test_core_throughput_measures_both_variants_and_checks_decisions(tmp_path, mnist):
+    pytest.importorskip("onnx")
+    from bench.core_throughput import main
+
+    out = tmp_path / "core.json"
+    assert main(["--data-dir", str(DATA_DIR), "--bundle", str(SHIPPED_MNIST), "--batch", "16", "--seconds", "0.2",
+                 "--threads", "1", "--check", "100", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["bundles"][str(SHIPPED_MNIST)]
+    assert set(rows) == {"separate", "fused"}
+    for row in rows.values():
+        assert row["screen_img_per_s"] > 0 and row["core_img_per_s"] > 0
+        # on the CPU the fused graph computes exactly what the separate sessions do
+        assert row["check"] == {"images": 100, "decisions_differ": 0, "labels_differ": 0, "max_score_diff": 0.0}
