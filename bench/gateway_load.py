@@ -59,6 +59,40 @@ async def _once(url: str, request: Request) -> None:
 
 
 async def _drive(url: str, requests: list[Request], seconds: float, concurrency: int) -> dict:
+    return _summary(*await _drive_raw(url, requests, seconds, concurrency))
+
+
+def _summary(latencies: list[float], errors: int, elapsed: float) -> dict:
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "req_per_s": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def _drive_part(job: tuple) -> tuple[list[float], int, float]:
+    """One load-generator process's share: waits for the common start (wall clock), then drives."""
+    url, requests, seconds, concurrency, start_at = job
+    time.sleep(max(0.0, start_at - time.time()))
+    return asyncio.run(_drive_raw(url, requests, seconds, concurrency))
+
+
+def drive(url: str, requests: list[Request], seconds: float, concurrency: int, processes: int = 1) -> dict:
+    """The closed loop of ``concurrency`` clients for ``seconds``, from one process or spread over
+    ``processes`` (one Python client process tops out at a few thousand requests per second: a GPU
+    gateway needs several). The processes start together; latencies are pooled, req/s summed."""
+    if processes <= 1:
+        return asyncio.run(_drive(url, requests, seconds, concurrency))
+    import multiprocessing
+
+    shares = [c for c in (concurrency // processes + (k < concurrency % processes) for k in range(processes)) if c]
+    start_at = time.time() + 2.0 + 0.5 * len(shares)  # after every process has started and imported
+    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
+        parts = pool.map(_drive_part, [(url, requests, seconds, c, start_at) for c in shares])
+    latencies = [t for part in parts for t in part[0]]
+    return _summary(latencies, sum(p[1] for p in parts), max(p[2] for p in parts))
+
+
+async def _drive_raw(url: str, requests: list[Request], seconds: float,
+                     concurrency: int) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -79,9 +113,7 @@ async def _drive(url: str, requests: list[Request], seconds: float, concurrency:
         start = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "req_per_s": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return latencies, errors, elapsed
 
 
 def rss_mb(proc: ManagedProcess) -> float:
@@ -219,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateway worker counts to run, comma-separated (default 1)")
     p.add_argument("--wire", type=lambda s: s.split(","), default=["json"],
                    help="json, binary or json,binary (default json)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="spread each concurrency over this many load-generator processes (default 1)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument("--plot", type=Path, help="draw throughput, p50 and p99 against concurrency as a PNG here")
     p.add_argument("--md", type=Path, help="write the results page (markdown) here")
@@ -250,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             result = {"wire": row["wire"], "workers": row["workers"], "runs": {}}
             try:
                 for c in args.concurrency:
-                    asyncio.run(_drive(url, reqs, args.warmup, c))
-                    result["runs"][str(c)] = asyncio.run(_drive(url, reqs, args.seconds, c))
+                    drive(url, reqs, args.warmup, c, args.client_processes)
+                    result["runs"][str(c)] = drive(url, reqs, args.seconds, c, args.client_processes)
                     print(row["name"], c, json.dumps(result["runs"][str(c)]), flush=True)
                 result["rss_mb"] = rss_mb(proc)
                 if proc is not kserve:
@@ -280,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
               "gateway_settings": "defaults, except MAGNET_WORKERS and the rows' own (MAGNET_BATCH_ROWS=0, "
                                   "MAGNET_UPSTREAM_BINARY)",
               "upstream_rows_per_image": 2 if divergence else 1, "largest_batch": LARGEST_BATCH,
-              "concurrency": args.concurrency, "seconds": args.seconds, "results": results}
+              "concurrency": args.concurrency, "seconds": args.seconds,
+              "client_processes": args.client_processes, "results": results}
     if args.plot:
         plot(report, args.plot)
         report["plot"] = args.plot.name

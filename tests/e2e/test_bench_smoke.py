@@ -71,3 +71,17 @@ def test_core_throughput_measures_both_variants_and_checks_decisions(tmp_path, m
         assert row["screen_img_per_s"] > 0 and row["core_img_per_s"] > 0
         # on the CPU the fused graph computes exactly what the separate sessions do
         assert row["check"] == {"images": 100, "decisions_differ": 0, "labels_differ": 0, "max_score_diff": 0.0}
+
+
+def test_the_load_can_come_from_several_processes(mnist):
+    from bench.gateway_load import drive, mnist_json_requests
+    from tests.procs import start_model_server
+
+    _, v2 = mnist_json_requests(DATA_DIR, 20)
+    kserve, url = start_model_server(SHIPPED_MNIST / "classifier.onnx", "mnist")
+    try:
+        figures = drive(f"{url}/v2/models/mnist/infer", v2, 1.0, 4, processes=2)
+    finally:
+        kserve.stop()
+    assert figures["requests"] > 0 and figures["errors"] == 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+
