@@ -13,13 +13,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from training import bundles as B
 from training.bundle_report import clean_figures
 from training.data import load_mnist
-from training.loops import (AutoencoderConfig, ClassifierConfig, accuracy, reconstruction_mse,
+from training.loops import (AutoencoderConfig, History, ClassifierConfig, accuracy, reconstruction_mse,
                             train_autoencoder, train_classifier)
 from training.nets import make_autoencoder, make_classifier
 from training.provenance import provenance
@@ -40,6 +41,9 @@ def parser():
     p.add_argument("--ae-epochs", type=int, default=100, help="max epochs per autoencoder")
     p.add_argument("--ae-patience", type=int, default=10,
                    help="stop an autoencoder after this many epochs without validation improvement")
+    p.add_argument("--classifier-from", type=Path, default=None,
+                   help="take the classifier's weights from this ONNX file (e.g. models/mnist/classifier.onnx, to "
+                        "retrain only the autoencoders) instead of training it; checked against onnxruntime")
     p.add_argument("--autoencoders", default=",".join(AUTOENCODERS),
                    help="with --train-only: the autoencoder stages to train (comma-separated), so that they can "
                         "train in separate processes sharing one --work-dir")
@@ -51,6 +55,19 @@ def detectors(fpr: float, ae_i: str = "ae_i.onnx", ae_ii: str = "ae_ii.onnx") ->
     """The paper's MNIST detectors (thresholds still to be calibrated)."""
     return [{"name": "I", "kind": "reconstruction", "autoencoder": ae_i, "p": 2, "fpr": fpr},
             {"name": "II", "kind": "reconstruction", "autoencoder": ae_ii, "p": 1, "fpr": fpr}]
+
+
+def classifier_from_onnx(model: torch.nn.Module, path: Path) -> History:
+    """Fill ``model`` with the weights of the classifier in ``path`` (its torch twin, verified against
+    onnxruntime); the history records where they came from, no epochs."""
+    from training.from_onnx import torch_twin
+
+    twin = torch_twin(path, "mnist", "classifier", SHAPE)
+    model.load_state_dict(twin.state_dict())
+    hist = History()
+    hist.epochs.append({"epoch": 0, "from_onnx": str(path)})
+    hist.best_epoch = 0
+    return hist
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
 
     clf = make_classifier("mnist")
-    histories = {"classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh,
-                                       lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config)}
+    train_clf = (lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg)) if args.classifier_from is None \
+        else (lambda ms: classifier_from_onnx(ms[0], args.classifier_from))
+    histories = {"classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh, train_clf, config)}
     aes = {name: make_autoencoder(kind) for name, kind in AUTOENCODERS.items()}
     for name, ae in aes.items():
         if name not in wanted:

@@ -53,3 +53,30 @@ def test_one_autoencoder_stage_alone_needs_train_only(tmp_path):
     for extra in (["--autoencoders", "ae_i"], ["--autoencoders", "ae_iii", "--train-only"]):
         with pytest.raises(SystemExit, match="--autoencoders takes names"):
             build_mnist.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "b"), *extra])
+
+
+def test_the_classifier_can_come_from_a_bundle_to_retrain_only_the_autoencoders(tmp_path, mnist):
+    import json
+
+    import numpy as np
+
+    from service.defense.runtime import CPU, OnnxModel
+    from tests.conftest import DATA_DIR, SHIPPED_MNIST
+    from training import build_mnist
+    from training.nets import make_classifier
+
+    work = tmp_path / "work"
+    assert build_mnist.main(["--data-dir", str(DATA_DIR), "--out", str(tmp_path / "b"), "--work-dir", str(work),
+                             "--classifier-from", str(SHIPPED_MNIST / "classifier.onnx"), "--train-only",
+                             "--autoencoders", "ae_ii", "--ae-epochs", "1", "--train-limit", "300"]) == 0
+    clf = make_classifier("mnist")
+    clf.load_state_dict(torch.load(work / "classifier.pt")[0])
+    clf.eval()
+    x = mnist.test.x[:64]
+    with torch.no_grad():
+        ours = clf(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, OnnxModel(SHIPPED_MNIST / "classifier.onnx", [CPU])(x), atol=1e-4)
+    history = json.loads((work / "classifier.history.json").read_text())
+    assert history["epochs"] == [{"epoch": 0, "from_onnx": str(SHIPPED_MNIST / "classifier.onnx")}]
+    assert (work / "ae_ii.pt").exists() and not (work / "ae_i.pt").exists()
+    assert not (work / "ae_ii.checkpoint.pt").exists()  # removed once the stage finished
