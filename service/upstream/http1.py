@@ -193,10 +193,13 @@ class Http1Client:
         head = self._head(method, path, len(body), headers or {})
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), max(deadline - loop.time(), 0))
-        except asyncio.TimeoutError:
-            raise Timeout("no free connection within the deadline") from None
+        if self._slots.locked():  # every connection is busy: wait for one, within the deadline
+            try:
+                await asyncio.wait_for(self._slots.acquire(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise Timeout("no free connection within the deadline") from None
+        else:  # a free slot is taken at once (wait_for would wrap the call in a task of its own)
+            await self._slots.acquire()
         try:
             conn, reused = self._take_idle(), True
             if conn is None:

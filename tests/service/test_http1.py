@@ -169,3 +169,21 @@ def test_request_head_carries_host_length_and_headers():
     assert b"Host: model\r\n" in http1.Http1Client("http://model")._head("GET", "/", 0, {})
     with pytest.raises(ValueError):
         http1.Http1Client("ftp://model")
+
+
+def test_waiting_for_a_free_connection_counts_against_the_deadline():
+    async def main():
+        async with Server(lambda n: ok(), delay_s=0.5) as s:
+            client = http1.Http1Client(s.url, timeout_s=0.2, max_connections=1)
+            first = asyncio.create_task(client.request("POST", "/x", b"{}", timeout_s=2))
+            await asyncio.sleep(0.05)  # the only connection is busy for 0.5 s
+            loop = asyncio.get_running_loop()
+            t = loop.time()
+            with pytest.raises(http1.Timeout, match="no free connection"):
+                await client.request("POST", "/x", b"{}")
+            waited = loop.time() - t
+            assert (await first).status == 200
+            await client.close()
+            return waited
+
+    assert 0.15 < run(main()) < 0.45
