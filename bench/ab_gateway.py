@@ -14,19 +14,19 @@ against KServe's, both with the binary data extension), and throughput over KSer
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 
-from bench.gateway_load import Request, _drive, requests_for
+from bench import gateway_load
+from bench.gateway_load import Request, requests_for
 from tests.procs import REPO, free_port, start_model_server, start_on_free_port
 from training.data import load
 
 
 def drive(url: str, requests: list[Request], seconds: float, clients: int = 1) -> tuple[float, float]:
     """(p50 ms, req/s) of ``bench.gateway_load``'s closed loop of ``clients`` for ``seconds``; any error fails."""
-    figures = asyncio.run(_drive(url, requests, seconds, clients))
+    figures = gateway_load.drive(url, requests, seconds, clients)
     if figures["errors"]:
         raise RuntimeError(f"{figures['errors']} requests to {url} failed")
     return figures["p50_ms"], figures["req_per_s"]

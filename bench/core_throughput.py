@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -65,10 +66,6 @@ def rate(fn, images: int, seconds: float) -> float:
             return calls * images / elapsed
 
 
-def dataset_of(defense: Defense) -> str:
-    return defense.manifest.dataset if defense.manifest.dataset in ("mnist", "cifar10") else "mnist"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True)
@@ -81,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     report = {"command": ["python", "-m", "bench.core_throughput", *(argv if argv is not None else sys.argv[1:])],
-              "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+              "machine": platform.machine(), "cpus": os.cpu_count(),
               "onnxruntime": ort.__version__, "providers_available": ort.get_available_providers(),
               "device": args.device, "batch": args.batch, "bundles": {}}
     for bundle in args.bundle:
         separate = Defense(bundle, device=args.device, threads=args.threads, fused=False)
-        test = load(dataset_of(separate), args.data_dir).test.x
+        test = load(separate.manifest.dataset, args.data_dir).test.x
         x = np.ascontiguousarray(np.resize(test, (args.batch, *test.shape[1:])))
         variants = {"separate": separate,
                     "fused": Defense(bundle, device=args.device, threads=args.threads, fused=True, embed_classifier=True)}

@@ -57,6 +57,9 @@ def json_response(content: object, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
 async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
     """The request body, refused with 413 as soon as it grows past ``limit`` bytes, and with 408 when it
     has not all arrived ``timeout_s`` after the head (a client trickling its body holds nothing for long)."""
@@ -80,9 +83,6 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
             return await read()
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
-
-
-_timeout = getattr(asyncio, "timeout", None)
 
 
 JSON_TYPES = ("application/json",)

@@ -147,7 +147,7 @@ class Defense:
         x = np.random.default_rng(member).uniform(size=(4, *self.input_shape)).astype(np.float32)
         out = fm(x)
         expected = {name: self.autoencoders[f](x) for f, name in fm.outputs.items()}
-        expected["reformed"] = np.clip(self.autoencoders[self.members[member].reformer](x), 0, 1)
+        expected["reformed"] = np.clip(expected[fm.outputs[self.members[member].reformer]], 0, 1)
         if fm.has_logits:
             rows = np.concatenate([x, expected["reformed"]]) if self.needs_logits(member) else expected["reformed"]
             expected["logits"] = self.classifier(rows)

@@ -22,15 +22,12 @@ differs by more than ``TOLERANCE`` is not used (the gateway logs why and keeps t
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from service.defense.contract import ClassifierInput
 from service.defense.runtime import CPU, chunk_rows
-
-log = logging.getLogger("magnet.fused")
 
 TOLERANCE = 1e-4  # largest |fused - separate| accepted on the check inputs (CPU: expected 0)
 
@@ -171,10 +168,6 @@ class FusedMember:
         self.names = [o.name for o in session.get_outputs()]
         self.has_logits = "logits" in self.names
         self._on_cpu = session.get_providers()[0] == CPU
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(x, np.float32)

@@ -113,12 +113,8 @@ class OnnxModel:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
-        rows = self.max_rows(x)
+        rows = chunk_rows(self._on_cpu, x)
         if len(x) <= rows:
             return self.session.run([self.output_name], {self.input_name: x})[0]
         return np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + rows]})[0]
                                for i in range(0, len(x), rows)])
-
-    def max_rows(self, x: np.ndarray) -> int:
-        """Rows per call for ``x`` (``chunk_rows``)."""
-        return chunk_rows(self._on_cpu, x)

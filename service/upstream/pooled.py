@@ -3,8 +3,8 @@
 input contract is in ``service.defense.contract``).
 
 Neither httpx nor aiohttp: measured here, httpx's AsyncClient reached less than half of aiohttp's
-throughput on this hop (encode/httpx#3215), and aiohttp's own per-request work was a fifth of the hop's
-time to a Python model server at one client (docs/results/throughput.md).
+throughput on this hop (encode/httpx#3215), and aiohttp's per-request work is more than the hop needs
+(``service.upstream.http1``, docs/results/throughput.md).
 """
 
 from __future__ import annotations

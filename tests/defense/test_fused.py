@@ -127,11 +127,8 @@ def test_the_gateway_setting(tmp_path, monkeypatch):
 
 
 def test_a_graph_that_disagrees_is_not_used(tmp_path, monkeypatch, caplog):
-    import service.defense.fused as F
-
     bundle = fakes.make_bundle(tmp_path / "b")
-    monkeypatch.setattr(F, "TOLERANCE", -1.0)  # nothing passes the check
-    monkeypatch.setattr("service.defense.core.TOLERANCE", -1.0)
+    monkeypatch.setattr("service.defense.core.TOLERANCE", -1.0)  # nothing passes the check
     with pytest.raises(FusionError, match="differs from the separate sessions"):
         Defense(bundle, device="cpu", fused=True)
     import service.defense.core as C
