@@ -80,3 +80,30 @@ def test_the_classifier_can_come_from_a_bundle_to_retrain_only_the_autoencoders(
     assert history["epochs"] == [{"epoch": 0, "from_onnx": str(SHIPPED_MNIST / "classifier.onnx")}]
     assert (work / "ae_ii.pt").exists() and not (work / "ae_i.pt").exists()
     assert not (work / "ae_ii.checkpoint.pt").exists()  # removed once the stage finished
+
+
+def test_a_bundle_built_with_classifier_from_carries_that_very_file(tmp_path):
+    import hashlib
+    import json
+
+    from service.defense.core import Defense
+    from tests.conftest import DATA_DIR, SHIPPED_MNIST
+    from training import build_mnist
+
+    import onnx
+
+    # the shipped classifier with a note in its metadata: same weights, bytes that no export reproduces
+    model = onnx.load(str(SHIPPED_MNIST / "classifier.onnx"))
+    model.doc_string = "served by the team's model server"
+    source = tmp_path / "served.onnx"
+    onnx.save(model, str(source))
+    out = tmp_path / "b"
+    assert build_mnist.main(["--data-dir", str(DATA_DIR), "--out", str(out), "--work-dir", str(tmp_path / "work"),
+                             "--classifier-from", str(source), "--ae-epochs", "1", "--train-limit", "300"]) == 0
+    assert (out / "classifier.onnx").read_bytes() == source.read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    sha = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert sha["classifier.onnx"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    # the parity recorded is the torch twin's against the carried file, and it is small
+    assert manifest["measurements"]["onnx_parity_max_abs_diff"]["classifier.onnx"] < 1e-3
+    assert Defense(out, device="cpu").manifest.classifier.file == "classifier.onnx"
