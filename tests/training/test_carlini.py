@@ -124,7 +124,12 @@ def test_success_fn_never_true_returns_inputs(two_class, attack):
     assert not res.l2.any() and not res.linf.any()
 
 
-def test_l0_changes_about_the_fewest_pixels(two_class):
+CARLINI_L0 = dict(schedule="carlini", learning_rate=1e-2, max_iterations=1000, initial_const=1e-3, const_factor=2.0,
+                  largest_const=1e2)  # Carlini's budget, but giving up at c = 100 rather than 2e6 (test time)
+
+
+@pytest.mark.parametrize("kw", [{}, CARLINI_L0], ids=["geometric", "carlini"])
+def test_l0_changes_about_the_fewest_pixels(two_class, kw):
     """For the linear model the fewest pixels that flip an image are the ones of largest |d_i| * room_i
     (room: distance to the box edge in the direction of d), taken greedily until the margin is covered."""
     model, x, d, margins = two_class
@@ -132,7 +137,7 @@ def test_l0_changes_about_the_fewest_pixels(two_class):
     room = np.where(d > 0, 1 - flat, flat) * np.abs(d)
     optimum = np.array([int(np.searchsorted(np.cumsum(np.sort(r)[::-1]), m)) + 1 for r, m in zip(room, margins)])
     assert np.all(optimum < 8)
-    res = carlini_l0(model, x, np.zeros(4, np.int64))
+    res = carlini_l0(model, x, np.zeros(4, np.int64), **kw)
     assert res.success.all() and (logits(model, res.x_adv).argmax(1) == 1).all()
     assert res.x_adv.dtype == np.float32 and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     changed = (res.x_adv != x).reshape(4, -1).sum(1)  # pixels outside the mask are exactly x
@@ -198,3 +203,9 @@ def test_bad_inputs_raise(two_class):
         carlini_linf(model, x, np.zeros(3, np.int64))
     with pytest.raises(ValueError):
         carlini_l0(model, x[:, 0], np.zeros(4, np.int64))
+
+
+def test_l0_knows_its_schedules(two_class):
+    model, x, _, _ = two_class
+    with pytest.raises(ValueError, match="schedule"):
+        carlini_l0(model, x, np.zeros(4, np.int64), schedule="fast")

@@ -149,9 +149,10 @@ def test_carlini_l0_row_changes_few_pixels(twin, mnist):
     from training.evaluate.attacks import default_names
 
     names = default_names("mnist")
-    assert "carlini_l0" in names and not any(n.endswith("_art") for n in names)
+    assert "carlini_l0" in names and not any(n.endswith(("_art", "_fast")) for n in names)
+    assert registry("mnist")["carlini_l0"].params["schedule"] == "carlini"  # the paper's row: Carlini's attack
     x, y = mnist.test.x[:8], mnist.test.y[:8]
-    x_adv = registry("mnist")["carlini_l0"](twin, x, y)
+    x_adv = registry("mnist")["carlini_l0_fast"](twin, x, y)
     with torch.no_grad():
         fooled = twin(torch.from_numpy(x_adv)).argmax(1).numpy() != y
     assert fooled.mean() >= 0.75
@@ -183,7 +184,7 @@ def test_own_carlini_rows_report_progress(twin, mnist, capsys):
 
 
 def test_rows_below_full_strength_are_marked_reduced():
-    from training.evaluate.attacks import Attack, reduced, registry
+    from training.evaluate.attacks import Attack, full_strength, reduced, registry
 
     full = registry("cifar10")
     assert reduced(full["fgsm_eps0.025"], full["fgsm_eps0.025"], 1000) is None
@@ -193,7 +194,21 @@ def test_rows_below_full_strength_are_marked_reduced():
     assert reduced(cw, cw, 200) is None
     assert reduced(weaker, cw, 200) == "max_iterations 100 < 1000; binary_search_steps 3 < 9"
     l0 = full["carlini_l0"]
-    assert "max_iterations 10 < 50" in reduced(Attack(l0.name, l0.family, {**l0.params, "max_iterations": 10}, l0.run), l0, 50)
+    assert "max_iterations 10 < 1000" in reduced(Attack(l0.name, l0.family, {**l0.params, "max_iterations": 10}, l0.run), l0, 50)
+    # the faster L0 schedule is measured against Carlini's, so its rows say they are reduced
+    assert full_strength(full, "carlini_l0_fast") is l0 and full_strength(full, "carlini_l2") is cw
+    assert reduced(full["carlini_l0_fast"], l0, 200) == "max_iterations 50 < 1000; geometric schedule, not carlini's"
+    assert reduced(l0, full_strength(full, "carlini_l0"), 200) is None
+
+
+def test_l0_rows_stored_before_carlinis_schedule_read_as_reduced():
+    from training.evaluate.report import stored_reduced
+
+    old = {"attack": "carlini_l0", "family": "carlini_l0", "params": {"confidence": 0.0}, "examples": 200}
+    assert stored_reduced(old) == "geometric schedule, not carlini's"
+    assert stored_reduced({**old, "params": {"schedule": "carlini"}, "reduced": None}) is None
+    assert stored_reduced({**old, "reduced": "10 examples < 200"}) == "10 examples < 200"
+    assert stored_reduced({"attack": "deepfool", "family": "deepfool", "params": {}, "reduced": None}) is None
 
 
 def test_reports_of_a_bundle_trained_on_attacks_say_so():

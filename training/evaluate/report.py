@@ -7,6 +7,17 @@ from pathlib import Path
 from training.evaluate.paper import PAPER
 
 
+def stored_reduced(row: dict) -> str | None:
+    """Why a stored report row ran below full strength: what the run recorded, or, for L0 rows recorded
+    before Carlini's schedule became the full-strength one (no ``schedule`` among their parameters), that
+    they used the faster geometric schedule."""
+    if row.get("reduced"):
+        return row["reduced"]
+    if row.get("family") == "carlini_l0" and "schedule" not in row.get("params", {}):
+        return "geometric schedule, not carlini's"
+    return None
+
+
 def _pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}"
 
@@ -21,7 +32,8 @@ def _l0(v: float | None) -> str:
 
 def _n(row: dict) -> str:
     """The example count, with the reason when the row runs below full strength."""
-    return f"{row['examples']} (reduced: {row['reduced']})" if row.get("reduced") else str(row["examples"])
+    why = stored_reduced(row)
+    return f"{row['examples']} (reduced: {why})" if why else str(row["examples"])
 
 
 def markdown(report: dict) -> str:
@@ -40,7 +52,7 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
-        p = paper.get(r["attack"])
+        p = paper.get(r["attack"]) or paper.get(r.get("family", ""))
         lines.append(f"| {r['attack']} | {_n(r)} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
                      f"| {_l0(r.get('mean_l0'))} | {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "

@@ -29,7 +29,8 @@ from training.evaluate.accounting import columns
 from training.evaluate.adaptive import adaptive_attack, adaptive_pgd
 from training.evaluate.graybox import graybox_table
 from training.evaluate.torch_defense import Twins
-from training.evaluate.attacks import Attack, cache_path, default_names, gradient_budget, reduced, registry
+from training.evaluate.attacks import (Attack, cache_path, default_names, full_strength, gradient_budget, reduced,
+                                       registry)
 from training.evaluate.report import write_reports
 from training.from_onnx import torch_twin
 from training.loops import duration
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, attack, idx in chosen:
         rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx))
-        rows[-1]["reduced"] = reduced(attack, attacks[name], len(idx))
+        rows[-1]["reduced"] = reduced(attack, full_strength(attacks, name), len(idx))
         _write(report, args.out)  # after every row, so a long run that is cut short keeps what it did
     for attack in curve_attacks:
         idx = correct[: args.n_kappa]

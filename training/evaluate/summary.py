@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from training.evaluate.paper import PAPER, PAPER_GRAYBOX
-from training.evaluate.report import _num, _pct
+from training.evaluate.report import _num, _pct, stored_reduced
 
 
 def _distortion(row: dict) -> str:
@@ -49,8 +49,8 @@ def summary(paths: list[Path], out: Path) -> str:
         for p, r in mine:
             link = _link(p, out)
             for row in r["rows"]:
-                ref = paper.get(row["attack"])
-                lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if row.get('reduced') else ''} | {_pct(row['no_defense'])} "
+                ref = paper.get(row["attack"]) or paper.get(row.get("family", ""))
+                lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if stored_reduced(row) else ''} | {_pct(row['no_defense'])} "
                              f"| **{_pct(row['full_defense'])}** | {f'{ref[0]} → {ref[1]}' if ref else '—'} "
                              f"| {_pct(row['detectors_only'])} | {_pct(row['reformer_only'])} "
                              f"| {_distortion(row)} | {link} |")
