@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-weight", type=float, default=10.0,
                    help="weight of the detector penalty (relative to the margin loss, both times c)")
     p.add_argument("--device", default="cpu", help="torch device for the attacks")
+    p.add_argument("--judge-device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="onnxruntime device of the defense core that judges the adversarial examples (cuda needs "
+                        "onnxruntime-gpu; the report records the providers used)")
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the adversarial examples here and reuse them: they depend only on the classifier "
                         "(by sha256), the attack's parameters and the images, so bundles sharing a classifier "
@@ -233,7 +236,7 @@ def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None =
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    defense = Defense(args.bundle, device="cpu")
+    defense = Defense(args.bundle, device=args.judge_device)
     manifest = defense.manifest
     twin = torch_twin(defense.classifier_file, manifest.dataset, "classifier", manifest.input.shape,
                       contract=manifest.classifier.input, output_name=manifest.classifier.output_name,
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, curve = [], []
     report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
-              "rows": rows, "carlini_confidence_curve": curve,
+              "rows": rows, "carlini_confidence_curve": curve, "judge_providers": defense.providers,
               **({"note": SEEN_ATTACKS_NOTE} if seen_attacks(manifest) else {}),
               "provenance": provenance(["magnet", "evaluate", *(argv if argv is not None else sys.argv[1:])],
                                        args.seed)}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The full-strength Carlini rows of the CIFAR-10 issue on a lent GPU machine (H100/H200, PyTorch with
+# CUDA preinstalled): attacks in torch CUDA; the judging core on onnxruntime CUDA when onnxruntime-gpu
+# is installed there (../shared/tools/gpu/README.md: /tmp/site-ort), else on its CPU (the report's
+# judge_providers says which). The adversarial examples are kept in OUT/adv-cache (keyed by the
+# classifier's sha256, the attack's parameters and the images), so the same rows can be judged again on
+# the CPU machine, with any bundle sharing the classifier, without attacking again:
+#   magnet evaluate --bundle B --data-dir D --out O --attacks carlini_l0 --cache runs/adv-cache
+#
+#   usage: scripts/gpu_carlini.sh DATA_DIR WHEEL_DIR OUT_DIR [JOB ...]
+# DATA_DIR travels with the call (carry an ignored folder holding mnist/ and cifar10/, e.g. runs/data;
+# the MNIST IDX files and the CIFAR-10 JPEG archive fit within the 64 MiB with room for the tree).
+# JOBs (default: all, in this order; each under its own time cap so that one call returns):
+#   mnist-l0      Carlini L0 with Carlini's schedule and budget, 200 examples, models/mnist
+#   cifar10-l2    Carlini L2, 9 binary-search steps x 1,000 iterations, 200 examples, models/cifar10
+#   cifar10-linf  Carlini L-infinity, Carlini's budget, 200 examples, models/cifar10
+#   cifar10-l0    Carlini L0 with Carlini's schedule and budget, 200 examples, models/cifar10
+# Each job's report.json is written after its row, and the cache after each attack: a job cut by its
+# cap leaves nothing of that row, so size the caps (CAP_S, seconds per job) to the call's limit.
+set -uo pipefail
+data=$1; wheels=$2; out=$3; shift 3
+jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(mnist-l0 cifar10-l2 cifar10-linf cifar10-l0)
+cap=${CAP_S:-500}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
+export PYTHONPATH=/tmp/site-ort:/tmp/site:$PWD PYTHONUNBUFFERED=1
+mkdir -p "$out/adv-cache"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' | tee -a "$out/gpu.txt"
+judge=cpu
+python3 -c 'import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers()' 2>/dev/null && judge=cuda
+common=(--data-dir "$data" --device cuda --judge-device "$judge" --cache "$out/adv-cache" --n-carlini 200 --kappas)
+for job in "${jobs[@]}"; do
+  case $job in
+    mnist-l0) args=(--bundle models/mnist --attacks carlini_l0) ;;
+    cifar10-l2) args=(--bundle models/cifar10 --attacks carlini_l2) ;;
+    cifar10-linf) args=(--bundle models/cifar10 --attacks carlini_linf) ;;
+    cifar10-l0) args=(--bundle models/cifar10 --attacks carlini_l0) ;;
+    *) echo "unknown job $job"; exit 2 ;;
+  esac
+  ( time timeout "$cap" python3 -m training.evaluate.run "${common[@]}" "${args[@]}" --out "$out/eval-$job" ) \
+      > "$out/$job.log" 2>&1
+  echo "$job: exit $?"; tail -n 4 "$out/$job.log"
+done
+ls -la "$out" "$out/adv-cache"
