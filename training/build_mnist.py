@@ -40,7 +40,7 @@ def parser():
                    help="weight initialization ('glorot' as in Carlini's Keras model)")
     p.add_argument("--classifier-shift", type=int, default=2,
                    help="train on random shifts of up to this many pixels (0: no augmentation)")
-    p.add_argument("--ae-epochs", type=int, default=100, help="max epochs per autoencoder")
+    p.add_argument("--ae-epochs", type=int, default=400, help="max epochs per autoencoder (the shipped ones ran to 400)")
     p.add_argument("--ae-patience", type=int, default=10,
                    help="stop an autoencoder after this many epochs without validation improvement")
     p.add_argument("--classifier-from", type=Path, default=None,
