@@ -266,3 +266,15 @@ def test_summary_leaves_out_reports_of_earlier_rounds(tmp_path, capsys):
                          str(tmp_path / "eval-x" / "report.json")]) == 0
     text = out.read_text()
     assert "12.3" in text and "98.7" not in text and "eval-x-round1" in capsys.readouterr().out
+
+
+def test_the_confidence_curve_reuses_cached_examples_too(tmp_path, mnist, capsys):
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "--kappas", "0", "5",
+            "--n-kappa", "3", "--carlini-steps", "1", "--carlini-iterations", "5", "--cache", str(tmp_path / "cache")]
+    assert run.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # one per confidence
+    assert run.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["carlini_confidence_curve"] for d in "ab")
+    assert [p["confidence"] for p in a] == [0, 5] and [p["reused_examples"] for p in b] == [True, True]
+    assert [p["full_defense"] for p in a] == [p["full_defense"] for p in b]

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     for attack in curve_attacks:
         idx = correct[: args.n_kappa]
         curve.append({"confidence": attack.params["confidence"],
-                      **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device)})
+                      **run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx)})
         _write(report, args.out)
     if args.graybox or args.adaptive or args.adaptive_pgd:
         twins = Twins(defense, twin)
