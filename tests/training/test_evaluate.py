@@ -209,6 +209,16 @@ def test_l0_rows_stored_before_carlinis_schedule_read_as_reduced():
     assert stored_reduced({**old, "params": {"schedule": "carlini"}, "reduced": None}) is None
     assert stored_reduced({**old, "reduced": "10 examples < 200"}) == "10 examples < 200"
     assert stored_reduced({"attack": "deepfool", "family": "deepfool", "params": {}, "reduced": None}) is None
+    # judged against today's registry from what the row recorded, whatever the run said then
+    assert stored_reduced(old, "mnist") == "geometric schedule, not carlini's"
+    fast = {**old, "attack": "carlini_l0_fast", "params": {"confidence": 0.0, "max_iterations": 50}, "reduced": None}
+    assert stored_reduced(fast, "mnist") == "max_iterations 50 < 1000; geometric schedule, not carlini's"
+    linf = {"attack": "carlini_linf", "family": "carlini_linf", "examples": 200, "reduced": None,
+            "params": {"confidence": 0.0, "max_iterations": 100, "initial_const": 0.1}}
+    assert stored_reduced(linf) is None and stored_reduced(linf, "cifar10") == "max_iterations 100 < 1000"
+    full = {**linf, "params": {"confidence": 0.0, "max_iterations": 1000}}
+    assert stored_reduced(full, "cifar10") is None
+    assert stored_reduced({**full, "examples": 100}, "cifar10") == "100 examples < 200"
 
 
 def test_reports_of_a_bundle_trained_on_attacks_say_so():

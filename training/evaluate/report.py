@@ -7,10 +7,21 @@ from pathlib import Path
 from training.evaluate.paper import PAPER
 
 
-def stored_reduced(row: dict) -> str | None:
-    """Why a stored report row ran below full strength: what the run recorded, or, for L0 rows recorded
-    before Carlini's schedule became the full-strength one (no ``schedule`` among their parameters), that
-    they used the faster geometric schedule."""
+def stored_reduced(row: dict, dataset: str | None = None) -> str | None:
+    """Why a stored report row ran below full strength, judged against today's registry for ``dataset``
+    from the parameters and example count the row recorded (rows recorded before a budget became the
+    full-strength one, e.g. L0 before Carlini's schedule, are caught too), else what the run recorded."""
+    if dataset is not None:
+        try:
+            from training.evaluate.attacks import Attack, full_strength, reduced, registry
+
+            attacks = registry(dataset)
+        except (ImportError, KeyError, ValueError):
+            attacks = {}
+        name = row["attack"] if row["attack"] in attacks else row.get("family")
+        if name in attacks:
+            mine = Attack(row["attack"], row.get("family", attacks[name].family), row.get("params", {}), None)
+            return reduced(mine, full_strength(attacks, name), row["examples"])
     if row.get("reduced"):
         return row["reduced"]
     if row.get("family") == "carlini_l0" and "schedule" not in row.get("params", {}):
@@ -30,9 +41,9 @@ def _l0(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
-def _n(row: dict) -> str:
+def _n(row: dict, dataset: str | None = None) -> str:
     """The example count, with the reason when the row runs below full strength."""
-    why = stored_reduced(row)
+    why = stored_reduced(row, dataset)
     return f"{row['examples']} (reduced: {why})" if why else str(row["examples"])
 
 
@@ -53,7 +64,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         p = paper.get(r["attack"]) or paper.get(r.get("family", ""))
-        lines.append(f"| {r['attack']} | {_n(r)} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
+        lines.append(f"| {r['attack']} | {_n(r, report['dataset'])} | {_num(r['mean_l2'])} | {_num(r['mean_linf'])} "
                      f"| {_l0(r.get('mean_l0'))} | {_num(r.get('residual'))} "
                      f"| {_pct(r['no_defense'])} | {_pct(r['detectors_only'])} | {_pct(r['reformer_only'])} "
                      f"| **{_pct(r['full_defense'])}** | {f'{p[0]} → {p[1]}' if p else '—'} "

@@ -50,7 +50,7 @@ def summary(paths: list[Path], out: Path) -> str:
             link = _link(p, out)
             for row in r["rows"]:
                 ref = paper.get(row["attack"]) or paper.get(row.get("family", ""))
-                lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if stored_reduced(row) else ''} | {_pct(row['no_defense'])} "
+                lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if stored_reduced(row, dataset) else ''} | {_pct(row['no_defense'])} "
                              f"| **{_pct(row['full_defense'])}** | {f'{ref[0]} → {ref[1]}' if ref else '—'} "
                              f"| {_pct(row['detectors_only'])} | {_pct(row['reformer_only'])} "
                              f"| {_distortion(row)} | {link} |")
