@@ -34,7 +34,7 @@ run: $(VENV)/.gateway
 test: $(VENV)/.dev
 	MAGNET_TEST_DATA=$(DATA) $(PY) -m pytest
 
-# Rebuilds models/mnist from scratch (estimated 50 min on 2 cores; see docs/results/mnist-bundle.md).
+# Rebuilds models/mnist from scratch (several hours on 2 cores: the autoencoders run to 400 epochs; see docs/results/mnist-bundle.md).
 rebuild-mnist: $(VENV)/.dev
 	$(VENV)/bin/magnet train mnist --data-dir $(DATA) --out models/mnist --work-dir runs/mnist --fresh
 
