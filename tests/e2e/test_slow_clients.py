@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import SHIPPED_MNIST
 from tests.faults import FaultServer
-from tests.procs import start_gateway
+from tests.procs import REPO, start_gateway
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MNIST / "manifest.json").exists(), reason="no shipped MNIST bundle")
 DIGIT = json.dumps({"inputs": [[0.0] * 28] * 28}).encode()
@@ -118,8 +118,8 @@ def test_past_the_in_flight_bound_requests_are_shed_and_liveness_stays_fast():
                                   env={"MAGNET_MAX_IN_FLIGHT": "2", "MAGNET_UPSTREAM_TIMEOUT_S": "3",
                                        "MAGNET_BATCH_ROWS": "0"})
         try:
-            digit = {"inputs": [[[0.2 if 10 < i < 18 and 10 < j < 18 else 0.0 for j in range(28)]
-                                 for i in range(28)]]}
+            # a real test digit, which the detectors accept, so that every request goes on to the upstream
+            digit = json.loads((REPO / "examples" / "mnist-test-0.json").read_text())
 
             def post(_):
                 return httpx.post(f"{url}/classify", json=digit, timeout=20)
