@@ -219,6 +219,8 @@ def test_l0_rows_stored_before_carlinis_schedule_read_as_reduced():
     full = {**linf, "params": {"confidence": 0.0, "max_iterations": 1000}}
     assert stored_reduced(full, "cifar10") is None
     assert stored_reduced({**full, "examples": 100}, "cifar10") == "100 examples < 200"
+    # a user's data set has no registry by name alone: what the run recorded
+    assert stored_reduced({**linf, "reduced": "30 examples < 200"}, "folder:bars") == "30 examples < 200"
 
 
 def test_reports_of_a_bundle_trained_on_attacks_say_so():
