@@ -58,10 +58,6 @@ async def _once(url: str, request: Request) -> None:
             raise RuntimeError(f"the largest batch got {r.status}: {body[:300]!r}")
 
 
-async def _drive(url: str, requests: list[Request], seconds: float, concurrency: int) -> dict:
-    return _summary(*await _drive_raw(url, requests, seconds, concurrency))
-
-
 def _summary(latencies: list[float], errors: int, elapsed: float) -> dict:
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "errors": errors, "req_per_s": len(latencies) / elapsed,
@@ -72,7 +68,7 @@ def _drive_part(job: tuple) -> tuple[list[float], int, float]:
     """One load-generator process's share: waits for the common start (wall clock), then drives."""
     url, requests, seconds, concurrency, start_at = job
     time.sleep(max(0.0, start_at - time.time()))
-    return asyncio.run(_drive_raw(url, requests, seconds, concurrency))
+    return asyncio.run(_drive(url, requests, seconds, concurrency))
 
 
 def drive(url: str, requests: list[Request], seconds: float, concurrency: int, processes: int = 1) -> dict:
@@ -80,7 +76,7 @@ def drive(url: str, requests: list[Request], seconds: float, concurrency: int, p
     ``processes`` (one Python client process tops out at a few thousand requests per second: a GPU
     gateway needs several). The processes start together; latencies are pooled, req/s summed."""
     if processes <= 1:
-        return asyncio.run(_drive(url, requests, seconds, concurrency))
+        return _summary(*asyncio.run(_drive(url, requests, seconds, concurrency)))
     import multiprocessing
 
     shares = [c for c in (concurrency // processes + (k < concurrency % processes) for k in range(processes)) if c]
@@ -91,8 +87,8 @@ def drive(url: str, requests: list[Request], seconds: float, concurrency: int, p
     return _summary(latencies, sum(p[1] for p in parts), max(p[2] for p in parts))
 
 
-async def _drive_raw(url: str, requests: list[Request], seconds: float,
-                     concurrency: int) -> tuple[list[float], int, float]:
+async def _drive(url: str, requests: list[Request], seconds: float,
+                 concurrency: int) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds

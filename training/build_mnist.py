@@ -41,7 +41,7 @@ def parser():
     p.add_argument("--classifier-shift", type=int, default=2,
                    help="train on random shifts of up to this many pixels (0: no augmentation)")
     p.add_argument("--ae-epochs", type=int, default=400, help="max epochs per autoencoder (the shipped ones ran to 400)")
-    p.add_argument("--ae-patience", type=int, default=10,
+    p.add_argument("--ae-patience", type=int, default=20,
                    help="stop an autoencoder after this many epochs without validation improvement")
     p.add_argument("--classifier-from", type=Path, default=None,
                    help="take the classifier's weights from this ONNX file (e.g. models/mnist/classifier.onnx, to "

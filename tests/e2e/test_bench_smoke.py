@@ -84,4 +84,3 @@ def test_the_load_can_come_from_several_processes(mnist):
     finally:
         kserve.stop()
     assert figures["requests"] > 0 and figures["errors"] == 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
-

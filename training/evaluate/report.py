@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training.data import DataError
+from training.evaluate.attacks import Attack, full_strength, reduced, registry
 from training.evaluate.paper import PAPER
 
 
@@ -13,10 +15,8 @@ def stored_reduced(row: dict, dataset: str | None = None) -> str | None:
     full-strength one, e.g. L0 before Carlini's schedule, are caught too), else what the run recorded."""
     if dataset is not None:
         try:
-            from training.evaluate.attacks import Attack, full_strength, reduced, registry
-
             attacks = registry(dataset)
-        except Exception:  # noqa: BLE001 - a user's data set (its name alone has no shape) or no torch: what the run recorded
+        except DataError:  # a user's data set: its name alone has no shape, so what the run recorded stands
             attacks = {}
         name = row["attack"] if row["attack"] in attacks else row.get("family")
         if name in attacks:
