@@ -7,6 +7,9 @@ the connection is closed; a head not complete within the deadline (counted from 
 the first byte of a later request on a kept-alive connection) has its connection closed. Body reads are
 bounded by the application (``MAGNET_BODY_TIMEOUT_S``), idle kept-alive connections by uvicorn.
 
+A response's head leaves in the same write as its body (uvicorn writes them separately): one send, one
+segment and one wake-up of the client per answer instead of two (``HeadWithBody``).
+
 Where httptools is missing, uvicorn's h11 protocol is used with its own incomplete-event cap.
 """
 
@@ -37,11 +40,48 @@ def uvicorn_http_options(settings: Settings) -> dict:
     return {"http": GuardedHttpTools}
 
 
+class HeadWithBody:
+    """A transport that holds a response head (a write that starts ``HTTP/1.1 `` and ends with the blank
+    line, not an interim 1xx) until the next write, the body, and sends both at once. A head that no write
+    follows in this turn of the event loop is sent by itself at the next, so nothing is ever held back
+    longer; ``close`` sends it first. Everything else is the wrapped transport's."""
+
+    __slots__ = ("_transport", "_loop", "_head", "_flush")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._head: bytes | None = None
+        self._flush: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._head + data
+            self._head = None
+            self._flush.cancel()  # type: ignore[union-attr]
+        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1" and data[-4:] == b"\r\n\r\n":
+            self._head = data
+            self._flush = self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):  # is_closing, get_extra_info, pause_reading, abort, ...
+        return getattr(self._transport, name)
+
+
 if HttpToolsProtocol is not None:
 
     class GuardedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(transport)  # type: ignore[arg-type]
             self._head_timer: asyncio.TimerHandle | None = None
             self._arm_head()
 

@@ -14,6 +14,7 @@ through its torch twin and referenced, not copied, by the bundle. Training resum
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -59,7 +60,8 @@ def parser():
     p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="warm start: another run's reformer.ckpt (weights only; new optimizer and schedule)")
+                   help="warm start (weights only; new optimizer and schedule): another run's reformer.ckpt, a "
+                        "bundle directory (its members' reformers, e.g. models/cifar10-pool) or a reformer .onnx")
     p.add_argument("--init-spread", type=float, default=0.05,
                    help="pools warm-started from one reformer: each member gets Gaussian noise of this times each "
                         "weight tensor's std, so the diversity term can pull them apart")
@@ -97,6 +99,29 @@ def chosen_detectors(recon_fpr: float, jsd_fprs: list[float], temperatures: list
     return keep
 
 
+def init_checkpoint(source: Path, work_dir: Path) -> Path:
+    """``source`` as a checkpoint ``train_reformer`` can warm-start from: a ``.ckpt`` as it is; a bundle
+    directory or a reformer ``.onnx`` read back into torch (each reformer's twin, checked against
+    onnxruntime) and saved as ``work_dir/init.ckpt``; the trained checkpoints do not ship, the bundles do."""
+    if source.is_dir():
+        manifest = json.loads((source / "manifest.json").read_text())
+        files = [source / m["reformer"] for m in manifest["members"]]
+    elif source.suffix == ".onnx":
+        files = [source]
+    else:
+        return source
+    states = []
+    for f in files:
+        twin = torch_twin(f, "cifar10", "reformer", SHAPE)
+        if not isinstance(twin, GuidedReformer):
+            raise SystemExit(f"--init-from {f}: not a classifier-guided reformer ({type(twin).__name__})")
+        states.append(twin.state_dict())
+    path = Path(work_dir) / "init.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": states[0]} if len(states) == 1 else {"models": states}, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -111,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                          device=args.device, seed=args.seed)
     B.save_config(args.work_dir, args, reformer=cfg)
     classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)
+    if args.init_from is not None:
+        args.init_from = init_checkpoint(args.init_from, args.work_dir)
     if args.kind == "guided":
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,

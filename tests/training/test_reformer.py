@@ -175,3 +175,29 @@ def test_one_reformer_seeds_a_pool_only_with_a_spread_and_the_members_then_diffe
         assert 0 < (out - base).abs().max() < 0.1
         for other in outs[k + 1:]:
             assert not torch.equal(out, other)
+
+
+def test_a_shipped_bundle_warm_starts_a_run_with_its_members_weights(tmp_path):
+    """Checkpoints do not ship, bundles do: --init-from models/cifar10-pool starts each member from that
+    member's reformer as onnxruntime computes it (here after zero steps)."""
+    from service.defense.runtime import CPU, OnnxModel
+    from training.build_guided import init_checkpoint
+    from tests.procs import REPO
+
+    bundle = REPO / "models" / "cifar10-pool"
+    ckpt = init_checkpoint(bundle, tmp_path)
+    assert ckpt == tmp_path / "init.ckpt"
+    assert init_checkpoint(ckpt, tmp_path) == ckpt  # a checkpoint is taken as it is
+    pool = [GuidedReformer(3, 32, 2) for _ in range(8)]
+    zero = ReformerConfig(width=32, depth=2, steps=0, batch_size=8, mix={"noise": 1}, bf16=False)
+    train_reformer(pool, _tiny_classifier(), _data(16), _data(8, seed=1), zero, tmp_path / "w", init_from=ckpt)
+    x = np.random.default_rng(3).uniform(size=(4, 3, 32, 32)).astype(np.float32)
+    outs = []
+    for k, m in enumerate(pool):
+        with torch.no_grad():
+            out = m.eval()(torch.from_numpy(x)).numpy()
+        assert np.abs(out - OnnxModel(bundle / f"reformer_{k}.onnx", [CPU])(x)).max() < 1e-4
+        outs.append(out)
+    assert not np.array_equal(outs[0], outs[1])  # each member its own weights, in order
+    with pytest.raises(SystemExit, match="not a classifier-guided reformer"):
+        init_checkpoint(REPO / "models" / "cifar10-paper" / "ae.onnx", tmp_path)
