@@ -81,7 +81,7 @@ if HttpToolsProtocol is not None:
 
     class GuardedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)  # type: ignore[arg-type]
+            super().connection_made(HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
             self._head_timer: asyncio.TimerHandle | None = None
             self._arm_head()
 
