@@ -23,7 +23,8 @@ SERVE_FLAGS = {
     "--port": ("port", int, "port to listen on (default 8000)"),
     "--operator-port": ("operator_port", int, "port of /metrics (default 8002; equal to --port: one port)"),
     "--device": ("device", str, "auto, cpu or cuda: where onnxruntime runs"),
-    "--workers": ("workers", int, "gateway processes (default: one per two cores, at most 8)"),
+    "--workers": ("workers", int, "gateway processes (default: one per core embedded, one per two cores in front of a model "
+                               "server; at most 8)"),
     "--mode": ("mode", str, "enforce (default) or shadow: score and count everything, reject nothing"),
     "--log-level": ("log_level", str, "debug, info, warning or error"),
 }
@@ -56,7 +57,7 @@ def serve(argv: list[str]) -> int:
     from service.workers import default_workers, ort_threads_per_worker
 
     if not settings.workers:
-        settings = settings.model_copy(update={"workers": default_workers()})
+        settings = settings.model_copy(update={"workers": default_workers(embedded=settings.upstream is None)})
     settings = settings.model_copy(update={"ort_threads": ort_threads_per_worker(settings)})
     if settings.workers > 1:
         return _serve_workers(settings, overrides)

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
         "auto", description="One onnxruntime graph per pool member (its autoencoders, the reformed output and, "
                             "embedded, the classifier): 'auto' on CUDA when the onnx package is installed (the "
                             "gpu extra), 'on' requires it, 'off' keeps a session per model.")
-    workers: int = Field(0, ge=0, description="Gateway processes on one port (0: one per two cores, at most 8). "
+    workers: int = Field(0, ge=0, description="Gateway processes on one port (0: one per core with the embedded "
+                         "classifier, one per two cores in front of a model server; at most 8). "
                          "They share the session secret and their metrics; a worker that dies is replaced.")
     inference_threads: int = Field(4, ge=1, description="Worker threads that run onnxruntime off the event loop.")
     mode: Literal["enforce", "shadow"] = Field(

@@ -61,9 +61,11 @@ def available_cpus() -> int:
     return max(1, min(cores, math.ceil(limit)) if limit else cores)
 
 
-def default_workers() -> int:
-    """One worker per two usable cores, at most 8 and at least 1 (onnxruntime uses the other's threads)."""
-    return max(1, min(8, available_cpus() // 2))
+def default_workers(embedded: bool = False) -> int:
+    """In front of a model server, one worker per two usable cores (onnxruntime and the model server use
+    the others); with the classifier embedded, where the gateway does all the work, one per usable core.
+    At most 8 and at least 1 (docs/results/throughput.md)."""
+    return max(1, min(8, available_cpus() // (1 if embedded else 2)))
 
 
 def ort_threads_per_worker(settings: Settings) -> int:

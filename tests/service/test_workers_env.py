@@ -59,6 +59,12 @@ def test_onnxruntime_threads_are_split_between_workers(monkeypatch):
     assert ort_threads_per_worker(Settings(workers=default_workers(), ort_threads=0)) == 1
     monkeypatch.setattr(workers, "available_cpus", lambda: 2)
     assert default_workers() == 1
+    assert default_workers(embedded=True) == 2  # the gateway does all the work: every core
+    monkeypatch.setattr(workers, "available_cpus", lambda: 1)
+    assert default_workers() == 1 and default_workers(embedded=True) == 1
+    monkeypatch.setattr(workers, "available_cpus", lambda: 16)
+    assert default_workers(embedded=True) == 8
+    monkeypatch.setattr(workers, "available_cpus", lambda: 2)
     assert ort_threads_per_worker(Settings(workers=1, ort_threads=0)) == 1
 
 
