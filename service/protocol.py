@@ -67,7 +67,8 @@ class HeadWithBody:
     def flush(self) -> None:
         if self._head is not None:
             head, self._head = self._head, None
-            self._transport.write(head)
+            if not self._transport.is_closing():  # the client went away meanwhile: nothing to send it
+                self._transport.write(head)
 
     def close(self) -> None:
         self.flush()

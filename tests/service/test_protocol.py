@@ -140,3 +140,15 @@ def test_keep_alive_requests_each_get_one_write(request_bytes):
 
     writes = asyncio.run(main())
     assert len(writes) == 3 and all(w.endswith(b"\r\n\r\nhello") for w in writes), writes
+
+
+def test_a_held_head_is_dropped_when_the_client_has_gone():
+    async def main():
+        transport = RecordingTransport()
+        wrapped = HeadWithBody(transport, asyncio.get_running_loop())
+        wrapped.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.closed = True  # the peer reset the connection before the next turn of the loop
+        await asyncio.sleep(0.01)
+        return transport.writes
+
+    assert asyncio.run(main()) == []
