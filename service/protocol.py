@@ -16,6 +16,7 @@ Where httptools is missing, uvicorn's h11 protocol is used with its own incomple
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from service.settings import Settings
 
@@ -82,6 +83,12 @@ if HttpToolsProtocol is not None:
 
     class GuardedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:  # uvloop sets it, asyncio's own loop does not on sockets handed to it (no Nagle waits)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             super().connection_made(HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
             self._head_timer: asyncio.TimerHandle | None = None
             self._arm_head()

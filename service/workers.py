@@ -19,17 +19,32 @@ may use (its affinity and its container's CPU quota): each worker's share of the
 its event loop (HTTP, JSON, the upstream calls) keeps. On 2 cores and one worker that is one thread, no
 intra-op pool at all: in a same-run comparison in front of KServe, a second intra-op thread only competed
 with the event loop and the model server (docs/results/bench-workers.md).
+
+**Connections are spread over the workers by the kernel** (Linux, ``SO_REUSEPORT``): each worker listens
+on a socket of its own in one reuse-port group on the same address, and the kernel hashes each new
+connection to one of them. With one socket shared by every worker (uvicorn's way), whichever worker
+wakes first accepts every pending connection, and keep-alive clients then stay on it: 16 connections
+opened at once landed 16 / 0, 15 / 1 or 12 / 4 on two workers. The parent binds (without listening) a
+socket of the group on each address before any worker starts, so that a port already taken fails at
+once and stays reserved; a replaced worker binds its own again. Where ``SO_REUSEPORT`` is missing, or a
+port is 0, the workers share the parent's sockets as before.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import secrets
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
+
+import uvicorn
+from uvicorn.supervisors import multiprocess
 
 from service.settings import Settings
 
@@ -120,11 +135,77 @@ def serve(app, settings: Settings, factory: bool = False) -> None:
         return
     from uvicorn.supervisors import Multiprocess
 
+    listeners = [s.getsockname()[:2] for s in sockets]
+    if reuse_port_supported(listeners):
+        for s in sockets:
+            s.close()
+        reserved = [reuse_port_socket(host, port) for host, port in listeners]  # a taken port fails here
+        _LISTENERS[:] = listeners
+        original, multiprocess.Process = multiprocess.Process, ReusePortProcess  # what the supervisor spawns
+        try:
+            Multiprocess(config, sockets=[]).run()
+        finally:
+            multiprocess.Process = original
+            for s in reserved:
+                s.close()
+        return
     try:
         supervisor = Multiprocess(config, sockets=sockets)
     except TypeError:  # uvicorn before the supervisor lost its target argument
         supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)
     supervisor.run()
+
+
+def reuse_port_supported(listeners: list[tuple[str, int]]) -> bool:
+    """Whether each worker can listen on its own socket of a reuse-port group (see the module)."""
+    return (sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+            and all(port for _, port in listeners)
+            and list(inspect.signature(multiprocess.Process.__init__).parameters) == ["self", "config", "sockets"])
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) in the address's reuse-port group, not listening yet."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ReusePortServer(uvicorn.Server):
+    """A uvicorn server that listens on a new socket in each listener's reuse-port group."""
+
+    def __init__(self, config: uvicorn.Config, listeners: list[tuple[str, int]]) -> None:
+        super().__init__(config)
+        self.listeners = listeners
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[reuse_port_socket(host, port) for host, port in self.listeners])
+
+
+_LISTENERS: list[tuple[str, int]] = []  # the parent's addresses, read by each ReusePortProcess it makes
+
+
+class ReusePortProcess(multiprocess.Process):
+    """uvicorn's worker process, with a ``ReusePortServer``; spawned workers get ``listeners`` with the
+    pickled instance."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        self.listeners = list(_LISTENERS)
+        super().__init__(config, sockets)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = ReusePortServer(self.config, self.listeners)
+        return self._server
 
 
 def run_workers(settings: Settings, overrides: dict[str, object], members: int) -> None:

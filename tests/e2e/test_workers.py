@@ -112,3 +112,48 @@ def test_workers_share_the_secret_and_metrics_and_a_dead_worker_is_replaced(tmp_
         assert f"Child process [{victim}] died" in proc.log_text()
     finally:
         proc.stop()
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN on ``port`` (IPv4 and IPv6), each counted once (by inode)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                inodes.add(f[9])
+    return len(inodes)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_each_worker_listens_on_its_own_socket_and_connections_are_spread(tmp_path):
+    """SO_REUSEPORT: one listening socket per worker on each port, so the kernel spreads connections;
+    with one shared socket, the first worker awake accepted a burst of connections alone."""
+    import psutil
+
+    proc, url = start_gateway("--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, timeout=120)
+    try:
+        port, operator = int(url.rsplit(":", 1)[1]), int(proc.operator_url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while listening_sockets(port) < 2 and time.monotonic() < deadline:  # the second worker may lag
+            time.sleep(0.2)
+        assert listening_sockets(port) == 2 and listening_sockets(operator) == 2
+        clients = [httpx.Client(base_url=url, timeout=30) for _ in range(32)]
+        try:
+            with ThreadPoolExecutor(32) as pool:  # 32 connections opened at once, each kept alive
+                assert set(pool.map(lambda c: c.get("/healthz").status_code, clients)) == {200}
+            held = {p.pid: sum(1 for c in p.connections("tcp") if c.laddr.port == port and c.status == "ESTABLISHED")
+                    for p in psutil.Process(proc.pid).children(recursive=True)}
+        finally:
+            for c in clients:
+                c.close()
+        counts = sorted(n for n in held.values() if n)
+        # the kernel's hash: Binomial(32, 1/2) per worker; below 4 on either side has odds of about 2e-6
+        assert len(counts) == 2 and sum(counts) == 32 and counts[0] >= 4, held
+        assert httpx.post(f"{url}/classify", json=DIGIT, timeout=30).status_code == 200
+    finally:
+        proc.stop()
