@@ -61,13 +61,19 @@ async def streaming(scope, receive, send):
     await send({"type": "http.response.body", "body": b"two"})
 
 
-async def exchange(app, request: bytes, wait_s: float = 0.3) -> tuple[RecordingTransport, list[bytes]]:
-    """Feed ``request`` to the gateway's protocol serving ``app``; the writes seen after ``wait_s``."""
+def connect(app) -> tuple[GuardedHttpTools, RecordingTransport]:
+    """The gateway's protocol serving ``app`` on a new recording transport (call in a running loop)."""
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     protocol = GuardedHttpTools(config=config, server_state=ServerState(), app_state={},
                                 _loop=asyncio.get_running_loop())
     transport = RecordingTransport()
     protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def exchange(app, request: bytes, wait_s: float = 0.3) -> tuple[RecordingTransport, list[bytes]]:
+    """Feed ``request`` to the gateway's protocol serving ``app``; the writes seen after ``wait_s``."""
+    protocol, transport = connect(app)
     protocol.data_received(request)
     await asyncio.sleep(wait_s)
     protocol.connection_lost(None)
@@ -89,11 +95,7 @@ def test_head_and_body_leave_in_one_write():
 
 def test_a_head_whose_body_comes_later_is_not_held_back():
     async def main():
-        config = uvicorn.Config(streaming, log_level="warning", lifespan="off")
-        protocol = GuardedHttpTools(config=config, server_state=ServerState(), app_state={},
-                                    _loop=asyncio.get_running_loop())
-        transport = RecordingTransport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(streaming)
         protocol.data_received(GET)
         await asyncio.sleep(0.02)  # the app is sleeping between its head and its body
         seen_while_waiting = list(transport.writes)
@@ -127,11 +129,7 @@ def test_interim_answers_pass_straight_through_and_close_sends_a_held_head():
 @pytest.mark.parametrize("request_bytes", [GET, b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc"])
 def test_keep_alive_requests_each_get_one_write(request_bytes):
     async def main():
-        config = uvicorn.Config(plain, log_level="warning", lifespan="off")
-        protocol = GuardedHttpTools(config=config, server_state=ServerState(), app_state={},
-                                    _loop=asyncio.get_running_loop())
-        transport = RecordingTransport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(plain)
         for _ in range(3):
             protocol.data_received(request_bytes)
             await asyncio.sleep(0.05)
