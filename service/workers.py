@@ -116,10 +116,9 @@ def prepare_environment(settings: Settings, overrides: dict[str, object], member
 
 def serve(app, settings: Settings, factory: bool = False) -> None:
     """Serve ``app`` (an application, or with workers the import string of a factory) on the API port and
-    the operator port until SIGINT/SIGTERM. Both sockets are bound here, once, and every worker serves
-    both; the application tells them apart by the port a request came in on."""
-    import uvicorn
-
+    the operator port until SIGINT/SIGTERM. Both addresses are bound here first (a taken port fails at
+    once); with workers on Linux each worker then listens on sockets of its own (see the module), else
+    every worker serves the parent's. The application tells the ports apart by where a request came in."""
     from service.protocol import uvicorn_http_options
 
     options = dict(log_level=settings.log_level.lower(), server_header=False, factory=factory,
@@ -133,8 +132,6 @@ def serve(app, settings: Settings, factory: bool = False) -> None:
     if settings.workers <= 1:
         uvicorn.Server(config).run(sockets=sockets)
         return
-    from uvicorn.supervisors import Multiprocess
-
     listeners = [s.getsockname()[:2] for s in sockets]
     if reuse_port_supported(listeners):
         for s in sockets:
@@ -143,16 +140,16 @@ def serve(app, settings: Settings, factory: bool = False) -> None:
         _LISTENERS[:] = listeners
         original, multiprocess.Process = multiprocess.Process, ReusePortProcess  # what the supervisor spawns
         try:
-            Multiprocess(config, sockets=[]).run()
+            multiprocess.Multiprocess(config, sockets=[]).run()
         finally:
             multiprocess.Process = original
             for s in reserved:
                 s.close()
         return
     try:
-        supervisor = Multiprocess(config, sockets=sockets)
+        supervisor = multiprocess.Multiprocess(config, sockets=sockets)
     except TypeError:  # uvicorn before the supervisor lost its target argument
-        supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)
+        supervisor = multiprocess.Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)
     supervisor.run()
 
 
