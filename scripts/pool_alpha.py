@@ -48,19 +48,17 @@ from training.attacks.pgd import fgsm, pgd_linf  # noqa: E402
 from training.from_onnx import torch_twin  # noqa: E402
 from training.images import load_cifar10  # noqa: E402
 from training.nets import GuidedReformer  # noqa: E402
+from training.reformer import _load_states  # noqa: E402
 
 SHAPE = (3, 32, 32)
 
 
 def members_of(ckpt: Path) -> list[GuidedReformer]:
-    states = torch.load(ckpt, weights_only=False)
-    states = states["models"] if "models" in states else [states["model"]]
-    out = []
-    for s in states:
-        m = GuidedReformer(3, 32, 2)
-        m.load_state_dict(s)
-        out.append(m.eval())
-    return out
+    """The reformers of a training checkpoint (or ``init_checkpoint``'s), in evaluation mode."""
+    state = torch.load(ckpt, weights_only=False)
+    members = [GuidedReformer(3, 32, 2) for _ in state.get("models", [None])]
+    _load_states(torch.nn.ModuleList(members), state)
+    return [m.eval() for m in members]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ with the event loop and the model server (docs/results/bench-workers.md).
 on a socket of its own in one reuse-port group on the same address, and the kernel hashes each new
 connection to one of them. With one socket shared by every worker (uvicorn's way), whichever worker
 wakes first accepts every pending connection, and keep-alive clients then stay on it: 16 connections
-opened at once landed 16 / 0, 15 / 1 or 12 / 4 on two workers. The parent binds (without listening) a
+opened at once landed 16 / 0, 15 / 1 or 11 / 5 on two workers (``bench.connection_spread``). The parent binds (without listening) a
 socket of the group on each address before any worker starts, so that a port already taken fails at
 once and stays reserved; a replaced worker binds its own again. Where ``SO_REUSEPORT`` is missing, or a
 port is 0, the workers share the parent's sockets as before.

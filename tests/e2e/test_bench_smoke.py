@@ -84,3 +84,12 @@ def test_the_load_can_come_from_several_processes(mnist):
     finally:
         kserve.stop()
     assert figures["requests"] > 0 and figures["errors"] == 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+
+
+def test_the_connection_spread_counts_every_connection_on_a_worker(mnist, capsys):
+    from bench.connection_spread import main
+
+    assert main(["--data-dir", str(DATA_DIR), "--workers", "2", "--connections", "6", "--rounds", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    rounds = [[int(n) for n in r.split(" / ")] for r in line.split(": ", 1)[1].split(", ")]
+    assert len(rounds) == 2 and all(len(r) == 2 and sum(r) == 6 for r in rounds), line

@@ -152,7 +152,7 @@ def test_each_worker_listens_on_its_own_socket_and_connections_are_spread(tmp_pa
             for c in clients:
                 c.close()
         counts = sorted(n for n in held.values() if n)
-        # the kernel's hash: Binomial(32, 1/2) per worker; below 4 on either side has odds of about 2e-6
+        # the kernel's hash: Binomial(32, 1/2) per worker; below 4 on either side has odds of about 3e-6
         assert len(counts) == 2 and sum(counts) == 32 and counts[0] >= 4, held
         assert httpx.post(f"{url}/classify", json=DIGIT, timeout=30).status_code == 200
     finally:
