@@ -15,12 +15,14 @@
 #   cifar10-l2    Carlini L2, 9 binary-search steps x 1,000 iterations, 200 examples, models/cifar10
 #   cifar10-linf  Carlini L-infinity, Carlini's budget, 200 examples, models/cifar10
 #   cifar10-l0    Carlini L0 with Carlini's schedule and budget, 200 examples, models/cifar10
-# Each job's report.json is written after its row, and the cache after each attack: a job cut by its
-# cap leaves nothing of that row, so size the caps (CAP_S, seconds per job) to the call's limit.
+# Each job's report.json is written after its row; the adversarial examples are kept CHUNK (default 50)
+# at a time (`magnet evaluate --cache-chunk`), so a job cut by its cap (CAP_S, seconds per job) keeps the
+# chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
 set -uo pipefail
 data=$1; wheels=$2; out=$3; shift 3
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(mnist-l0 cifar10-l2 cifar10-linf cifar10-l0)
 cap=${CAP_S:-500}
+chunk=${CHUNK:-50}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
 export PYTHONPATH=/tmp/site-ort:/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out/adv-cache"
@@ -28,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' | tee -a "$out/gpu.txt"
 judge=cpu
 python3 -c 'import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers()' 2>/dev/null && judge=cuda
-common=(--data-dir "$data" --device cuda --judge-device "$judge" --cache "$out/adv-cache" --n-carlini 200 --kappas)
+common=(--data-dir "$data" --device cuda --judge-device "$judge" --cache "$out/adv-cache" --cache-chunk "$chunk" --n-carlini 200 --kappas)
 for job in "${jobs[@]}"; do
   case $job in
     mnist-l0) args=(--bundle models/mnist --attacks carlini_l0) ;;

@@ -106,6 +106,31 @@ def test_cached_adversarial_examples_are_reused_for_the_same_classifier_attack_a
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # other images: crafted anew
 
 
+def test_a_chunked_run_cut_short_picks_up_where_it_stopped(tmp_path, mnist, capsys):
+    cache = tmp_path / "cache"
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "fgsm_eps0.01", "--n", "12",
+            "--kappas", "--cache", str(cache)]
+    assert run.main([*args, "--cache-chunk", "5", "--out", str(tmp_path / "a")]) == 0
+    chunks = sorted(cache.glob("*.npz"), key=lambda f: f.stat().st_mtime_ns)
+    assert [len(np.load(f)["x_adv"]) for f in chunks] == [5, 5, 2]  # each chunk kept as soon as it was done
+    chunks[1].unlink()  # as if the run had stopped during the second chunk
+    capsys.readouterr()
+    assert run.main([*args, "--cache-chunk", "5", "--out", str(tmp_path / "plan"), "--plan"]) == 0
+    assert "5 examples (+ 7 cached)" in capsys.readouterr().out
+    assert run.main([*args, "--cache-chunk", "5", "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("fgsm_eps0.01: reusing") == 2 and chunks[1].exists()
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["rows"][0] for d in "ab")
+    assert (a["chunks_reused"], b["chunks_reused"], b["cache_chunk"], b["reused_examples"]) == (0, 2, 5, False)
+    assert {k: a[k] for k in ("full_defense", "mean_l2", "no_defense")} == {k: b[k] for k in ("full_defense", "mean_l2", "no_defense")}
+    # the same examples as one unchunked run (FGSM treats each image on its own)
+    assert run.main([*args, "--out", str(tmp_path / "c")]) == 0
+    whole = [f for f in cache.glob("*.npz") if f not in chunks]
+    assert len(whole) == 1
+    np.testing.assert_allclose(np.load(whole[0])["x_adv"], np.concatenate([np.load(f)["x_adv"] for f in chunks]),
+                               atol=1e-6)
+
+
 def test_plan_lists_what_would_run_with_estimates_and_runs_nothing(tmp_path, mnist, capsys):
     out = tmp_path / "never"
     assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(out), "--plan",

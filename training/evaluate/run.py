@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the adversarial examples here and reuse them: they depend only on the classifier "
                         "(by sha256), the attack's parameters and the images, so bundles sharing a classifier "
                         "share them")
+    p.add_argument("--cache-chunk", type=int, default=None, metavar="N",
+                   help="with --cache: attack the examples N at a time and keep each chunk as soon as it is done, "
+                        "so that a long run cut short (a session's end, a device's time limit) picks up where it "
+                        "stopped when run again with the same flags")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its time, then stop")
     return p
@@ -118,12 +122,14 @@ def plan(jobs: list[dict], per_gradient: float, device: str) -> str:
     total = 0.0
     for job in jobs:
         if job.get("cached"):
-            lines.append(f"  {job['name']:<28} {job['examples']:>5} examples  cached: the examples are reused")
+            lines.append(f"  {job['name']:<28} {job.get('cached_examples') or job['examples']:>5} examples  "
+                         "cached: the examples are reused")
             continue
         seconds = job["examples"] * job["gradients"] * per_gradient
         total += seconds
-        lines.append(f"  {job['name']:<28} {job['examples']:>5} examples  {job['gradients']:>8.0f} gradients each "
-                     f"({job['quality']})  ~{duration(seconds)}")
+        done = f" (+ {job['cached_examples']} cached)" if job.get("cached_examples") else ""
+        lines.append(f"  {job['name']:<28} {job['examples']:>5} examples{done}  {job['gradients']:>8.0f} gradients "
+                     f"each ({job['quality']})  ~{duration(seconds)}")
     lines.append(f"  total: ~{duration(total)}")
     return "\n".join(lines)
 
@@ -206,25 +212,60 @@ def seen_attacks(manifest) -> bool:
     return bool(reformer.get("trained_on_adversarial_examples"))
 
 
+def _chunks(n: int, chunk: int | None) -> list[slice]:
+    size = chunk if chunk and chunk > 0 else max(n, 1)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _cached_chunks(cache: Path | None, defense, attack: Attack, idx: np.ndarray, chunk: int | None) -> int:
+    """How many of ``idx``'s examples already have adversarial examples in ``cache``."""
+    if cache is None:
+        return 0
+    return sum(part.stop - part.start for part in _chunks(len(idx), chunk)
+               if _cache_file(cache, defense, attack, idx[part]).exists())
+
+
+class _Offset:
+    """A chunk's progress reported as the whole row's."""
+
+    def __init__(self, progress: "Progress", start: int, total: int):
+        self.progress, self.start, self.total = progress, start, total
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress(self.start + done, self.total)
+
+
 def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None = None,
-               idx: np.ndarray | None = None) -> dict:
-    path = _cache_file(cache, defense, attack, idx) if cache is not None and idx is not None else None
-    reused = path is not None and path.exists()
-    if reused:
-        stored = np.load(path)
-        x_adv, seconds = stored["x_adv"], float(stored["seconds"])
-        print(f"{attack.name}: reusing {path} (crafted in {seconds:.0f} s)", flush=True)
-    else:
+               idx: np.ndarray | None = None, chunk: int | None = None) -> dict:
+    """Attack ``x`` and judge the result. With ``cache`` (and ``idx``), the examples are kept there, one file
+    per ``chunk`` examples (one for the whole row without it), each written as soon as it is crafted."""
+    parts = _chunks(len(x), chunk if cache is not None and idx is not None else None)
+    pieces, seconds, reused_parts = [], 0.0, 0
+    progress = Progress(attack.name)
+    for part in parts:
+        path = _cache_file(cache, defense, attack, idx[part]) if cache is not None and idx is not None else None
+        if path is not None and path.exists():
+            stored = np.load(path)
+            pieces.append(stored["x_adv"])
+            seconds += float(stored["seconds"])
+            reused_parts += 1
+            print(f"{attack.name}: reusing {path} ({part.stop - part.start} examples, crafted in "
+                  f"{float(stored['seconds']):.0f} s)", flush=True)
+            continue
         started = time.perf_counter()
-        x_adv = attack(twin, x, y, device=device, progress=Progress(attack.name))
-        seconds = time.perf_counter() - started
+        pieces.append(attack(twin, x[part], y[part], device=device, progress=_Offset(progress, part.start, len(x))))
+        took = time.perf_counter() - started
+        seconds += took
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, x_adv=x_adv, seconds=seconds)
+            np.savez(path, x_adv=pieces[-1], seconds=took)
+    x_adv = np.concatenate(pieces) if pieces else x.copy()
+    reused = bool(parts) and reused_parts == len(parts)
     judged = judge(defense, x_adv, y)
     fooled, reformed = judged.pop("fooled"), judged.pop("reformed")
     row = {"attack": attack.name, "family": attack.family, "params": attack.params, "examples": len(x),
            "seconds": seconds, "reused_examples": reused,
+           **({"cache_chunk": chunk, "chunks_reused": reused_parts} if len(parts) > 1 else {}),
            "attack_success": float(fooled.mean()), **distortion(x, x_adv, fooled),
            "residual": residual(defense, x, x_adv, reformed, fooled), **judged,
            "same_size_noise": same_size_noise(defense, x, x_adv, y)}
@@ -272,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"name": name, "examples": examples, "gradients": gradients * times, "quality": quality,
                 "cached": cached}
 
-    jobs = [job(a.name, len(idx), a, cached=args.cache is not None and _cache_file(args.cache, defense, a, idx).exists())
-            for _, a, idx in chosen]
+    jobs = []
+    for _, a, idx in chosen:
+        done = _cached_chunks(args.cache, defense, a, idx, args.cache_chunk)
+        jobs.append({**job(a.name, len(idx) - done, a, cached=bool(len(idx)) and done == len(idx)),
+                     "cached_examples": done})
     jobs += [job(a.name, min(args.n_kappa, len(correct)), a) for a in curve_attacks]
     members = len(defense.members)
     if args.graybox and members < 2:
@@ -302,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                                        args.seed)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, attack, idx in chosen:
-        rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx))
+        rows.append(run_attack(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx,
+                               chunk=args.cache_chunk))
         rows[-1]["reduced"] = reduced(attack, full_strength(attacks, name), len(idx))
         _write(report, args.out)  # after every row, so a long run that is cut short keeps what it did
     for attack in curve_attacks:
