@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
+from starlette.routing import Route
 
 from service.dataplane import Gateway
 from service.defense.bundle import MANIFEST, manifest_version, sha256_of
@@ -22,11 +23,11 @@ from service import protocol
 from service.access import AccessGuard, ApiKeys, ConfigError, Limits
 from service.batching import MicroBatcher
 from service.pipeline import Pipeline
-from service.routes import router
+from service.routes import classify, router
 from service.sessions import make_selector
 from service.settings import Settings
 from service.upstream import Upstream, make_upstream
-from service.v2_front import router as v2_router
+from service.v2_front import infer, router as v2_router
 
 log = logging.getLogger("magnet")
 
@@ -121,9 +122,24 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
                                           "Inference-Header-Content-Length"])
     app.include_router(router)
     app.include_router(v2_router)
+    hot_routes(app)
     app.add_exception_handler(MagnetError, handle_magnet_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+async def _v2_infer(request: Request) -> Response:
+    return await infer(request.path_params["name"], request)
+
+
+def hot_routes(app: FastAPI) -> None:
+    """The two defended POST routes as plain Starlette routes ahead of FastAPI's: the same handlers, minus
+    FastAPI's per-request dependency solving (0.08-0.12 ms of CPU per /classify request, about a tenth of
+    what the gateway spends on one digit). FastAPI's routes stay behind them for the OpenAPI schema; other
+    methods on these paths fall through to them and get the same 405. The middleware and the exception
+    handlers are the app's, so errors are answered as before."""
+    app.router.routes[:0] = [Route("/classify", classify, methods=["POST"], include_in_schema=False),
+                             Route("/v2/models/{name}/infer", _v2_infer, methods=["POST"], include_in_schema=False)]
 
 
 def app_from_environment() -> FastAPI:

@@ -295,3 +295,23 @@ def test_expected_rejection_is_exported_from_the_manifest_or_the_detectors_fprs(
         text = fakes.operator_get(c).text
     # the toy bundle measured nothing: 1 - (1 - 0.01) for its one detector at FPR 0.01
     assert "magnet_expected_rejection_ratio 0.01" in text and "magnet_shadow_mode 0.0" in text
+
+
+def test_the_defended_routes_skip_fastapi_but_keep_its_schema_and_its_405(toy_bundle):
+    from fastapi.routing import APIRoute
+
+    c, _ = make_client(toy_bundle, docs=True)
+    with c:
+        first = c.app.router.routes[:2]  # the plain routes answer POST before FastAPI's are tried
+        assert [(r.path, type(r) is APIRoute) for r in first] == [("/classify", False),
+                                                                   ("/v2/models/{name}/infer", False)]
+        paths = fakes.operator_get(c, "/openapi.json").json()["paths"]
+        assert "post" in paths["/classify"] and "post" in paths["/v2/models/{name}/infer"]
+        for path in ("/classify", "/v2/models/toy/infer"):
+            r = c.get(path)
+            assert r.status_code == 405 and r.headers["allow"] == "POST", path
+        assert c.post("/v2/models/nope/infer", json={"inputs": []}).status_code == 404
+        ok = c.post("/v2/models/toy/infer", json={"inputs": [{"name": "x", "shape": [1, 1, 4, 4], "datatype": "FP32",
+                                                              "data": fakes.images(0.5).ravel().tolist()}]})
+        assert ok.status_code == 200, ok.text
+        assert c.post("/classify", json={"inputs": fakes.images(0.5).tolist()}).status_code == 200
