@@ -93,3 +93,15 @@ def test_the_connection_spread_counts_every_connection_on_a_worker(mnist, capsys
     line = capsys.readouterr().out.strip().splitlines()[-1]
     rounds = [[int(n) for n in r.split(" / ")] for r in line.split(": ", 1)[1].split(", ")]
     assert len(rounds) == 2 and all(len(r) == 2 and sum(r) == 6 for r in rounds), line
+
+
+def test_the_in_process_cost_benchmark_runs_both_route_kinds(tmp_path, mnist):
+    from bench.asgi_cost import main
+
+    for extra in ([], ["--fastapi-routes"]):
+        out = tmp_path / f"cost{len(extra)}.json"
+        assert main(["--data-dir", str(DATA_DIR), "--requests", "20", "--rounds", "2", "--out", str(out), *extra]) == 0
+        report = json.loads(out.read_text())
+        assert report["fastapi_routes"] is bool(extra) and len(report["rounds"]) == 2
+        for row in report["rounds"]:
+            assert 0 < row["route_work_cpu_ms"] and 0 < row["app_cpu_ms"] < 1000
