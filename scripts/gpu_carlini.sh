@@ -15,9 +15,10 @@
 #   cifar10-l2    Carlini L2, 9 binary-search steps x 1,000 iterations, 200 examples, models/cifar10
 #   cifar10-linf  Carlini L-infinity, Carlini's budget, 200 examples, models/cifar10
 #   cifar10-l0    Carlini L0 with Carlini's schedule and budget, 200 examples, models/cifar10
-# Each job's report.json is written after its row; the adversarial examples are kept CHUNK (default 25, as the CPU runs of docs/results use, so that chunks crafted on either machine are reused by the other)
-# at a time (`magnet evaluate --cache-chunk`), so a job cut by its cap (CAP_S, seconds per job) keeps the
-# chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
+# Each job's report.json is written after its row; the adversarial examples are kept CHUNK at a time
+# (default 25, as the CPU runs behind docs/results, so that chunks crafted on either machine are reused
+# by the other: `magnet evaluate --cache-chunk`), so a job cut by its cap (CAP_S, seconds per job) keeps
+# the chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
 set -uo pipefail
 data=$1; wheels=$2; out=$3; shift 3
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(mnist-l0 cifar10-l2 cifar10-linf cifar10-l0)
