@@ -8,6 +8,12 @@ system, the process and its children: what the hop costs the machine, beside wha
 in wall time), and the gateway's own stage means from its metrics (``magnet_stage_seconds``: decode,
 queue, defense, upstream, total; the first round's requests are included, so means sit a little above
 steady state). Figures in docs/results/throughput.md.
+
+With ``--concurrency N`` (N > 1) each of the two phases is instead a closed loop of N clients for
+``--seconds`` (as ``bench.gateway_load`` drives them), and it prints req/s, p50 and the CPU per request of
+KServe, the gateway and the load generator's own process: what bounds the N-client ratio on shared cores.
+
+    python -m bench.stage_breakdown --data-dir ../shared/data --concurrency 16 --seconds 10
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import aiohttp
 import numpy as np
 import psutil
 
-from bench.gateway_load import Request, mnist_json_requests
+from bench.gateway_load import Request, drive, mnist_json_requests
 from tests.procs import REPO, start_gateway, start_model_server
 
 
@@ -50,13 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--concurrency", type=int, default=1, help="clients of a closed loop instead of sequential requests")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each closed-loop phase")
     args = p.parse_args(argv)
     body, v2 = mnist_json_requests(args.data_dir)
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
     gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
     try:
         n = args.requests
-        for _ in range(2):
+        for _ in range(2 if args.concurrency > 1 else 0):
+            drive(f"{kurl}/v2/models/mnist/infer", v2, 1.0, args.concurrency)  # warm-up
+            drive(f"{gurl}/classify", body, 1.0, args.concurrency)
+            phases = []
+            for url, requests in ((f"{kurl}/v2/models/mnist/infer", v2), (f"{gurl}/classify", body)):
+                before = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
+                run = drive(url, requests, args.seconds, args.concurrency)
+                after = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
+                per = [(b - a) / run["requests"] * 1e3 for a, b in zip(before, after)]
+                phases.append(f"{run['req_per_s']:.0f} req/s, p50 {run['p50_ms']:.2f} ms, CPU ms per request: "
+                              f"KServe {per[0]:.2f}, gateway {per[1]:.2f}, load generator {per[2]:.2f}")
+            print(f"{args.concurrency} clients, KServe direct: {phases[0]}\n{args.concurrency} clients, through the "
+                  f"gateway: {phases[1]}")
+        for _ in range(2 if args.concurrency <= 1 else 0):
             k0 = cpu_seconds(kserve.pid)
             direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, n))
             k1, g1 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
