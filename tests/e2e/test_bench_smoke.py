@@ -105,3 +105,14 @@ def test_the_in_process_cost_benchmark_runs_both_route_kinds(tmp_path, mnist):
         assert report["fastapi_routes"] is bool(extra) and len(report["rounds"]) == 2
         for row in report["rounds"]:
             assert 0 < row["route_work_cpu_ms"] and 0 < row["app_cpu_ms"] < 1000
+
+
+def test_the_stage_breakdown_reports_cpu_per_request_under_a_closed_loop(mnist, capsys):
+    from bench.stage_breakdown import main
+
+    assert main(["--data-dir", str(DATA_DIR), "--concurrency", "4", "--seconds", "0.5"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("4 clients")]
+    assert len(lines) == 4 and sum("through the gateway" in line for line in lines) == 2
+    for line in lines:
+        assert "CPU ms per request: KServe" in line and "load generator" in line
+    assert " 0 req/s" not in "".join(lines)
