@@ -1,6 +1,7 @@
 """Evaluation: the accounting rule on hand-made cases, the attack contract, and a smoke report."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,16 @@ def test_the_confidence_curve_reuses_cached_examples_too(tmp_path, mnist, capsys
     a, b = (json.loads((tmp_path / d / "report.json").read_text())["carlini_confidence_curve"] for d in "ab")
     assert [p["confidence"] for p in a] == [0, 5] and [p["reused_examples"] for p in b] == [True, True]
     assert [p["full_defense"] for p in a] == [p["full_defense"] for p in b]
+
+
+def test_the_plot_draws_a_full_strength_row_over_a_reduced_one_listed_first():
+    from training.evaluate.summary import plotted_rows
+
+    full = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw" / "report.json").read_text())
+    reduced_run = json.loads(json.dumps(full))
+    row = reduced_run["rows"][0]
+    assert row["attack"] == "carlini_l2" and row["params"]["max_iterations"] == 1000
+    row["params"]["max_iterations"], row["full_defense"] = 100, 0.25
+    rows = plotted_rows([(Path("a"), reduced_run), (Path("b"), full)], "mnist")
+    assert rows[full["bundle"]]["carlini_l2"]["full_defense"] == full["rows"][0]["full_defense"] != 0.25
+    assert plotted_rows([(Path("a"), reduced_run)], "mnist")[full["bundle"]]["carlini_l2"]["full_defense"] == 0.25

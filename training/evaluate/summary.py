@@ -113,6 +113,23 @@ def _groups(reports: list[tuple[Path, dict]]) -> list[tuple[str, str]]:
     return sorted(seen, key=lambda g: ("mnist", "cifar10").index(g[0]))
 
 
+def plotted_rows(reports: list[tuple[Path, dict]], dataset: str) -> dict[str, dict[str, dict]]:
+    """Per bundle, the row drawn for each of the paper's attacks: the first at full strength, else the
+    first (a reduced run listed before a full one must not stand for it)."""
+    per_bundle: dict[str, dict[str, dict]] = {}
+    for _, r in reports:
+        if r["dataset"] != dataset:
+            continue
+        for row in r["rows"]:
+            if row["attack"] not in PAPER[dataset]:
+                continue
+            rows = per_bundle.setdefault(r["bundle"], {})
+            held = rows.get(row["attack"])
+            if held is None or (stored_reduced(held, dataset) and not stored_reduced(row, dataset)):
+                rows[row["attack"]] = row
+    return per_bundle
+
+
 def plot(reports: list[tuple[Path, dict]], path: Path) -> bool:
     """Bars: full-defense accuracy per attack, the paper's beside each bundle's, one panel per data set."""
     import matplotlib
@@ -122,13 +139,7 @@ def plot(reports: list[tuple[Path, dict]], path: Path) -> bool:
 
     panels = []
     for dataset in ("mnist", "cifar10"):
-        per_bundle: dict[str, dict] = {}
-        for _, r in reports:
-            if r["dataset"] == dataset:
-                for row in r["rows"]:
-                    if row["attack"] in PAPER[dataset]:
-                        # the first report that has the attack, per bundle
-                        per_bundle.setdefault(r["bundle"], {}).setdefault(row["attack"], row)
+        per_bundle = plotted_rows(reports, dataset)
         if per_bundle:
             panels.append((dataset, per_bundle))
     if not panels:
