@@ -47,7 +47,7 @@ async def _run(args) -> list[dict]:
     os.environ.setdefault("MAGNET_ORT_THREADS", "1")
     from fastapi.routing import APIRoute
 
-    from service.app import create_app
+    from service.app import HOT_ROUTES, create_app
     from service.codecs import decode_classify_request
     from service.dataplane import encode_results
     from service.settings import Settings
@@ -57,8 +57,8 @@ async def _run(args) -> list[dict]:
     bodies = [orjson.dumps({"inputs": test.x[i : i + 1].tolist()}) for i in range(min(200, len(test.x)))]
     app = create_app(Settings(bundle=args.bundle, upstream=None))
     if args.fastapi_routes:
-        app.router.routes[:] = [r for r in app.router.routes if isinstance(r, APIRoute) or getattr(r, "path", None) not in
-                                ("/classify", "/v2/models/{name}/infer")]
+        app.router.routes[:] = [r for r in app.router.routes
+                                if isinstance(r, APIRoute) or getattr(r, "path", None) not in HOT_ROUTES]
     gw = app.state.gateway
 
     startup, sent = asyncio.Queue(), asyncio.Queue()

@@ -52,6 +52,32 @@ def cpu_seconds(pid: int) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
 
 
+def sequential(kserve, kurl: str, v2, gateway, gurl: str, body, n: int) -> None:
+    """One round of ``n`` sequential digits, KServe direct then through the gateway."""
+    k0 = cpu_seconds(kserve.pid)
+    direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, n))
+    k1, g1 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
+    through = asyncio.run(p50(f"{gurl}/classify", body, n))
+    k2, g2 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
+    print(f"KServe direct p50 {direct:.2f} ms, through the gateway {through:.2f} ms (+{through - direct:.2f}); "
+          f"CPU ms per request: KServe {(k1 - k0) / n * 1e3:.2f} direct, {(k2 - k1) / n * 1e3:.2f} behind "
+          f"the gateway; gateway {(g2 - g1) / n * 1e3:.2f}")
+
+
+def closed_loop(kserve, kurl: str, v2, gateway, gurl: str, body, clients: int, seconds: float) -> None:
+    """One round of a closed loop of ``clients`` for ``seconds``, KServe direct then through the gateway
+    (each after a second of warm-up), with the CPU per request of every process."""
+    for name, url, requests in (("KServe direct", f"{kurl}/v2/models/mnist/infer", v2),
+                                ("through the gateway", f"{gurl}/classify", body)):
+        drive(url, requests, 1.0, clients)
+        before = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
+        run = drive(url, requests, seconds, clients)
+        after = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
+        per = [(b - a) / run["requests"] * 1e3 for a, b in zip(before, after)]
+        print(f"{clients} clients, {name}: {run['req_per_s']:.0f} req/s, p50 {run['p50_ms']:.2f} ms, CPU ms per "
+              f"request: KServe {per[0]:.2f}, gateway {per[1]:.2f}, load generator {per[2]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True)
@@ -63,29 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     kserve, kurl = start_model_server(REPO / "models" / "mnist" / "classifier.onnx", "mnist")
     gateway, gurl = start_gateway("--log-level", "warning", "--upstream", kurl, env={"MAGNET_UPSTREAM_MODEL": "mnist"})
     try:
-        n = args.requests
-        for _ in range(2 if args.concurrency > 1 else 0):
-            drive(f"{kurl}/v2/models/mnist/infer", v2, 1.0, args.concurrency)  # warm-up
-            drive(f"{gurl}/classify", body, 1.0, args.concurrency)
-            phases = []
-            for url, requests in ((f"{kurl}/v2/models/mnist/infer", v2), (f"{gurl}/classify", body)):
-                before = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
-                run = drive(url, requests, args.seconds, args.concurrency)
-                after = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid), time.process_time()
-                per = [(b - a) / run["requests"] * 1e3 for a, b in zip(before, after)]
-                phases.append(f"{run['req_per_s']:.0f} req/s, p50 {run['p50_ms']:.2f} ms, CPU ms per request: "
-                              f"KServe {per[0]:.2f}, gateway {per[1]:.2f}, load generator {per[2]:.2f}")
-            print(f"{args.concurrency} clients, KServe direct: {phases[0]}\n{args.concurrency} clients, through the "
-                  f"gateway: {phases[1]}")
-        for _ in range(2 if args.concurrency <= 1 else 0):
-            k0 = cpu_seconds(kserve.pid)
-            direct = asyncio.run(p50(f"{kurl}/v2/models/mnist/infer", v2, n))
-            k1, g1 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
-            through = asyncio.run(p50(f"{gurl}/classify", body, n))
-            k2, g2 = cpu_seconds(kserve.pid), cpu_seconds(gateway.pid)
-            print(f"KServe direct p50 {direct:.2f} ms, through the gateway {through:.2f} ms (+{through - direct:.2f}); "
-                  f"CPU ms per request: KServe {(k1 - k0) / n * 1e3:.2f} direct, {(k2 - k1) / n * 1e3:.2f} behind "
-                  f"the gateway; gateway {(g2 - g1) / n * 1e3:.2f}")
+        for _ in range(2):
+            if args.concurrency > 1:
+                closed_loop(kserve, kurl, v2, gateway, gurl, body, args.concurrency, args.seconds)
+            else:
+                sequential(kserve, kurl, v2, gateway, gurl, body, args.requests)
         metrics = urllib.request.urlopen(gateway.operator_url + "/metrics").read().decode()
         for stage in ("decode", "queue", "defense", "upstream", "total"):
             total = float(re.search(rf'magnet_stage_seconds_sum{{stage="{stage}"}} (\S+)', metrics).group(1))

@@ -225,16 +225,6 @@ def _cached_chunks(cache: Path | None, defense, attack: Attack, idx: np.ndarray,
                if _cache_file(cache, defense, attack, idx[part]).exists())
 
 
-class _Offset:
-    """A chunk's progress reported as the whole row's."""
-
-    def __init__(self, progress: "Progress", start: int, total: int):
-        self.progress, self.start, self.total = progress, start, total
-
-    def __call__(self, done: int, total: int) -> None:
-        self.progress(self.start + done, self.total)
-
-
 def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None = None,
                idx: np.ndarray | None = None, chunk: int | None = None) -> dict:
     """Attack ``x`` and judge the result. With ``cache`` (and ``idx``), the examples are kept there, one file
@@ -253,7 +243,8 @@ def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None =
                   f"{float(stored['seconds']):.0f} s)", flush=True)
             continue
         started = time.perf_counter()
-        pieces.append(attack(twin, x[part], y[part], device=device, progress=_Offset(progress, part.start, len(x))))
+        offset = lambda done, _total, start=part.start: progress(start + done, len(x))  # noqa: E731 (row's count)
+        pieces.append(attack(twin, x[part], y[part], device=device, progress=offset))
         took = time.perf_counter() - started
         seconds += took
         if path is not None:
