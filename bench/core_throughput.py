@@ -43,7 +43,7 @@ def decide_all(defense: Defense, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     if screening.logits is not None:
         logits = screening.logits
     else:
-        rows = np.concatenate([x, screening.reformed]) if defense.needs_logits(0) else screening.reformed
+        rows = np.concatenate([screening.x, screening.reformed]) if defense.needs_logits(0) else screening.reformed
         logits = defense.classifier.logits(rows)
     if defense.needs_logits(0):
         verdict = defense.decide(screening, logits[:n], logits[n:])

@@ -43,7 +43,7 @@ def measure(bundle: Path, calls: int, seed: int = 0) -> dict:
     def full() -> None:
         screening = defense.screen(x)
         if defense.needs_logits():
-            logits = classifier(np.concatenate([x, screening.reformed]))
+            logits = classifier(np.concatenate([screening.x, screening.reformed]))
             defense.decide(screening, logits[:1], logits[1:])
         else:
             defense.decide(screening)

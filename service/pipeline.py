@@ -114,13 +114,17 @@ class Pipeline:
         return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
 
     async def _watch(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
-        """Shadow mode: every row goes upstream as it came (with its reformed copy when a detector needs
-        logits); the verdict is scored and counted, and the logits on x are what gets answered."""
+        """Shadow mode: every row goes upstream as it came (with what the defense judged, x after the
+        bundle's input domain step and its reformed copy, when a detector needs logits); the verdict is
+        scored and counted, and the logits on the rows as they came are what gets answered."""
         n = len(screening.x)
+        came = screening.x if screening.original is None else screening.original
         if not self.defense.needs_logits(screening.member):
-            return self.defense.decide(screening), await self._call_upstream(screening.x)
-        out = await self._call_upstream(np.concatenate([screening.x, screening.reformed]))
-        return self.defense.decide(screening, out[:n], out[n:]), out[:n]
+            return self.defense.decide(screening), await self._call_upstream(came)
+        rows = [screening.x, screening.reformed] if screening.original is None else [came, screening.x, screening.reformed]
+        out = await self._call_upstream(np.concatenate(rows))
+        judged = out[-2 * n:]  # on x as judged and on its reformed copy
+        return self.defense.decide(screening, judged[:n], judged[n:]), out[:n]
 
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1]); ``shadow``: score and count,

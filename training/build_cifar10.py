@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parity = B.export_all({B.CLASSIFIER_FILE: clf, "ae.onnx": ae}, out, SHAPE, ds.test.x[:500])
     dets = detectors("ae.onnx", args.recon_fpr, args.jsd_fpr, args.temperatures)
     member = {"name": "default", "reformer": "ae.onnx",
-              "detectors": B.calibrate(out, dets, ds.val.x, args.shared_classifier)}
+              "detectors": B.calibrate(out, dets, ds.val.x, args.shared_classifier, jpeg_quality=ds.jpeg_quality)}
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "autoencoder_val_mse": reconstruction_mse(ae, ds.val.x),
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "cifar10", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), [member], m, prov,  # noqa: E731
-                                     args.shared_classifier)
+                                     args.shared_classifier, jpeg_quality=ds.jpeg_quality)
     return B.publish(out, write, measurements, lambda defense: clean_figures(defense, ds.test), started)
 
 

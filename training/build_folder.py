@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 else cifar10_detectors(file, args.fpr or 0.005, args.fpr or 0.02, [40.0]))
         members.append({"name": "default" if len(reformers) == 1 else f"member-{k}", "reformer": file,
                         "detectors": B.calibrate(out, dets, ds.val.x, contract=contract, output=args.outputs,
-                                                 output_name=args.output_name)})
+                                                 output_name=args.output_name, jpeg_quality=ds.jpeg_quality)})
     measurements = {
         "data": {"folder": str(args.data), "seed": args.seed, "validation": VALIDATION, "test": TEST,
                  "held_out_test": not (args.data / "test").is_dir(), "size": list(shape[1:]),
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(m: dict):
         return B.write_bundle(out, name, f"folder:{name}", shape, list(ds.classes), members, m, prov,
-                              classifier_fields=classifier_fields)
+                              classifier_fields=classifier_fields, jpeg_quality=ds.jpeg_quality)
 
     per_member: dict[str, dict] = {}
 

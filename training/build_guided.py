@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, file in enumerate(files):
         dets = [{**d, "autoencoder": file} for d in chosen_detectors(args.recon_fpr, args.jsd_fpr, args.temperatures)]
         members.append({"name": "default" if len(files) == 1 else f"member-{k}", "reformer": file,
-                        "detectors": B.calibrate(out, dets, ds.val.x, args.classifier)})
+                        "detectors": B.calibrate(out, dets, ds.val.x, args.classifier,
+                                                 jpeg_quality=ds.jpeg_quality)})
     attacks_seen = args.seen_attacks or bool({"fgsm", "pgd"} & {k for k, v in args.mix.items() if v > 0})
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "cifar10-guided", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), members, m, prov,  # noqa: E731
-                                     args.classifier)
+                                     args.classifier, jpeg_quality=ds.jpeg_quality)
     if args.candidate:
         measurements["candidate"] = "built for the validation selection: no test figures"
     test = ds.test.head(args.figures_limit) if args.figures_limit else ds.test

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 for d in base_member.detectors]
         for shared in {d["autoencoder"] for d in dets} - set(files):
             shutil.copy(args.base / shared, out / shared)
-        members.append({"name": f"member-{k}", "reformer": f, "detectors": B.calibrate(out, dets, ds.val.x, classifier)})
+        members.append({"name": f"member-{k}", "reformer": f, "detectors": B.calibrate(out, dets, ds.val.x, classifier,
+                                                                                 jpeg_quality=base.input.jpeg_quality)})
     measurements = {
         "alpha": args.alpha, "members": args.members,
         "joint_training_seconds": history["seconds"], "joint_best_epoch": history["best_epoch"],
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(["magnet", "train", "pool", *(argv if argv is not None else sys.argv[1:])], args.seed)
     name = f"{base.name}-pool"
     write = lambda m: B.write_bundle(out, name, base.dataset, base.input.shape, base.classifier.classes,  # noqa: E731
-                                     members, m, prov, classifier)
+                                     members, m, prov, classifier,
+                                     jpeg_quality=base.input.jpeg_quality)
     test = ds.test.head(args.figures_limit)
 
     def member_figures(defense: Defense) -> dict:

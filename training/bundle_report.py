@@ -36,7 +36,9 @@ def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
         x = test.x[i : i + 1000]
         v = defense.inspect(x, member)
         # divergence detectors already ran the classifier on x and on the reformed x: reuse those logits
-        plain.append(v.logits_x if v.logits_x is not None else defense.classifier(x))
+        # (unless the bundle's input domain step changed x: the classifier alone sees x as it is)
+        same_x = defense.manifest.input.jpeg_quality is None
+        plain.append(v.logits_x if v.logits_x is not None and same_x else defense.classifier(x))
         labels.append(v.logits_reformed if v.logits_reformed is not None else defense.classifier(v.reformed))
         fired_parts.append(v.fired)
     fired = {name: np.concatenate([f[name] for f in fired_parts]) for name in fired_parts[0]}

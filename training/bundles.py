@@ -19,6 +19,7 @@ from torch import nn
 from service.defense.contract import ClassifierInput
 from service.defense.core import Classifier
 from service.defense.detectors import DetectorSpec, kind_of
+from service.defense.domain import jpeg_round_trip
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
 from service.defense.runtime import CPU, OnnxModel
 from training.export import export_onnx, parity
@@ -82,13 +83,16 @@ def run_batched(model: OnnxModel, x: np.ndarray, batch_size: int = 1000) -> np.n
 
 def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: Path | None = None,
               contract: ClassifierInput | None = None, output: str = "logits",
-              output_name: str | None = None) -> list[dict]:
+              output_name: str | None = None, jpeg_quality: int | None = None) -> list[dict]:
     """Fill in each detector's threshold from clean validation images, scored exactly as the core
-    scores them (the ONNX files, then the detector registry). ``classifier`` defaults to the bundle's own
+    scores them (the bundle's input domain step, ``jpeg_quality``, then the ONNX files, then the
+    detector registry). ``classifier`` defaults to the bundle's own
     ``classifier.onnx``; a shared classifier lives elsewhere. ``contract``, ``output`` and ``output_name``:
     how the classifier takes the bundle's images and what it returns (the manifest's ``classifier``)."""
     classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
     contract = contract or ClassifierInput()
+    if jpeg_quality is not None:
+        x_val = jpeg_round_trip(x_val, jpeg_quality)
     cache: dict[tuple[str, str], np.ndarray] = {}  # (model file, input) -> output, computed once
 
     def run(path: Path, x: np.ndarray, key: str) -> np.ndarray:
@@ -115,17 +119,20 @@ def calibrate(out: Path, detectors: list[dict], x_val: np.ndarray, classifier: P
 
 def write_bundle(out: Path, name: str, dataset: str, shape: tuple[int, int, int], classes: list[str],
                  members: list[dict], measurements: dict, provenance: dict,
-                 classifier: Path | None = None, classifier_fields: dict | None = None) -> Manifest:
+                 classifier: Path | None = None, classifier_fields: dict | None = None,
+                 jpeg_quality: int | None = None) -> Manifest:
     """Write ``manifest.json`` listing every ONNX file in ``out`` with its sha256. ``classifier``: a
     classifier file shared with other bundles (listed by its path relative to ``out``) instead of
     ``out/classifier.onnx``. ``classifier_fields``: the classifier's input contract, output kind and
-    output name (``input``, ``output``, ``output_name``) when they are not the defaults."""
+    output name (``input``, ``output``, ``output_name``) when they are not the defaults. ``jpeg_quality``:
+    the training images were JPEGs of this quality (``Dataset.jpeg_quality``): the core puts every input
+    through a JPEG round trip at it (``service.defense.domain``)."""
     classifier = Path(classifier) if classifier else out / CLASSIFIER_FILE
     clf_path = os.path.relpath(classifier, out).replace(os.sep, "/")
     files = [FileEntry(path=clf_path, sha256=sha256_of(classifier), role="classifier")]
     files += [FileEntry(path=p.name, sha256=sha256_of(p), role="autoencoder") for p in sorted(out.glob("*.onnx"))
               if p.name != clf_path]
-    manifest = Manifest(name=name, dataset=dataset, input={"shape": shape}, files=files,
+    manifest = Manifest(name=name, dataset=dataset, input={"shape": shape, "jpeg_quality": jpeg_quality}, files=files,
                         classifier={"file": clf_path, "output": "logits", "classes": classes,
                                     **(classifier_fields or {})},
                         members=members, measurements=measurements, provenance=provenance)

@@ -6,7 +6,7 @@ import sys
 
 RECIPES = {"mnist": "training.build_mnist", "cifar10": "training.build_cifar10",
            "cifar10-guided": "training.build_guided", "pool": "training.build_pool",
-           "folder": "training.build_folder"}
+           "folder": "training.build_folder", "domain": "training.build_domain"}
 
 
 def main(argv: list[str]) -> int:

@@ -55,6 +55,7 @@ class Dataset:
     val: Split
     test: Split
     classes: tuple[str, ...]
+    jpeg_quality: int | None = None  # every image came as a JPEG of this quality (training.images)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.defense.domain import jpeg_quality_of
 from training.data import DataError, Dataset, Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,10 +36,33 @@ def _members(source: Path) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
-def read_image_folder(source: Path, channels: int = 3) -> dict[str, tuple[np.ndarray, list[str]]]:
+class JpegSource:
+    """Whether every image of a data set is a JPEG with the same standard tables, and at which quality:
+    a bundle trained on such images judges its inputs after a JPEG round trip at that quality
+    (``service.defense.domain``), since what it learned of "normal" includes the compression."""
+
+    def __init__(self) -> None:
+        self.tables: dict | None = None
+        self.uniform = True
+
+    def see(self, image: Image.Image) -> None:
+        tables = getattr(image, "quantization", None) if image.format == "JPEG" else None
+        if tables is None or (self.tables is not None and tables != self.tables):
+            self.uniform = False
+        elif self.tables is None:
+            self.tables = tables
+
+    @property
+    def quality(self) -> int | None:
+        return jpeg_quality_of(self.tables) if self.uniform and self.tables else None
+
+
+def read_image_folder(source: Path, channels: int = 3,
+                      jpeg: JpegSource | None = None) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Images grouped by split: ``{split: (N x C x H x W float32, class name per image)}``.
 
-    The layout is ``[prefix/]<split>/<class>/<file>``; every image must have the same size.
+    The layout is ``[prefix/]<split>/<class>/<file>``; every image must have the same size. ``jpeg``
+    notes whether they are all JPEGs of one quality.
     """
     mode = "L" if channels == 1 else "RGB"
     pixels: dict[str, list[np.ndarray]] = {}
@@ -49,7 +73,10 @@ def read_image_folder(source: Path, channels: int = 3) -> dict[str, tuple[np.nda
             continue  # a file outside <split>/<class>/
         split, cls = parts[-3], parts[-2]
         try:
-            image = np.asarray(Image.open(io.BytesIO(blob)).convert(mode), dtype=np.uint8)
+            opened = Image.open(io.BytesIO(blob))
+            if jpeg is not None:
+                jpeg.see(opened)
+            image = np.asarray(opened.convert(mode), dtype=np.uint8)
         except OSError as e:
             raise DataError(f"{source}: cannot decode {rel}: {e}") from e
         pixels.setdefault(split, []).append(image)
@@ -79,7 +106,8 @@ def hold_out(train: Split, n: int, seed: int) -> tuple[Split, Split]:
 def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: int = VALIDATION,
                         seed: int = 0) -> Dataset:
     """A Dataset from an image-folder tree (``train`` and ``test`` splits required)."""
-    splits = read_image_folder(source, channels)
+    jpeg = JpegSource()
+    splits = read_image_folder(source, channels, jpeg)
     missing = {"train", "test"} - splits.keys()
     if missing:
         raise DataError(f"{source}: missing split folder(s) {sorted(missing)}; found {sorted(splits)}")
@@ -98,7 +126,8 @@ def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: 
     # for quick figures and tests) a fair sample of all classes
     test = split("test")
     order = np.random.default_rng(seed).permutation(len(test))
-    return Dataset(name=name, train=train, val=val, test=Split(test.x[order], test.y[order]), classes=classes)
+    return Dataset(name=name, train=train, val=val, test=Split(test.x[order], test.y[order]), classes=classes,
+                   jpeg_quality=jpeg.quality)
 
 
 def _cifar_batch(path: Path) -> Split:
@@ -168,6 +197,7 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
         classes = tuple(sorted({p.parent.name for p in files["train"]}))
     index = {c: k for k, c in enumerate(classes)}
     first, first_kind, first_size = None, None, None
+    jpeg = JpegSource()
     arrays: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in splits}
     for s in splits:
         for path in files[s]:
@@ -177,6 +207,7 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
             except OSError as e:
                 raise DataError(f"cannot decode {path}: {e}") from e
             kind = _kind(image)
+            jpeg.see(image)
             if first is None:
                 first, first_kind, first_size = path, kind, image.size
             if kind != first_kind:
@@ -210,4 +241,5 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
     shuffle = np.random.default_rng(seed).permutation(len(held_test))
     label = name or data.name
     return Dataset(name=label if "test" in splits else f"{label} (test split held out of train)", train=rest,
-                   val=val, test=Split(held_test.x[shuffle], held_test.y[shuffle]), classes=classes)
+                   val=val, test=Split(held_test.x[shuffle], held_test.y[shuffle]), classes=classes,
+                   jpeg_quality=jpeg.quality if size is None else None)

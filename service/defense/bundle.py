@@ -45,6 +45,9 @@ class InputSpec(_Strict):
     dtype: Literal["float32"] = "float32"
     range: tuple[float, float] = (0.0, 1.0)
     layout: Literal["NCHW"] = "NCHW"
+    jpeg_quality: int | None = Field(None, ge=1, le=100, description=(
+        "the bundle was trained on JPEG images of this quality: every input is encoded as a JPEG at this "
+        "quality and decoded before the defense sees it (service.defense.domain); none: inputs as they come"))
 
 
 class FileEntry(_Strict):

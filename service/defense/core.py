@@ -16,6 +16,7 @@ import numpy as np
 
 from service.defense import detectors as D
 from service.defense.contract import ClassifierInput, prepare
+from service.defense.domain import jpeg_round_trip
 from service.defense.scores import logits_from_probabilities
 from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.fused import TOLERANCE, FusedMember, FusionError, fuse_member
@@ -38,6 +39,8 @@ class Screening:
     member : int, the pool member that screened the batch
     logits : ndarray or None, the embedded classifier's raw output when a fused graph computed it: on
         ``concat(x, reformed)`` (2N rows) for a member with divergence detectors, else on ``reformed``
+    original : ndarray or None, the inputs as they came when the bundle's input domain changed them (a
+        JPEG round trip, ``input.jpeg_quality``): ``x`` is then what the defense judged
     """
 
     x: np.ndarray
@@ -45,6 +48,7 @@ class Screening:
     scores: dict[str, np.ndarray]
     member: int
     logits: np.ndarray | None = None  # a fused graph's classifier output (see ``service.defense.fused``)
+    original: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -189,14 +193,20 @@ class Defense:
         return any(D.kind_of(d).needs_logits for d in self.members[member].detectors)
 
     def screen(self, x: np.ndarray, member: int = 0) -> Screening:
-        """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1])."""
+        """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1]), after the bundle's
+        input domain step when it has one (a JPEG round trip: ``Screening.x`` is then the round-tripped
+        batch and ``Screening.original`` the batch as it came)."""
         spec = self.members[member]
+        original = None
+        if self.manifest.input.jpeg_quality is not None:
+            original, x = x, jpeg_round_trip(x, self.manifest.input.jpeg_quality)
         fm = self.fused.get(member)
         if fm is not None:
             out = fm(x)
             scores = {d.name: D.score(d, x, out[fm.outputs[d.autoencoder]])
                       for d in spec.detectors if not D.kind_of(d).needs_logits}
-            return Screening(x=x, reformed=out["reformed"], scores=scores, member=member, logits=out.get("logits"))
+            return Screening(x=x, reformed=out["reformed"], scores=scores, member=member, logits=out.get("logits"),
+                             original=original)
         outputs: dict[str, np.ndarray] = {}
 
         def ae(path: str) -> np.ndarray:
@@ -207,7 +217,7 @@ class Defense:
         scores = {d.name: D.score(d, x, ae(d.autoencoder))
                   for d in spec.detectors if not D.kind_of(d).needs_logits}
         reformed = np.clip(ae(spec.reformer), 0.0, 1.0).astype(np.float32, copy=False)
-        return Screening(x=x, reformed=reformed, scores=scores, member=member)
+        return Screening(x=x, reformed=reformed, scores=scores, member=member, original=original)
 
     def screened_out(self, screening: Screening) -> np.ndarray:
         """Rows already rejected by a detector that needs no logits (no need to send them upstream)."""
@@ -244,5 +254,5 @@ class Defense:
         if not self.needs_logits(member):
             return self.decide(screening)
         classify = classify or self.classifier.logits
-        logits = classify(np.concatenate([x, screening.reformed]))
+        logits = classify(np.concatenate([screening.x, screening.reformed]))
         return self.decide(screening, logits[: len(x)], logits[len(x):])

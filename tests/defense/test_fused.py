@@ -35,13 +35,14 @@ RECON = {"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p":
 def same_screen(fused: Defense, separate: Defense, x: np.ndarray, member: int = 0) -> None:
     """Fused and separate screens agree exactly on the CPU, and so do the decisions."""
     a, b = fused.screen(x, member), separate.screen(x, member)
+    np.testing.assert_array_equal(a.x, b.x)
     np.testing.assert_array_equal(a.reformed, b.reformed)
     assert a.scores.keys() == b.scores.keys()
     for name in a.scores:
         np.testing.assert_array_equal(a.scores[name], b.scores[name])
     n = len(x)
     if separate.needs_logits(member):
-        want = separate.classifier(np.concatenate([x, b.reformed]))
+        want = separate.classifier(np.concatenate([b.x, b.reformed]))  # x as judged (a bundle's input step applied)
         np.testing.assert_allclose(a.logits, want, rtol=0, atol=1e-5)
         va = fused.decide(a, a.logits[:n], a.logits[n:])
         vb = separate.decide(b, want[:n], want[n:])

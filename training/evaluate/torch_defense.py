@@ -16,6 +16,7 @@ from torch import nn
 from service.defense import detectors as D
 from service.defense.bundle import MemberSpec
 from service.defense.core import Defense
+from service.defense.domain import jpeg_round_trip
 from training.from_onnx import torch_twin
 
 
@@ -39,9 +40,9 @@ class Members(nn.Module):
     """
 
     def __init__(self, specs: list[MemberSpec], classifier: nn.Module, autoencoders: dict[str, nn.Module],
-                 detectors: bool = True) -> None:
+                 detectors: bool = True, jpeg_quality: int | None = None) -> None:
         super().__init__()
-        self.specs, self.detectors = specs, detectors
+        self.specs, self.detectors, self.jpeg_quality = specs, detectors, jpeg_quality
         self.classifier = classifier
         self.paths = sorted({p for s in specs for p in (s.reformer, *(d.autoencoder for d in s.detectors if detectors))})
         self.autoencoders = nn.ModuleList([autoencoders[p] for p in self.paths])
@@ -50,6 +51,7 @@ class Members(nn.Module):
     def evaluate(self, x: torch.Tensor) -> Evaluation:
         if self.last is not None and self.last.x is x:
             return self.last
+        came, x = x, jpeg_straight_through(x, self.jpeg_quality)
         outs = {p: ae(x) for p, ae in zip(self.paths, self.autoencoders)}
         reformed = [outs[s.reformer].clamp(0.0, 1.0) for s in self.specs]
         # the core sends x and the reformed x upstream; a detector that needs logits uses those two
@@ -66,7 +68,7 @@ class Members(nn.Module):
                 else:
                     member[d.name] = D.score(d, x, outs[d.autoencoder], ops=TORCH)
             scores.append(member)
-        self.last = Evaluation(x, z[:m], scores, z[-1] if divergence else None)
+        self.last = Evaluation(came, z[:m], scores, z[-1] if divergence else None)
         return self.last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,16 @@ class Members(nn.Module):
                 ok &= scores[d.name] < d.threshold
             ok &= ev.logits[k].argmax(1) != y
         return ok
+
+
+def jpeg_straight_through(x: torch.Tensor, quality: int | None) -> torch.Tensor:
+    """The bundle's JPEG round trip (``input.jpeg_quality``) in the forward pass, the identity in the
+    backward pass (BPDA, Athalye et al. 2018): JPEG has no useful gradient, so attacks optimise through
+    it as if it were not there, and the core judges what they find with the real round trip."""
+    if quality is None:
+        return x
+    done = torch.from_numpy(jpeg_round_trip(x.detach().cpu().numpy(), quality)).to(x.device)
+    return x + (done - x).detach()
 
 
 class TorchOps:
@@ -123,7 +135,7 @@ class Twins:
 
     def __init__(self, defense: Defense, classifier: nn.Module | None = None) -> None:
         m = defense.manifest
-        self.specs = list(m.members)
+        self.specs, self.jpeg_quality = list(m.members), m.input.jpeg_quality
         self.classifier = classifier or torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape,
                                                    contract=m.classifier.input, output_name=m.classifier.output_name,
                                                    output=m.classifier.output)
@@ -139,4 +151,5 @@ class Twins:
 
     def members(self, which: list[int], detectors: bool = True) -> Members:
         """Members ``which``; ``detectors=False``: only their reformed classifiers (cheaper)."""
-        return Members([self.specs[i] for i in which], self.classifier, self.autoencoders, detectors).eval()
+        return Members([self.specs[i] for i in which], self.classifier, self.autoencoders, detectors,
+                       self.jpeg_quality).eval()

@@ -1,0 +1,98 @@
+"""``magnet train domain``: give a built bundle the input domain of its training data, without retraining.
+
+A bundle trained on JPEG images (the CIFAR-10 data the tests use is a quality-75 re-encoding) rejects
+uncompressed images of the same kind far above its false-positive rate, because its reformer learned
+JPEG's loss of detail as part of "normal" (``service.defense.domain``). This step sets
+``input.jpeg_quality`` in the manifest (``auto``: the quality every training image was saved at, read
+from the data), recalibrates every detector at the false-positive rate it was calibrated at, on the
+same validation images put through the round trip, and measures the clean test figures again through
+the core. The ONNX files are not touched; the manifest keeps the thresholds it had before, under
+``measurements.input_domain``.
+
+    magnet train domain --bundle models/cifar10 --data-dir DATA            # quality read from the data
+    magnet train domain --bundle models/cifar10 --data-dir DATA --jpeg-quality none   # undo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from service.defense.bundle import read_manifest, write_manifest
+from service.defense.core import Defense
+from training import bundles as B
+from training.bundle_report import clean_figures
+from training.provenance import provenance
+from training.specs import load_for_manifest
+
+
+def quality_arg(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("a JPEG quality is 1 to 100")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="magnet train domain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle to update in place")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where the bundle's data set is")
+    p.add_argument("--data", type=Path, help="the image folder of a bundle built by 'magnet train folder'")
+    p.add_argument("--jpeg-quality", type=quality_arg, default="auto",
+                   help="auto (the training images' quality, or none when they are not all JPEGs of one "
+                        "quality), a quality 1-100, or none")
+    p.add_argument("--figures-limit", type=int, default=0,
+                   help="measure the clean figures on the first N test images (0: the number the bundle "
+                        "recorded for a pool, else all)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    manifest = read_manifest(args.bundle)
+    ds = load_for_manifest(manifest, args.data_dir, args.data)
+    quality = ds.jpeg_quality if args.jpeg_quality == "auto" else args.jpeg_quality
+    print(f"{args.bundle}: training images {'JPEG quality ' + str(ds.jpeg_quality) if ds.jpeg_quality else 'not all JPEGs of one quality'};"
+          f" input domain: {'JPEG round trip at quality ' + str(quality) if quality else 'inputs as they come'}", flush=True)
+    defense = Defense(args.bundle, device="cpu")
+    spec = manifest.classifier
+    members, before = [], {}
+    for member in manifest.members:
+        dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) for d in member.detectors]
+        before[member.name] = {d.name: d.threshold for d in member.detectors}
+        calibrated = B.calibrate(args.bundle, dets, ds.val.x, defense.classifier_file, contract=spec.input,
+                                 output=spec.output, output_name=spec.output_name, jpeg_quality=quality)
+        members.append(member.model_copy(update={"detectors": [type(d).model_validate(c) for d, c in
+                                                               zip(member.detectors, calibrated)]}))
+    measurements = dict(manifest.measurements)
+    updated = manifest.model_copy(update={"input": manifest.input.model_copy(update={"jpeg_quality": quality}),
+                                          "members": members, "measurements": measurements})
+    write_manifest(args.bundle, updated)
+    defense = Defense(args.bundle, device="cpu")
+    limit = args.figures_limit or int(measurements.get("figures_test_images") or 0)
+    test = ds.test.head(limit) if limit else ds.test
+    if len(defense.members) == 1:
+        figures = clean_figures(defense, test)
+    else:
+        figures = {"member_clean_figures": {m.name: clean_figures(defense, test, k)
+                                            for k, m in enumerate(defense.members)}}
+    stale = {k: measurements[k] for k in figures if k in measurements}
+    measurements.update(figures)
+    measurements["input_domain"] = {
+        "jpeg_quality": quality, "training_images_jpeg_quality": ds.jpeg_quality,
+        "thresholds_before": before, "figures_before": stale, "test_images": len(test),
+        "validation_images": len(ds.val), "seconds": time.perf_counter() - started,
+        "provenance": provenance(["magnet", "train", "domain", *(argv if argv is not None else sys.argv[1:])], 0),
+    }
+    write_manifest(args.bundle, updated.model_copy(update={"measurements": measurements}))
+    for name, thresholds in before.items():
+        now = {d.name: d.threshold for d in next(m for m in members if m.name == name).detectors}
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4g} -> {now[k]:.4g}" for k, v in thresholds.items()))
+    print(f"  clean test figures ({len(test)} images): {figures}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
