@@ -93,6 +93,24 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
                      "jsd_t40": ("divergence", None, 40.0, 0.01)}
     verdict = Defense(out, device="cpu").inspect(cifar10.test.x[:20])
     assert set(verdict.scores) == {"recon", "jsd_t10", "jsd_t40"}
+    # the data set is a JPEG re-encoding at quality 75: the bundle judges its inputs after that round trip
+    assert cifar10.jpeg_quality == 75 and manifest.input.jpeg_quality == 75
+    # 'magnet train domain' takes it off again, recalibrating at the same FPRs on the images as they are
+    from training import build_domain
+
+    assert build_domain.main(["--bundle", str(out), "--data-dir", str(DATA_DIR), "--jpeg-quality", "none",
+                              "--figures-limit", "200"]) == 0
+    after = read_manifest(out)
+    verify_files(out, after)
+    assert after.input.jpeg_quality is None
+    before = {d.name: d.threshold for d in manifest.members[0].detectors}
+    now = {d.name: d.threshold for d in after.members[0].detectors}
+    assert now.keys() == before.keys() and now != before
+    assert {d.name: d.fpr for d in after.members[0].detectors} == {k: v[3] for k, v in kinds.items()}
+    step = after.measurements["input_domain"]
+    assert step["jpeg_quality"] is None and step["training_images_jpeg_quality"] == 75
+    assert step["thresholds_before"] == {"default": before} and step["test_images"] == 200
+    assert "defense_clean_test_accuracy" in after.measurements
 
 
 def test_smoke_cifar10_bundles_share_one_classifier_file(tmp_path, cifar10):
