@@ -24,6 +24,7 @@ import torch
 
 from training import bundles as B
 from training.build_cifar10 import detectors
+from training.build_domain import quality_arg
 from training.bundle_report import clean_figures
 from training.from_onnx import torch_twin
 from training.images import load_cifar10
@@ -78,6 +79,9 @@ def parser():
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: touch no test image (no test figures in the manifest, "
                         "parity checked on validation images); build the chosen one again without this flag")
+    p.add_argument("--jpeg-quality", type=quality_arg, default="auto",
+                   help="the bundle's JPEG input step (service.defense.domain), which the reformer also trains "
+                        "behind: auto (the training images' quality when they are all JPEGs of one), Q or none")
     p.add_argument("--seen-attacks", action="store_true",
                    help="record in the manifest that the reformer was trained on adversarial examples "
                         "(set automatically when --mix has fgsm or pgd)")
@@ -129,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ds = load_cifar10(args.data_dir)
     train = ds.train.head(args.train_limit) if args.train_limit else ds.train
+    jpeg = ds.jpeg_quality if args.jpeg_quality == "auto" else args.jpeg_quality
     cfg = ReformerConfig(width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
+                         jpeg_quality=jpeg,
                          lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,
                          temperature=args.temperature, mix=args.mix, noise_max=args.noise_max,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, max_minutes=args.max_minutes,
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         dets = [{**d, "autoencoder": file} for d in chosen_detectors(args.recon_fpr, args.jsd_fpr, args.temperatures)]
         members.append({"name": "default" if len(files) == 1 else f"member-{k}", "reformer": file,
                         "detectors": B.calibrate(out, dets, ds.val.x, args.classifier,
-                                                 jpeg_quality=ds.jpeg_quality)})
+                                                 jpeg_quality=jpeg)})
     attacks_seen = args.seen_attacks or bool({"fgsm", "pgd"} & {k for k, v in args.mix.items() if v > 0})
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "cifar10-guided", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), members, m, prov,  # noqa: E731
-                                     args.classifier, jpeg_quality=ds.jpeg_quality)
+                                     args.classifier, jpeg_quality=jpeg)
     if args.candidate:
         measurements["candidate"] = "built for the validation selection: no test figures"
     test = ds.test.head(args.figures_limit) if args.figures_limit else ds.test

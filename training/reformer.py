@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
 from training.loops import duration, predict_logits
@@ -52,6 +53,7 @@ class ReformerConfig:
     checkpoint_minutes: float = 10.0
     val_every: int = 100
     bf16: bool = True  # the classifier under bf16 autocast: ~2x faster on this CPU
+    jpeg_quality: int | None = None  # the bundle's input step: every input (clean or perturbed) goes through it
     device: str = "cpu"
     seed: int = 0
 
@@ -116,14 +118,25 @@ def _lr(cfg: ReformerConfig, step: int) -> float:
 
 @torch.no_grad()
 def _val_row(model: nn.Module, classifier: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor,
-             val_adv: torch.Tensor) -> dict:
+             val_adv: torch.Tensor, val_clean: torch.Tensor | None = None) -> dict:
+    """``val_x`` and ``val_adv`` as the reformer gets them (after the input step); ``val_clean`` the
+    clean images the L1 is measured against (default ``val_x``)."""
     model.eval()
-    clean = classifier(model(val_x)).argmax(1)
+    out = model(val_x)
+    clean = classifier(out).argmax(1)
     adv = classifier(model(val_adv)).argmax(1)
     model.train()
     return {"val_reformed_acc": float((clean == val_y).float().mean()),
             "val_fgsm_reformed_acc": float((adv == val_y).float().mean()),
-            "val_l1": float((model(val_x) - val_x).abs().mean())}
+            "val_l1": float((out - (val_x if val_clean is None else val_clean)).abs().mean())}
+
+
+def jpeg_inputs(x: torch.Tensor, quality: int | None) -> torch.Tensor:
+    """``x`` after the bundle's JPEG input step (``service.defense.domain``), so the reformer trains on
+    what the core will give it; no gradient flows through it (the inputs are data here)."""
+    if quality is None:
+        return x
+    return torch.from_numpy(jpeg_round_trip(x.detach().cpu().numpy(), quality)).to(x.device)
 
 
 def _states(models: nn.ModuleList) -> dict:
@@ -205,7 +218,8 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
     # a fixed validation probe: 500 images and their FGSM at eps 0.025 against f
     val_x, val_y = torch.from_numpy(val.x[:500]).to(device), torch.from_numpy(val.y[:500]).to(device)
-    val_adv = fgsm(classifier, val_x, val_y, 0.025)
+    val_adv = jpeg_inputs(fgsm(classifier, val_x, val_y, 0.025), cfg.jpeg_quality)
+    val_x_in = jpeg_inputs(val_x, cfg.jpeg_quality)
     started, last_save = time.perf_counter(), time.perf_counter()
     run_seconds0, step0 = history["seconds"], step
     sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
@@ -213,7 +227,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
         xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
         kinds = kinds_for(len(idx), cfg.mix, gen)
-        x_in = torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen)])
+        x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
@@ -235,7 +249,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         sums["diversity"] += diversity.item()
         sums["n"] += 1
         if step % cfg.val_every == 0 or step == cfg.steps:
-            vals = [_val_row(m, classifier, val_x, val_y, val_adv) for m in models]
+            vals = [_val_row(m, classifier, val_x_in, val_y, val_adv, val_x) for m in models]
             row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
                    **({"diversity": sums["diversity"] / sums["n"]} if len(models) > 1 else {}),
                    "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,

@@ -120,6 +120,9 @@ def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, 
     assert {d.name for d in manifest.members[0].detectors} == {"recon", "jsd_t10", "jsd_t40"}
     verdict = Defense(out).inspect(cifar10.val.x[:16])
     assert verdict.reformed.shape == (16, 3, 32, 32)
+    # trained as served: the data's JPEG quality is the bundle's input step and the training inputs' too
+    assert manifest.input.jpeg_quality == 75
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["reformer"]["jpeg_quality"] == 75
 
 
 def test_a_diverse_pool_trains_jointly_and_resumes(tmp_path):
@@ -201,3 +204,12 @@ def test_a_shipped_bundle_warm_starts_a_run_with_its_members_weights(tmp_path):
     assert not np.array_equal(outs[0], outs[1])  # each member its own weights, in order
     with pytest.raises(SystemExit, match="not a classifier-guided reformer"):
         init_checkpoint(REPO / "models" / "cifar10-paper" / "ae.onnx", tmp_path)
+
+
+def test_jpeg_inputs_are_the_cores_round_trip_and_off_without_a_quality():
+    from service.defense.domain import jpeg_round_trip
+    from training.reformer import jpeg_inputs
+
+    x = torch.rand(3, 3, 32, 32)
+    assert jpeg_inputs(x, None) is x
+    np.testing.assert_array_equal(jpeg_inputs(x, 75).numpy(), jpeg_round_trip(x.numpy(), 75))
