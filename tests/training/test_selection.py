@@ -34,3 +34,20 @@ def test_thresholds_come_from_clean_scores_and_rejections_count_as_defended(tmp_
     row = cand.evaluate({"recon": 0.1}, y, {**right, "fgsm": np.array([True, False, False, False])})
     assert row["fgsm_defended"] == 1.0
     assert {tuple(g.items()) for g in grid(cand)} == {(("recon", f),) for f in (None, 0.002, 0.005, 0.01, 0.02)}
+
+
+def test_a_candidate_with_an_input_step_is_scored_as_the_core_judges_it(tmp_path):
+    """With input.jpeg_quality the scores are those of the round-tripped images, as the core's, and the
+    cache keeps them apart from the same reformer's scores without the step."""
+    from service.defense import Defense
+    from service.defense.bundle import read_manifest, write_manifest
+
+    bundle = fakes.make_bundle(tmp_path / "toy")
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, manifest.model_copy(update={"input": manifest.input.model_copy(update={"jpeg_quality": 50})}))
+    x = np.random.default_rng(0).uniform(size=(6, *fakes.SHAPE)).astype(np.float32)
+    sets = {"clean": x, "fgsm": x, "pgd": x}
+    logits = {k: np.zeros((len(v), 3), np.float32) for k, v in sets.items()}
+    cand = Candidate(bundle, sets, logits, cache=tmp_path / "cache")
+    np.testing.assert_allclose(cand.scores["clean"]["recon"], Defense(bundle).inspect(x).scores["R"], atol=1e-6)
+    assert [p.name for p in (tmp_path / "cache").iterdir()][0].endswith("-jpeg50.npz")

@@ -79,7 +79,8 @@ class Candidate:
         self.labels, self.scores = {}, {}
         # scores depend on the reformer file and the (fixed) sets: keep them by the reformer's sha256
         sha = next(f.sha256 for f in self.defense.manifest.files if f.path == spec.reformer)
-        path = cache / f"{self.name}-{sha[:16]}.npz" if cache else None
+        quality = self.defense.manifest.input.jpeg_quality  # the bundle's input step changes every score
+        path = cache / f"{self.name}-{sha[:16]}{'' if quality is None else f'-jpeg{quality}'}.npz" if cache else None
         if path is not None and path.exists():
             stored = np.load(path)
             for key in sets:
@@ -87,11 +88,14 @@ class Candidate:
                 self.scores[key] = {d: stored[f"{key}/{d}"] for d in ("recon", *self.jsd)}
             return
         for key, x in sets.items():
-            reformed = np.concatenate([self.defense.screen(x[i : i + 1000]).reformed for i in range(0, len(x), 1000)])
+            screens = [self.defense.screen(x[i : i + 1000]) for i in range(0, len(x), 1000)]
+            judged = np.concatenate([s.x for s in screens])  # x after the bundle's input step, as the core judges
+            reformed = np.concatenate([s.reformed for s in screens])
             logits_r = run_batched(self.defense.classifier, reformed, 500)
+            lx = logits_x[key] if quality is None else run_batched(self.defense.classifier, judged, 500)
             self.labels[key] = logits_r.argmax(1)
-            self.scores[key] = {"recon": S.reconstruction_error(x, reformed, 1),
-                                **{f"jsd_t{t:g}": S.divergence_score(logits_x[key], logits_r, t) for t in temps}}
+            self.scores[key] = {"recon": S.reconstruction_error(judged, reformed, 1),
+                                **{f"jsd_t{t:g}": S.divergence_score(lx, logits_r, t) for t in temps}}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, **{f"{k}/labels": v for k, v in self.labels.items()},
