@@ -11,6 +11,10 @@ the core. The ONNX files are not touched; the manifest keeps the thresholds it h
 
     magnet train domain --bundle models/cifar10 --data-dir DATA            # quality read from the data
     magnet train domain --bundle models/cifar10 --data-dir DATA --jpeg-quality none   # undo
+    magnet train domain --bundle models/cifar10 --data-dir DATA --jpeg-quality none --drop recon
+
+``--drop`` removes detectors (the others are recalibrated at their FPRs as above): the CIFAR-10
+reconstruction detector is the one that rejects uncompressed images (docs/results/cifar10-defense.md).
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures-limit", type=int, default=0,
                    help="measure the clean figures on the first N test images (0: the number the bundle "
                         "recorded for a pool, else all)")
+    p.add_argument("--drop", nargs="+", default=[], metavar="DETECTOR",
+                   help="detectors to remove from every member (e.g. one whose scores do not hold across input "
+                        "formats); the others keep their FPRs")
+    p.add_argument("--candidate", action="store_true",
+                   help="a candidate for selection: recalibrate, but touch no test image (no test figures)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     manifest = read_manifest(args.bundle)
@@ -60,12 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     spec = manifest.classifier
     members, before = [], {}
     for member in manifest.members:
-        dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) for d in member.detectors]
+        unknown = set(args.drop) - {d.name for d in member.detectors}
+        if unknown:
+            raise SystemExit(f"member {member.name} has no detector {', '.join(sorted(unknown))}")
+        kept = [d for d in member.detectors if d.name not in args.drop]
+        if not kept:
+            raise SystemExit(f"member {member.name} would have no detector left")
+        dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) for d in kept]
         before[member.name] = {d.name: d.threshold for d in member.detectors}
         calibrated = B.calibrate(args.bundle, dets, ds.val.x, defense.classifier_file, contract=spec.input,
                                  output=spec.output, output_name=spec.output_name, jpeg_quality=quality)
         members.append(member.model_copy(update={"detectors": [type(d).model_validate(c) for d, c in
-                                                               zip(member.detectors, calibrated)]}))
+                                                               zip(kept, calibrated)]}))
     measurements = dict(manifest.measurements)
     updated = manifest.model_copy(update={"input": manifest.input.model_copy(update={"jpeg_quality": quality}),
                                           "members": members, "measurements": measurements})
@@ -73,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     defense = Defense(args.bundle, device="cpu")
     limit = args.figures_limit or int(measurements.get("figures_test_images") or 0)
     test = ds.test.head(limit) if limit else ds.test
-    if len(defense.members) == 1:
+    if args.candidate:
+        figures, test = {}, test.head(0)
+    elif len(defense.members) == 1:
         figures = clean_figures(defense, test)
     else:
         figures = {"member_clean_figures": {m.name: clean_figures(defense, test, k)
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = {k: measurements[k] for k in figures if k in measurements}
     measurements.update(figures)
     measurements["input_domain"] = {
-        "jpeg_quality": quality, "training_images_jpeg_quality": ds.jpeg_quality,
+        "jpeg_quality": quality, "training_images_jpeg_quality": ds.jpeg_quality, "dropped_detectors": args.drop,
         "thresholds_before": before, "figures_before": stale, "test_images": len(test),
         "validation_images": len(ds.val), "seconds": time.perf_counter() - started,
         "provenance": provenance(["magnet", "train", "domain", *(argv if argv is not None else sys.argv[1:])], 0),
@@ -89,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(args.bundle, updated.model_copy(update={"measurements": measurements}))
     for name, thresholds in before.items():
         now = {d.name: d.threshold for d in next(m for m in members if m.name == name).detectors}
-        print(f"  {name}: " + ", ".join(f"{k} {v:.4g} -> {now[k]:.4g}" for k, v in thresholds.items()))
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4g} -> " + (f"{now[k]:.4g}" if k in now else "dropped")
+                                        for k, v in thresholds.items()))
     print(f"  clean test figures ({len(test)} images): {figures}", flush=True)
     return 0
 
