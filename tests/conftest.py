@@ -33,6 +33,7 @@ SHIPPED_CIFAR10 = ROOT / "models" / "cifar10"
 SHIPPED_CIFAR10_POOL = ROOT / "models" / "cifar10-pool"
 SHIPPED_CIFAR10_CLEAN = ROOT / "models" / "cifar10-clean"
 SHIPPED_CIFAR10_PAPER = ROOT / "models" / "cifar10-paper"
+SHIPPED_CIFAR10_JPEG_INPUTS = ROOT / "models" / "cifar10-jpeg-inputs"
 SHIPPED_MNIST_POOL = ROOT / "models" / "mnist-pool"
 
 

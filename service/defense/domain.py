@@ -4,8 +4,8 @@ A bundle whose autoencoders and classifier were trained on JPEG-compressed image
 this project ships is a quality-75 re-encoding) has learned that domain: its reformer removes the
 fine detail that JPEG removes, so an uncompressed image (the original CIFAR-10 PNGs, a camera's
 output) reconstructs with a larger error than any validation image and its detectors reject it
-(`models/cifar10`, judging them as they are: 7 of the 20 original CIFAR-10 test images that Foolbox
-ships, against 0 of their JPEG copies). ``input.jpeg_quality`` in the manifest names the quality; every input is then encoded
+(`models/cifar10-jpeg-inputs`, judging them as they are: 7 of the 20 original CIFAR-10 test images that
+Foolbox ships, against 0 of their JPEG copies). ``input.jpeg_quality`` in the manifest names the quality; every input is then encoded
 as a JPEG at that quality by Pillow (its defaults: standard tables, 4:2:0 chroma for colour, the way
 the data set was written) and decoded before the defense sees it. An original CIFAR-10 image comes out
 within about 0.6/255 (mean absolute difference) of the data set's JPEG copy of it, and an image
