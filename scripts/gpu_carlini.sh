@@ -18,14 +18,14 @@
 #   cifar10-linf  Carlini L-infinity, Carlini's budget, 200 examples, models/cifar10
 #   cifar10-l0    Carlini L0 with Carlini's schedule and budget, 200 examples, models/cifar10
 # Each job's report.json is written after its row; the adversarial examples are kept CHUNK at a time
-# (default 25, as the CPU runs behind docs/results, so that chunks crafted on either machine are reused
+# (default 10, as the CPU run of Carlini L-infinity, so that chunks crafted on either machine are reused
 # by the other: `magnet evaluate --cache-chunk`), so a job cut by its cap (CAP_S, seconds per job) keeps
 # the chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
 set -uo pipefail
 data=$1; wheels=$2; out=$3; shift 3
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(cifar10-linf cifar10-l0)
 cap=${CAP_S:-500}
-chunk=${CHUNK:-25}
+chunk=${CHUNK:-10}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
 export PYTHONPATH=/tmp/site-ort:/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out/adv-cache"
