@@ -8,9 +8,9 @@ output) reconstructs with a larger error than any validation image and its detec
 Foolbox ships, against 0 of their JPEG copies). ``input.jpeg_quality`` in the manifest names the quality; every input is then encoded
 as a JPEG at that quality by Pillow (its defaults: standard tables, 4:2:0 chroma for colour, the way
 the data set was written) and decoded before the defense sees it. An original CIFAR-10 image comes out
-within about 0.6/255 (mean absolute difference) of the data set's JPEG copy of it, and an image
-already in that domain moves by about 0.1-0.2/255. (libjpeg-turbo through another binding, simplejpeg,
-runs 8 times faster but lands 1.6/255 away from the data set's copies: the encoder must be Pillow's.)
+within 0.56/255 (mean absolute difference) of the data set's JPEG copy of it, against 6.2/255 for
+the original itself, and a copy moves by 0.08/255 (``python -m bench.jpeg_step``,
+docs/results/jpeg-step.json).
 
 Pixels are rounded to 8 bits first, as any image file would hold them.
 """
@@ -25,7 +25,8 @@ from PIL import Image
 
 def jpeg_round_trip(x: np.ndarray, quality: int) -> np.ndarray:
     """``x`` (N x C x H x W float32 in [0, 1], C = 1 or 3) encoded as JPEG at ``quality`` and decoded,
-    as float32 in [0, 1] of the same shape (about 0.2 ms per 32 x 32 colour image on one core)."""
+    as float32 in [0, 1] of the same shape (0.19 ms per 32 x 32 colour image on one core of the
+    development machine: docs/results/jpeg-step.json)."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"a JPEG round trip takes N x 1|3 x H x W images, not {list(x.shape)}")
     pixels = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)

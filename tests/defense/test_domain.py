@@ -166,3 +166,19 @@ def test_the_default_rejects_fewer_originals_than_its_jpeg_inputs_twin_and_no_jp
     assert default.inspect(x).rejected.sum() <= 2 and twin.inspect(x).rejected.sum() >= 5
     copies = jpeg_round_trip(x, 75)
     assert default.inspect(copies).rejected.sum() == 0 and twin.inspect(copies).rejected.sum() == 0
+
+
+def test_the_jpeg_step_bench_brings_originals_close_to_the_data_sets_copies(tmp_path):
+    from bench import jpeg_step
+    from tests.conftest import DATA_DIR
+
+    if not (DATA_DIR / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set MAGNET_TEST_DATA)")
+    out = tmp_path / "jpeg-step.json"
+    assert jpeg_step.main(["--data-dir", str(DATA_DIR), "--images", str(ORIGINALS), "--seconds", "0.05",
+                           "--out", str(out)]) == 0
+    r = __import__("json").loads(out.read_text())
+    assert r["originals"] == 20 and r["us_per_image_batch_1"] > 0 and r["us_per_image_batch_256"] > 0
+    # the data set's copies are Pillow JPEGs of the originals at quality 75: the round trip lands near them
+    assert r["mean_abs_round_trip_to_copy_255"] < 1.0 < 4.0 < r["mean_abs_original_to_copy_255"]
+    assert r["mean_abs_copy_round_trip_to_copy_255"] < 0.5
