@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         "mean_abs_original_to_copy_255": float(np.abs(originals - copies).mean() * 255),
         "mean_abs_copy_round_trip_to_copy_255": float(np.abs(jpeg_round_trip(copies, args.quality) - copies).mean() * 255),
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    text = json.dumps(result, indent=1) + "\n"
+    print(text, end="")
+    if args.out is not None:
+        args.out.write_text(text)
     return 0
 
 
