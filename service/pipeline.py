@@ -121,8 +121,8 @@ class Pipeline:
         came = screening.x if screening.original is None else screening.original
         if not self.defense.needs_logits(screening.member):
             return self.defense.decide(screening), await self._call_upstream(came)
-        rows = [screening.x, screening.reformed] if screening.original is None else [came, screening.x, screening.reformed]
-        out = await self._call_upstream(np.concatenate(rows))
+        judged_rows = [screening.x, screening.reformed]  # after the rows as they came, when the input step changed x
+        out = await self._call_upstream(np.concatenate(judged_rows if came is screening.x else [came, *judged_rows]))
         judged = out[-2 * n:]  # on x as judged and on its reformed copy
         return self.defense.decide(screening, judged[:n], judged[n:]), out[:n]
 

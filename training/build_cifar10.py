@@ -32,6 +32,7 @@ SHAPE = (3, 32, 32)
 def parser():
     p = B.base_parser("magnet train cifar10", __doc__, "cifar10")
     p.add_argument("--name", default="cifar10", help="the bundle's name (the upstream model name by default)")
+    B.add_jpeg_quality(p)
     p.add_argument("--width", type=int, default=64, help="ResNet-9 base width (64: 6.6 M parameters)")
     p.add_argument("--classifier-epochs", type=int, default=24, help="one-cycle epochs for the classifier")
     p.add_argument("--classifier-lr", type=float, default=0.4, help="peak learning rate (mean loss)")
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     ds = load_cifar10(args.data_dir)
+    jpeg = B.jpeg_quality(args.jpeg_quality, ds)
     train = ds.train.head(args.train_limit) if args.train_limit else ds.train
     clf_cfg, ae_cfg = configs(args)
     config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parity = B.export_all({B.CLASSIFIER_FILE: clf, "ae.onnx": ae}, out, SHAPE, ds.test.x[:500])
     dets = detectors("ae.onnx", args.recon_fpr, args.jsd_fpr, args.temperatures)
     member = {"name": "default", "reformer": "ae.onnx",
-              "detectors": B.calibrate(out, dets, ds.val.x, args.shared_classifier, jpeg_quality=ds.jpeg_quality)}
+              "detectors": B.calibrate(out, dets, ds.val.x, args.shared_classifier, jpeg_quality=jpeg)}
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "autoencoder_val_mse": reconstruction_mse(ae, ds.val.x),
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prov = provenance(["magnet", "train", "cifar10", *(argv if argv is not None else sys.argv[1:])], args.seed)
     write = lambda m: B.write_bundle(out, args.name, "cifar10", SHAPE, list(ds.classes), [member], m, prov,  # noqa: E731
-                                     args.shared_classifier, jpeg_quality=ds.jpeg_quality)
+                                     args.shared_classifier, jpeg_quality=jpeg)
     return B.publish(out, write, measurements, lambda defense: clean_figures(defense, ds.test), started)
 
 

@@ -24,21 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from service.defense.bundle import read_manifest, write_manifest
+from service.defense.bundle import read_manifest, verify_files, write_manifest
 from service.defense.core import Defense
 from training import bundles as B
 from training.bundle_report import clean_figures
 from training.provenance import provenance
 from training.specs import load_for_manifest
-
-
-def quality_arg(text: str) -> int | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError("a JPEG quality is 1 to 100")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, required=True, help="the bundle to update in place")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where the bundle's data set is")
     p.add_argument("--data", type=Path, help="the image folder of a bundle built by 'magnet train folder'")
-    p.add_argument("--jpeg-quality", type=quality_arg, default="auto",
-                   help="auto (the training images' quality, or none when they are not all JPEGs of one "
-                        "quality), a quality 1-100, or none")
+    B.add_jpeg_quality(p, default="auto")
     p.add_argument("--figures-limit", type=int, default=0,
                    help="measure the clean figures on the first N test images (0: the number the bundle "
                         "recorded for a pool, else all)")
@@ -62,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     manifest = read_manifest(args.bundle)
     ds = load_for_manifest(manifest, args.data_dir, args.data)
-    quality = ds.jpeg_quality if args.jpeg_quality == "auto" else args.jpeg_quality
-    print(f"{args.bundle}: training images {'JPEG quality ' + str(ds.jpeg_quality) if ds.jpeg_quality else 'not all JPEGs of one quality'};"
-          f" input domain: {'JPEG round trip at quality ' + str(quality) if quality else 'inputs as they come'}", flush=True)
-    defense = Defense(args.bundle, device="cpu")
+    quality = B.jpeg_quality(args.jpeg_quality, ds)
+    data = f"JPEG quality {ds.jpeg_quality}" if ds.jpeg_quality else "not all JPEGs of one quality"
+    step = f"JPEG round trip at quality {quality}" if quality else "inputs as they come"
+    print(f"{args.bundle}: training images {data}; input domain: {step}", flush=True)
     spec = manifest.classifier
+    classifier_file = verify_files(args.bundle, manifest)[spec.file]
     members, before = [], {}
     for member in manifest.members:
         unknown = set(args.drop) - {d.name for d in member.detectors}
@@ -77,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"member {member.name} would have no detector left")
         dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) for d in kept]
         before[member.name] = {d.name: d.threshold for d in member.detectors}
-        calibrated = B.calibrate(args.bundle, dets, ds.val.x, defense.classifier_file, contract=spec.input,
+        calibrated = B.calibrate(args.bundle, dets, ds.val.x, classifier_file, contract=spec.input,
                                  output=spec.output, output_name=spec.output_name, jpeg_quality=quality)
         members.append(member.model_copy(update={"detectors": [type(d).model_validate(c) for d, c in
                                                                zip(kept, calibrated)]}))
     measurements = dict(manifest.measurements)
     updated = manifest.model_copy(update={"input": manifest.input.model_copy(update={"jpeg_quality": quality}),
-                                          "members": members, "measurements": measurements})
+                                          "members": members})
     write_manifest(args.bundle, updated)
     defense = Defense(args.bundle, device="cpu")
     limit = args.figures_limit or int(measurements.get("figures_test_images") or 0)
@@ -104,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance(["magnet", "train", "domain", *(argv if argv is not None else sys.argv[1:])], 0),
     }
     write_manifest(args.bundle, updated.model_copy(update={"measurements": measurements}))
-    for name, thresholds in before.items():
-        now = {d.name: d.threshold for d in next(m for m in members if m.name == name).detectors}
-        print(f"  {name}: " + ", ".join(f"{k} {v:.4g} -> " + (f"{now[k]:.4g}" if k in now else "dropped")
-                                        for k, v in thresholds.items()))
+    for member in members:
+        now = {d.name: d.threshold for d in member.detectors}
+        print(f"  {member.name}: " + ", ".join(f"{k} {v:.4g} -> " + (f"{now[k]:.4g}" if k in now else "dropped")
+                                               for k, v in before[member.name].items()))
     print(f"  clean test figures ({len(test)} images): {figures}", flush=True)
     return 0
 

@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the bundle's name (default: the folder's name)")
     p.add_argument("--work-dir", type=Path, default=None, help="weights and progress (default: runs/folder-NAME)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="resize every image")
+    B.add_jpeg_quality(p)
     c = p.add_argument_group("the classifier's input contract (defaults: NCHW, pixels in [0, 1], logits)")
     c.add_argument("--layout", type=str.upper, choices=("NCHW", "NHWC"), default="NCHW", help="nchw or nhwc")
     c.add_argument("--scale", type=float, default=1.0, help="pixels in [0, 1] are multiplied by this (255: 0..255)")
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 else cifar10_detectors(file, args.fpr or 0.005, args.fpr or 0.02, [40.0]))
         members.append({"name": "default" if len(reformers) == 1 else f"member-{k}", "reformer": file,
                         "detectors": B.calibrate(out, dets, ds.val.x, contract=contract, output=args.outputs,
-                                                 output_name=args.output_name, jpeg_quality=ds.jpeg_quality)})
+                                                 output_name=args.output_name,
+                                                 jpeg_quality=B.jpeg_quality(args.jpeg_quality, ds))})
     measurements = {
         "data": {"folder": str(args.data), "seed": args.seed, "validation": VALIDATION, "test": TEST,
                  "held_out_test": not (args.data / "test").is_dir(), "size": list(shape[1:]),
@@ -315,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(m: dict):
         return B.write_bundle(out, name, f"folder:{name}", shape, list(ds.classes), members, m, prov,
-                              classifier_fields=classifier_fields, jpeg_quality=ds.jpeg_quality)
+                              classifier_fields=classifier_fields,
+                              jpeg_quality=B.jpeg_quality(args.jpeg_quality, ds))
 
     per_member: dict[str, dict] = {}
 

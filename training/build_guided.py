@@ -24,7 +24,6 @@ import torch
 
 from training import bundles as B
 from training.build_cifar10 import detectors
-from training.build_domain import quality_arg
 from training.bundle_report import clean_figures
 from training.from_onnx import torch_twin
 from training.images import load_cifar10
@@ -79,9 +78,7 @@ def parser():
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: touch no test image (no test figures in the manifest, "
                         "parity checked on validation images); build the chosen one again without this flag")
-    p.add_argument("--jpeg-quality", type=quality_arg, default="auto",
-                   help="the bundle's JPEG input step (service.defense.domain), which the reformer also trains "
-                        "behind: auto (the training images' quality when they are all JPEGs of one), Q or none")
+    B.add_jpeg_quality(p, also=", which the reformer also trains behind")
     p.add_argument("--seen-attacks", action="store_true",
                    help="record in the manifest that the reformer was trained on adversarial examples "
                         "(set automatically when --mix has fgsm or pgd)")
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ds = load_cifar10(args.data_dir)
     train = ds.train.head(args.train_limit) if args.train_limit else ds.train
-    jpeg = ds.jpeg_quality if args.jpeg_quality == "auto" else args.jpeg_quality
+    jpeg = B.jpeg_quality(args.jpeg_quality, ds)
     cfg = ReformerConfig(width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
                          jpeg_quality=jpeg,
                          lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,

@@ -32,12 +32,12 @@ def _decisions(defense: Defense, x: np.ndarray) -> dict:
 def clean_figures(defense: Defense, test: Split, member: int = 0) -> dict:
     """Clean test-set figures of one member of the served defense, computed through the core."""
     fired_parts, labels, plain = [], [], []
+    same_x = defense.manifest.input.jpeg_quality is None  # else the core judged a round-tripped x
     for i in range(0, len(test), 1000):
         x = test.x[i : i + 1000]
         v = defense.inspect(x, member)
         # divergence detectors already ran the classifier on x and on the reformed x: reuse those logits
         # (unless the bundle's input domain step changed x: the classifier alone sees x as it is)
-        same_x = defense.manifest.input.jpeg_quality is None
         plain.append(v.logits_x if v.logits_x is not None and same_x else defense.classifier(x))
         labels.append(v.logits_reformed if v.logits_reformed is not None else defense.classifier(v.reformed))
         fired_parts.append(v.fired)

@@ -154,6 +154,28 @@ def shared_classifier(model: nn.Module, path: Path, shape: tuple[int, int, int],
     return diff
 
 
+def quality_arg(text: str) -> int | str | None:
+    """``--jpeg-quality``: ``auto``, ``none`` (None) or a quality 1-100."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("a JPEG quality is 1 to 100")
+    return value
+
+
+def add_jpeg_quality(p: argparse.ArgumentParser, default: str = "none", also: str = "") -> None:
+    """The recipes' ``--jpeg-quality``: the bundle's JPEG input step (``service.defense.domain``)."""
+    p.add_argument("--jpeg-quality", type=quality_arg, default=default,
+                   help=f"the bundle's JPEG input step{also}: none (default {default}), auto (the quality every "
+                        "training image was saved at, none when they are not all JPEGs of one) or a quality 1-100")
+
+
+def jpeg_quality(choice: int | str | None, ds) -> int | None:
+    """``--jpeg-quality`` resolved against the data set (``Dataset.jpeg_quality`` for ``auto``)."""
+    return ds.jpeg_quality if choice == "auto" else choice
+
+
 def base_parser(prog: str, doc: str, dataset: str) -> argparse.ArgumentParser:
     """Flags every recipe shares."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,7 +46,7 @@ class JpegSource:
         self.uniform = True
 
     def see(self, image: Image.Image) -> None:
-        tables = getattr(image, "quantization", None) if image.format == "JPEG" else None
+        tables = image.quantization if image.format == "JPEG" else None
         if tables is None or (self.tables is not None and tables != self.tables):
             self.uniform = False
         elif self.tables is None:

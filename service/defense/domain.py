@@ -5,9 +5,10 @@ this project ships is a quality-75 re-encoding) has learned that domain: its ref
 fine detail that JPEG removes, so an uncompressed image (the original CIFAR-10 PNGs, a camera's
 output) reconstructs with a larger error than any validation image and its detectors reject it
 (`models/cifar10-jpeg-inputs`, judging them as they are: 7 of the 20 original CIFAR-10 test images that
-Foolbox ships, against 0 of their JPEG copies). ``input.jpeg_quality`` in the manifest names the quality; every input is then encoded
-as a JPEG at that quality by Pillow (its defaults: standard tables, 4:2:0 chroma for colour, the way
-the data set was written) and decoded before the defense sees it. An original CIFAR-10 image comes out
+Foolbox ships, against 0 of their JPEG copies). ``input.jpeg_quality`` in the manifest names the
+quality; every input is then encoded as a JPEG at that quality by Pillow (its defaults: standard
+tables, 4:2:0 chroma for colour, the way the data set was written) and decoded before the defense
+sees it. An original CIFAR-10 image comes out
 within 0.56/255 (mean absolute difference) of the data set's JPEG copy of it, against 6.2/255 for
 the original itself, and a copy moves by 0.08/255 (``python -m bench.jpeg_step``,
 docs/results/jpeg-step.json).

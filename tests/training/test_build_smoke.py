@@ -84,7 +84,7 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
     out = tmp_path / "cifar"
     assert build_cifar10.main(["--data-dir", str(DATA_DIR), "--out", str(out), "--work-dir", str(tmp_path / "w"),
                                "--width", "4", "--classifier-epochs", "1", "--ae-epochs", "1",
-                               "--train-limit", "500"]) == 0
+                               "--train-limit", "500", "--jpeg-quality", "auto"]) == 0
     manifest = read_manifest(out)
     verify_files(out, manifest)
     kinds = {d.name: (d.kind, getattr(d, "p", None), getattr(d, "temperature", None), d.fpr)

@@ -111,7 +111,7 @@ def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, 
     out = tmp_path / "models" / "guided"
     args = ["--data-dir", str(DATA_DIR), "--classifier", str(classifier), "--work-dir", str(tmp_path / "w"),
             "--out", str(out), "--width", "8", "--depth", "1", "--steps", "2", "--batch-size", "8",
-            "--mix", "fgsm=1,pgd=1", "--train-limit", "200", "--candidate"]
+            "--mix", "fgsm=1,pgd=1", "--train-limit", "200", "--candidate", "--jpeg-quality", "auto"]
     assert build_guided.main(args) == 0
     manifest = read_manifest(out)
     assert manifest.classifier.file == "../shared/tiny.onnx"

@@ -16,8 +16,8 @@ from torch import nn
 from service.defense import detectors as D
 from service.defense.bundle import MemberSpec
 from service.defense.core import Defense
-from service.defense.domain import jpeg_round_trip
 from training.from_onnx import torch_twin
+from training.reformer import jpeg_inputs
 
 
 @dataclass
@@ -96,10 +96,7 @@ def jpeg_straight_through(x: torch.Tensor, quality: int | None) -> torch.Tensor:
     """The bundle's JPEG round trip (``input.jpeg_quality``) in the forward pass, the identity in the
     backward pass (BPDA, Athalye et al. 2018): JPEG has no useful gradient, so attacks optimise through
     it as if it were not there, and the core judges what they find with the real round trip."""
-    if quality is None:
-        return x
-    done = torch.from_numpy(jpeg_round_trip(x.detach().cpu().numpy(), quality)).to(x.device)
-    return x + (done - x).detach()
+    return x if quality is None else x + (jpeg_inputs(x, quality) - x).detach()
 
 
 class TorchOps:
