@@ -15,6 +15,11 @@ the core. The ONNX files are not touched; the manifest keeps the thresholds it h
 
 ``--drop`` removes detectors (the others are recalibrated at their FPRs as above): the CIFAR-10
 reconstruction detector is the one that rejects uncompressed images (docs/results/cifar10-defense.md).
+``--fpr NAME=F`` recalibrates a kept detector at another false-positive rate (one chosen on validation,
+e.g. a row of ``python -m training.evaluate.selection table``):
+
+    magnet train domain --bundle models/cifar10-pool --data-dir DATA --jpeg-quality none \
+        --drop recon jsd_t10 --fpr jsd_t40=0.02
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ from training.provenance import provenance
 from training.specs import load_for_manifest
 
 
+def _fpr_arg(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        fpr = float(value)
+    except ValueError:
+        fpr = -1.0
+    if not sep or not name or not 0 < fpr < 1:
+        raise argparse.ArgumentTypeError(f"expected DETECTOR=FPR with 0 < FPR < 1, got {text!r}")
+    return name, fpr
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="magnet train domain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop", nargs="+", default=[], metavar="DETECTOR",
                    help="detectors to remove from every member (e.g. one whose scores do not hold across input "
                         "formats); the others keep their FPRs")
+    p.add_argument("--fpr", nargs="+", default=[], metavar="DETECTOR=FPR", type=_fpr_arg,
+                   help="recalibrate these kept detectors at a new false-positive rate (0 < FPR < 1)")
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: recalibrate, but touch no test image (no test figures)")
     args = p.parse_args(argv)
@@ -57,15 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.bundle}: training images {data}; input domain: {step}", flush=True)
     spec = manifest.classifier
     classifier_file = verify_files(args.bundle, manifest)[spec.file]
+    fprs = dict(args.fpr)
     members, before = [], {}
     for member in manifest.members:
-        unknown = set(args.drop) - {d.name for d in member.detectors}
+        unknown = (set(args.drop) | set(fprs)) - {d.name for d in member.detectors}
         if unknown:
             raise SystemExit(f"member {member.name} has no detector {', '.join(sorted(unknown))}")
+        if set(fprs) & set(args.drop):
+            raise SystemExit(f"--fpr names a dropped detector: {', '.join(sorted(set(fprs) & set(args.drop)))}")
         kept = [d for d in member.detectors if d.name not in args.drop]
         if not kept:
             raise SystemExit(f"member {member.name} would have no detector left")
-        dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) for d in kept]
+        dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) | ({"fpr": fprs[d.name]} if d.name in fprs else {})
+                for d in kept]
         before[member.name] = {d.name: d.threshold for d in member.detectors}
         calibrated = B.calibrate(args.bundle, dets, ds.val.x, classifier_file, contract=spec.input,
                                  output=spec.output, output_name=spec.output_name, jpeg_quality=quality)
@@ -89,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     measurements.update(figures)
     measurements["input_domain"] = {
         "jpeg_quality": quality, "training_images_jpeg_quality": ds.jpeg_quality, "dropped_detectors": args.drop,
+        "fprs_set": fprs,
         "thresholds_before": before, "figures_before": stale, "test_images": len(test),
         "validation_images": len(ds.val), "seconds": time.perf_counter() - started,
         "provenance": provenance(["magnet", "train", "domain", *(argv if argv is not None else sys.argv[1:])], 0),

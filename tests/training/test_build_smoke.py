@@ -111,6 +111,18 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
     assert step["jpeg_quality"] is None and step["training_images_jpeg_quality"] == 75
     assert step["thresholds_before"] == {"default": before} and step["test_images"] == 200
     assert "defense_clean_test_accuracy" in after.measurements
+    # --drop and --fpr: a configuration chosen on validation, recalibrated at the new FPR
+    assert build_domain.main(["--bundle", str(out), "--data-dir", str(DATA_DIR), "--jpeg-quality", "none",
+                              "--drop", "recon", "jsd_t10", "--fpr", "jsd_t40=0.05", "--candidate"]) == 0
+    chosen = read_manifest(out)
+    verify_files(out, chosen)
+    (det,) = chosen.members[0].detectors
+    assert (det.name, det.fpr) == ("jsd_t40", 0.05) and det.threshold < now["jsd_t40"]
+    assert chosen.measurements["input_domain"]["fprs_set"] == {"jsd_t40": 0.05}
+    for bad in (["--fpr", "jsd_t40=1.5"], ["--fpr", "jsd_t40"], ["--fpr", "nope=0.1"],
+                ["--drop", "jsd_t40", "--fpr", "jsd_t40=0.1"]):
+        with pytest.raises(SystemExit):
+            build_domain.main(["--bundle", str(out), "--data-dir", str(DATA_DIR), "--jpeg-quality", "none", *bad])
 
 
 def test_smoke_cifar10_bundles_share_one_classifier_file(tmp_path, cifar10):
