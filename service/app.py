@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
         try:
             defense = Defense(settings.bundle, settings.device, settings.ort_threads, settings.ort_spinning,
                               fused={"on": True, "off": False, "auto": None}[settings.fused],
-                              embed_classifier=settings.upstream is None)
+                              embed_classifier=settings.upstream is None, optimization=settings.ort_optimization)
         except FusionError as e:
             raise ConfigError(f"MAGNET_FUSED=on: {e}") from e
     upstream = upstream or make_upstream(settings, defense, executor)

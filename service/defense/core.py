@@ -20,7 +20,7 @@ from service.defense.domain import jpeg_round_trip
 from service.defense.scores import logits_from_probabilities
 from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.fused import TOLERANCE, FusedMember, FusionError, fuse_member
-from service.defense.runtime import CUDA, Device, OnnxModel, choose_providers, make_session
+from service.defense.runtime import CUDA, Device, OnnxModel, Optimization, choose_providers, make_session
 from service.defense.thresholds import passes
 
 Classify = Callable[[np.ndarray], np.ndarray]
@@ -110,15 +110,19 @@ class Defense:
     """A loaded, verified bundle with onnxruntime sessions for every autoencoder and the classifier."""
 
     def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, spinning: bool = True,
-                 fused: bool | None = False, embed_classifier: bool = False) -> None:
+                 fused: bool | None = False, embed_classifier: bool = False,
+                 optimization: Optimization = "auto") -> None:
         """``fused``: one graph per member (``service.defense.fused``): True requires it (FusionError
         otherwise), None uses it on CUDA when it can be built, False never; ``embed_classifier``: the
-        fused graphs include the bundle's classifier (the gateway's embedded upstream)."""
+        fused graphs include the bundle's classifier (the gateway's embedded upstream);
+        ``optimization``: onnxruntime's graph optimization level per model (``runtime.make_session``)."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.files: dict[str, Path] = verify_files(self.bundle_dir, self.manifest)  # manifest path -> file
         providers = choose_providers(device)
-        self.autoencoders = {f: OnnxModel(self.files[f], providers, threads, spinning=spinning)
+        self._optimization = optimization
+        self.autoencoders = {f: OnnxModel(self.files[f], providers, threads, spinning=spinning,
+                                          optimization=optimization)
                              for f in self.manifest.autoencoder_files()}
         self._spinning = spinning
         self._classifier_providers = providers
@@ -138,7 +142,8 @@ class Defense:
                 model = fuse_member([self.files[f] for f in files], self.files[member.reformer],
                                     self.classifier_file if embed_classifier else None, spec.input,
                                     spec.output_name, both_rows=self.needs_logits(k))
-                fm = FusedMember(make_session(model, self._classifier_providers, self._threads, self._spinning), files)
+                fm = FusedMember(make_session(model, self._classifier_providers, self._threads, self._spinning,
+                                              self._optimization), files)
                 self._check_fused(k, fm)
             except FusionError as e:
                 if required:
@@ -179,7 +184,8 @@ class Defense:
         if self._classifier is None:
             spec = self.manifest.classifier
             model = OnnxModel(self.classifier_file, self._classifier_providers, self._threads,
-                              input_name=spec.input.name, output_name=spec.output_name, spinning=self._spinning)
+                              input_name=spec.input.name, output_name=spec.output_name, spinning=self._spinning,
+                              optimization=self._optimization)
             self._classifier = Classifier(model, spec.input, spec.output)
         return self._classifier
 

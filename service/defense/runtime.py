@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -67,11 +68,53 @@ def shared_cpu_arena() -> bool:
     return _shared_arena
 
 
+Optimization = Literal["auto", "all", "extended", "basic"]
+LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+PROBE_BATCHES = (1, 8)  # rows of the timing probes of ``optimization="auto"``
+PROBE_RUNS = 5  # timed runs per level and batch, alternating between the levels
+PREFER_EXTENDED = 0.85  # 'extended' is kept only when it takes at most this share of 'all''s time
+
+
 def make_session(model: Path | bytes, providers: list[str], threads: int = 0,
-                 spinning: bool = True) -> ort.InferenceSession:
-    """An onnxruntime session on a model file or a serialized model, with the gateway's options."""
+                 spinning: bool = True, optimization: Optimization = "auto") -> ort.InferenceSession:
+    """An onnxruntime session on a model file or a serialized model, with the gateway's options.
+
+    ``optimization``: onnxruntime's graph optimization level. 'all' (onnxruntime's default) adds the CPU
+    layout transformations (NCHWc blocked convolutions, with reorders around them): they speed up wide
+    convolutions (the CIFAR-10 U-Net reformer: 1.6x) and slow down narrow ones (the MNIST autoencoders,
+    a few channels: 2x slower at every batch size; ``bench.ort_levels``). 'auto' on the CPU builds the
+    session at 'all' and at 'extended' (everything but the layout transformations), times both on
+    random inputs of the model's shape, and keeps 'extended' only when it is clearly faster; on a GPU
+    'auto' is 'all'."""
+    if optimization == "auto":
+        if providers[0] != CPU:
+            return _session(model, providers, threads, spinning, "all")
+        size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
+        key = (size, threads)
+        if key in _chosen:  # a model of the same size (a pool's members): same graph, same choice
+            session = _session(model, providers, threads, spinning, _chosen[key][0])
+            if _chosen[key][1] == _signature(session):
+                return session
+        session, level = _fastest(model, providers, threads, spinning)
+        _chosen[key] = (level, _signature(session))
+        return session
+    return _session(model, providers, threads, spinning, optimization)
+
+
+_chosen: dict[tuple[int, int], tuple[str, tuple]] = {}  # (model bytes, threads) -> (level, inputs and outputs)
+
+
+def _signature(session: ort.InferenceSession) -> tuple:
+    return tuple((i.name, i.type, tuple(map(str, i.shape))) for i in [*session.get_inputs(), *session.get_outputs()])
+
+
+def _session(model: Path | bytes, providers: list[str], threads: int, spinning: bool,
+             level: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = LEVELS[level]
     # spinning: idle intra-op threads busy-wait for the next call (lower latency on cores of their own,
     # stolen cycles on cores shared with a model server or the other workers)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -80,6 +123,56 @@ def make_session(model: Path | bytes, providers: list[str], threads: int = 0,
         opts.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=opts,
                                 providers=providers)
+
+
+def probe_feeds(session: ort.InferenceSession, rows: int) -> dict[str, np.ndarray] | None:
+    """Random float32 inputs of ``rows`` rows for every input of ``session``, or None when an input is not
+    float32 or has a symbolic size other than its first (batch) axis."""
+    feeds = {}
+    for i in session.get_inputs():
+        shape = list(i.shape)
+        if i.type != "tensor(float)" or not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return None
+        feeds[i.name] = np.random.default_rng(0).uniform(size=(rows, *shape[1:])).astype(np.float32)
+    return feeds
+
+
+def _fastest(model: Path | bytes, providers: list[str], threads: int,
+             spinning: bool) -> tuple[ort.InferenceSession, str]:
+    """The session at 'all' or at 'extended', whichever runs this model faster here (see ``make_session``),
+    and its level."""
+    levels = {level: _session(model, providers, threads, spinning, level) for level in ("all", "extended")}
+    elapsed = {level: 0.0 for level in levels}
+    for rows in PROBE_BATCHES:
+        feeds = probe_feeds(levels["all"], rows)
+        if feeds is None:
+            return levels["all"], "all"
+        times: dict[str, list[float]] = {level: [] for level in levels}
+        for run in range(PROBE_RUNS + 1):  # the first run of each is a warm-up
+            for level, session in levels.items():
+                started = time.perf_counter()
+                session.run(None, feeds)
+                if run:
+                    times[level].append(time.perf_counter() - started)
+        for level in levels:
+            elapsed[level] += float(np.median(times[level]))
+    chosen = "extended" if elapsed["extended"] <= PREFER_EXTENDED * elapsed["all"] else "all"
+    name = model.name if isinstance(model, Path) else "a serialized graph"
+    log.info("%s: graph optimization '%s' (probe %.3f ms at 'all', %.3f ms at 'extended')", name, chosen,
+             1e3 * elapsed["all"], 1e3 * elapsed["extended"])
+    kept = levels.pop(chosen)
+    levels.clear()
+    _trim_heap()  # the other session's weights go back to the system, not to the peak of this worker's RSS
+    return kept, chosen
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def chunk_rows(on_cpu: bool, x: np.ndarray) -> int:
@@ -96,9 +189,9 @@ class OnnxModel:
     """One ONNX graph with a single input and a single output, batch axis first."""
 
     def __init__(self, path: Path, providers: list[str], threads: int = 0, input_name: str | None = None,
-                 output_name: str | None = None, spinning: bool = True) -> None:
+                 output_name: str | None = None, spinning: bool = True, optimization: Optimization = "auto") -> None:
         self.path = Path(path)
-        self.session = make_session(self.path, providers, threads, spinning)
+        self.session = make_session(self.path, providers, threads, spinning, optimization)
         inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         for name, names, what in ((input_name, inputs, "input"), (output_name, outputs, "output")):
             if name is not None and name not in names:

@@ -32,6 +32,16 @@ JSD = {"name": "jsd", "kind": "divergence", "autoencoder": "steep.onnx", "temper
 RECON = {"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1, "fpr": 0.01, "threshold": 0.1}
 
 
+@pytest.fixture(autouse=True)
+def one_optimization_level(monkeypatch):
+    """Bit-exact comparisons need one graph optimization level on both sides: 'auto' may give a fused graph
+    (dominated by the classifier) another level than a small autoencoder's own session."""
+    from service.defense import runtime
+
+    monkeypatch.setattr(runtime, "PREFER_EXTENDED", 0.0)
+    monkeypatch.setattr(runtime, "_chosen", {})
+
+
 def same_screen(fused: Defense, separate: Defense, x: np.ndarray, member: int = 0) -> None:
     """Fused and separate screens agree exactly on the CPU, and so do the decisions."""
     a, b = fused.screen(x, member), separate.screen(x, member)

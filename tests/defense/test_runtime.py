@@ -72,3 +72,66 @@ def test_cpu_sessions_share_one_arena_with_the_same_outputs():
     assert shared.session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
     plain = runtime.ort.InferenceSession(str(SHIPPED_MNIST / "classifier.onnx"), providers=[runtime.CPU])
     np.testing.assert_allclose(shared(x), plain.run(None, {plain.get_inputs()[0].name: x})[0], rtol=1e-5, atol=1e-5)
+
+
+def _level(session):
+    return session.get_session_options().graph_optimization_level
+
+
+def test_auto_optimization_keeps_extended_only_when_it_is_clearly_faster(monkeypatch, caplog):
+    """'auto' on the CPU times 'all' against 'extended' and keeps 'extended' only under PREFER_EXTENDED
+    of 'all''s time; the outputs are the same graph's either way; a model of the same size reuses the
+    choice without probing again."""
+    import numpy as np
+
+    from tests.conftest import SHIPPED_MNIST
+
+    ae = SHIPPED_MNIST / "ae_i.onnx"
+    x = np.random.default_rng(2).random((4, 1, 28, 28), dtype=np.float32)
+    fixed = runtime.OnnxModel(ae, [runtime.CPU], threads=1, optimization="all")
+    assert _level(fixed.session) == runtime.LEVELS["all"]
+    outputs = {}
+    for share, level in ((100.0, "extended"), (0.0, "all")):  # any time passes 100x; none passes 0x
+        monkeypatch.setattr(runtime, "_chosen", {})
+        monkeypatch.setattr(runtime, "PREFER_EXTENDED", share)
+        with caplog.at_level(logging.INFO, logger="magnet.runtime"):
+            model = runtime.OnnxModel(ae, [runtime.CPU], threads=1)
+        assert _level(model.session) == runtime.LEVELS[level]
+        assert f"graph optimization '{level}'" in caplog.text
+        outputs[level] = model(x)
+        caplog.clear()
+        probes = []
+        monkeypatch.setattr(runtime, "_fastest", lambda *a: probes.append(a))
+        again = runtime.OnnxModel(ae, [runtime.CPU], threads=1)  # same size: the recorded choice, no probe
+        assert _level(again.session) == runtime.LEVELS[level] and not probes
+        monkeypatch.undo()
+    np.testing.assert_allclose(outputs["extended"], outputs["all"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fixed(x), outputs["all"], rtol=1e-6, atol=1e-7)
+
+
+def test_auto_optimization_is_all_on_a_gpu_and_when_the_input_cannot_be_probed(monkeypatch):
+    from tests.conftest import SHIPPED_MNIST
+
+    made = []
+    monkeypatch.setattr(runtime, "_session", lambda model, providers, threads, spinning, level: made.append(level))
+    runtime.make_session(SHIPPED_MNIST / "ae_i.onnx", [runtime.CUDA, runtime.CPU])
+    assert made == ["all"]
+    monkeypatch.undo()
+    session = runtime.make_session(SHIPPED_MNIST / "ae_i.onnx", [runtime.CPU], threads=1, optimization="basic")
+    assert _level(session) == runtime.LEVELS["basic"]
+    feeds = runtime.probe_feeds(session, 3)
+    assert [v.shape for v in feeds.values()] == [(3, 1, 28, 28)]
+
+    class Input:
+        def __init__(self, shape, type="tensor(float)"):
+            self.name, self.shape, self.type = "x", shape, type
+
+    class Fake:
+        def __init__(self, *inputs):
+            self.inputs = inputs
+
+        def get_inputs(self):
+            return self.inputs
+
+    assert runtime.probe_feeds(Fake(Input(["N", 3, "H", "W"])), 1) is None  # symbolic image size
+    assert runtime.probe_feeds(Fake(Input(["N", 4], "tensor(int64)")), 1) is None
