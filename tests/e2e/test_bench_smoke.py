@@ -116,3 +116,72 @@ def test_the_stage_breakdown_reports_cpu_per_request_under_a_closed_loop(mnist, 
     for line in lines:
         assert "CPU ms per request: KServe" in line and "load generator" in line
     assert " 0 req/s" not in "".join(lines)
+
+
+def test_the_hop_floor_runs_its_three_targets_and_the_forwarding_proxy_answers_as_kserve(tmp_path, mnist):
+    """bench.hop_floor: KServe direct, the do-nothing forwarding proxy and the gateway, each served without
+    errors; the summary's differences are those of the rounds' p50s."""
+    from bench.hop_floor import main
+
+    out = tmp_path / "hop.json"
+    assert main(["--data-dir", str(DATA_DIR), "--seconds", "1", "--warmup", "0.2", "--rounds", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 2
+    for rd in report["rounds"]:
+        assert set(rd) == {"kserve_direct", "floor_proxy", "gateway_to_kserve"}
+        assert all(run["requests"] > 0 and run["errors"] == 0 for run in rd.values())
+        assert all(run["server_cpu_ms_per_request"] > 0 and run["kserve_cpu_ms_per_request"] > 0 for run in rd.values())
+    s = report["summary"]
+    p50 = s["p50_ms_median_of_rounds"]
+    assert s["added_p50_ms"] == pytest.approx(p50["gateway_to_kserve"] - p50["kserve_direct"])
+    assert s["hop_ms"] + s["gateway_work_ms"] == pytest.approx(s["added_p50_ms"])
+
+
+def test_the_forwarding_proxy_passes_bodies_and_statuses_through():
+    import asyncio
+
+    from bench.hop_floor import ForwardingApp
+    from tests.procs import start_model_server
+
+    proc, url = start_model_server(SHIPPED_MNIST / "classifier.onnx", "mnist")
+    try:
+        app = ForwardingApp(url)
+
+        async def call(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+            sent, chunks = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                return chunks.pop(0)
+
+            async def send(message):
+                sent.append(message)
+
+            await app({"type": "http", "method": method, "path": path}, receive, send)
+            return sent[0]["status"], sent[1]["body"]
+
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                       "data": [0.0] * 784}]}).encode()
+        async def both():
+            try:
+                return await call("POST", "/v2/models/mnist/infer", body), await call("POST", "/v2/models/nope/infer", body)
+            finally:
+                await app.client.close()
+
+        (status, answer), (missing, _) = asyncio.run(both())
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+        assert missing == 404
+    finally:
+        proc.stop()
+
+
+def test_the_optimization_level_bench_times_every_model_at_each_level(tmp_path):
+    from bench.ort_levels import main
+
+    out = tmp_path / "levels.json"
+    assert main(["--bundles", str(SHIPPED_MNIST), "--batches", "1,2", "--seconds", "0.01", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["file"] for r in rows] == ["ae_i.onnx", "ae_ii.onnx", "classifier.onnx"]
+    for r in rows:
+        assert set(r["ms"]) == {"all", "extended", "basic"} and all(set(t) == {"1", "2"} for t in r["ms"].values())
+        assert r["auto"] in ("all", "extended") and all(v > 0 for t in r["ms"].values() for v in t.values())
