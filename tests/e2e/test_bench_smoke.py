@@ -69,8 +69,12 @@ def test_core_throughput_measures_both_variants_and_checks_decisions(tmp_path, m
     assert set(rows) == {"separate", "fused"}
     for row in rows.values():
         assert row["screen_img_per_s"] > 0 and row["core_img_per_s"] > 0
-        # on the CPU the fused graph computes exactly what the separate sessions do
-        assert row["check"] == {"images": 100, "decisions_differ": 0, "labels_differ": 0, "max_score_diff": 0.0}
+        # on the CPU the fused graph computes what the separate sessions do: the same decisions and labels,
+        # scores equal up to float rounding (a fused graph may run at another graph optimization level
+        # than a small autoencoder's own session: MAGNET_ORT_OPTIMIZATION=auto)
+        check = dict(row["check"])
+        assert check.pop("max_score_diff") < 1e-6
+        assert check == {"images": 100, "decisions_differ": 0, "labels_differ": 0}
 
 
 def test_the_load_can_come_from_several_processes(mnist):
