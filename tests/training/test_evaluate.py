@@ -294,16 +294,18 @@ def test_summary_leaves_out_reports_of_earlier_rounds(tmp_path, capsys):
     from training.evaluate.summary import main as summary_main
 
     source = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw" / "report.json").read_text())
-    for name, value in (("eval-x", 0.123), ("eval-x-round1", 0.987)):
+    for name, value in (("eval-x", 0.123), ("eval-x-round1", 0.987), ("eval-x-built", 0.456)):
         report = json.loads(json.dumps(source))
         report["rows"][0]["full_defense"] = value
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps(report))
     out = tmp_path / "summary.md"
     assert summary_main(["--out", str(out), str(tmp_path / "eval-x-round1" / "report.json"),
-                         str(tmp_path / "eval-x" / "report.json")]) == 0
+                         str(tmp_path / "eval-x" / "report.json"), str(tmp_path / "eval-x-built" / "report.json")]) == 0
     text = out.read_text()
-    assert "12.3" in text and "98.7" not in text and "eval-x-round1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "12.3" in text and "98.7" not in text and "45.6" not in text
+    assert "eval-x-round1" in printed and "eval-x-built" in printed
 
 
 def test_the_confidence_curve_reuses_cached_examples_too(tmp_path, mnist, capsys):

@@ -183,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reports", nargs="+", type=Path, help="report.json files")
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     args = p.parse_args(argv)
-    # reports of earlier rounds of a bundle (eval-cifar10-round1/, ...-round2/) are kept for the record
-    # but superseded: the summary shows the bundle as it ships
-    current = [r for r in args.reports if not re.search(r"-round\d+$", r.parent.name)]
+    # reports of earlier rounds of a bundle (eval-cifar10-round1/, ...-round2/) and of a bundle's
+    # configuration as it was built before its detectors were changed (...-built/) are kept for the
+    # record but superseded: the summary shows the bundle as it ships
+    current = [r for r in args.reports if not re.search(r"-(round\d+|built)$", r.parent.name)]
     skipped = sorted(set(args.reports) - set(current))
     if skipped:
-        print(f"left out (earlier rounds): {', '.join(str(r.parent.name) for r in skipped)}")
+        print(f"left out (superseded): {', '.join(str(r.parent.name) for r in skipped)}")
     summary(current, args.out)
     return 0
 
