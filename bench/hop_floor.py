@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gateway_load import BUNDLE, drive, requests_for
+from bench.gateway_load import BUNDLE, VERSIONS, _version, drive, requests_for
+from bench.stage_breakdown import cpu_seconds
 from service.defense import Defense
 from tests.procs import REPO, start_gateway, start_model_server, start_on_free_port
 from training.data import load
@@ -73,20 +74,6 @@ def serve_proxy(port: int, upstream: str) -> None:
 
     uvicorn.run(ForwardingApp(upstream), host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools", lifespan="on")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children so far."""
-    import psutil
-
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    return {p: metadata.version(p) for p in ("uvicorn", "uvloop", "httptools", "onnxruntime", "kserve")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": str(args.bundle),
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                               "python": platform.python_version()},
-                  "versions": _versions(), "concurrency": 1, "wire": "json", "seconds": args.seconds,
+                  "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")}, "concurrency": 1, "wire": "json", "seconds": args.seconds,
                   "rounds": rounds, "summary": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

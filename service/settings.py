@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     ort_optimization: Literal["auto", "all", "extended", "basic"] = Field(
         "auto", description="onnxruntime's graph optimization level per model: 'auto' times 'all' against 'extended' "
                             "(no CPU layout transformations) on the CPU when a model loads and keeps the faster "
-                            "(the MNIST autoencoders run 2x faster without them, the CIFAR-10 reformer 1.6x "
-                            "slower); 'all' on a GPU.")
+                            "(the MNIST autoencoders run 1.45-2x faster without them, the CIFAR-10 reformer "
+                            "1.6x slower); 'all' on a GPU.")
     fused: Literal["auto", "on", "off"] = Field(
         "auto", description="One onnxruntime graph per pool member (its autoencoders, the reformed output and, "
                             "embedded, the classifier): 'auto' on CUDA when the onnx package is installed (the "

@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = manifest.classifier
     classifier_file = verify_files(args.bundle, manifest)[spec.file]
     fprs = dict(args.fpr)
+    if set(fprs) & set(args.drop):
+        raise SystemExit(f"--fpr names a dropped detector: {', '.join(sorted(set(fprs) & set(args.drop)))}")
     members, before = [], {}
     for member in manifest.members:
         unknown = (set(args.drop) | set(fprs)) - {d.name for d in member.detectors}
         if unknown:
             raise SystemExit(f"member {member.name} has no detector {', '.join(sorted(unknown))}")
-        if set(fprs) & set(args.drop):
-            raise SystemExit(f"--fpr names a dropped detector: {', '.join(sorted(set(fprs) & set(args.drop)))}")
         kept = [d for d in member.detectors if d.name not in args.drop]
         if not kept:
             raise SystemExit(f"member {member.name} would have no detector left")

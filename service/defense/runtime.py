@@ -84,7 +84,7 @@ def make_session(model: Path | bytes, providers: list[str], threads: int = 0,
     ``optimization``: onnxruntime's graph optimization level. 'all' (onnxruntime's default) adds the CPU
     layout transformations (NCHWc blocked convolutions, with reorders around them): they speed up wide
     convolutions (the CIFAR-10 U-Net reformer: 1.6x) and slow down narrow ones (the MNIST autoencoders,
-    a few channels: 2x slower at every batch size; ``bench.ort_levels``). 'auto' on the CPU builds the
+    a few channels: 1.45x slower at one image, 2x at 16 and more; ``bench.ort_levels``). 'auto' on the CPU builds the
     session at 'all' and at 'extended' (everything but the layout transformations), times both on
     random inputs of the model's shape, and keeps 'extended' only when it is clearly faster; on a GPU
     'auto' is 'all'."""
