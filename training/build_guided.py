@@ -59,6 +59,10 @@ def parser():
     p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
     p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
+    p.add_argument("--preimage-max", type=float, default=0.5,
+                   help="preimage: spread ~ U(0, this) across each DCT bin (training.domain_sim; 0.4 is about the "
+                        "pixel distance of real CIFAR-10 originals from their JPEG copies)")
+    p.add_argument("--preimage-quality", type=int, default=75, help="preimage: the training images' JPEG quality")
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm start (weights only; new optimizer and schedule): another run's reformer.ckpt, a "
                         "bundle directory (its members' reformers, e.g. models/cifar10-pool) or a reformer .onnx")
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                          jpeg_quality=jpeg,
                          lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,
                          temperature=args.temperature, mix=args.mix, noise_max=args.noise_max,
-                         eps_max=args.eps_max, pgd_steps=args.pgd_steps, max_minutes=args.max_minutes,
+                         eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
+                         preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
                          device=args.device, seed=args.seed)
     B.save_config(args.work_dir, args, reformer=cfg)
     classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)

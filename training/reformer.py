@@ -8,7 +8,9 @@ through them. Here the reformer D is trained with the classifier f in the loss:
 over a batch holding the clean images (x_in = x) and as many perturbed copies, drawn per image from
 ``mix``: ``noise`` (Gaussian, std ~ U(0, noise_max)) trains without attacks (the "stability" loss of
 denoised smoothing); ``fgsm`` and ``pgd`` are crafted against f on the *training* images as training
-goes (eps ~ U(0, eps_max) per image), which makes a reformer that has seen attacks.
+goes (eps ~ U(0, eps_max) per image), which makes a reformer that has seen attacks; ``preimage`` is not an
+attack: an image that JPEG would have compressed to the training image (``training.domain_sim``), so that
+a reformer trained on JPEG data keeps the classifier's output on uncompressed inputs.
 
 Resumable: a checkpoint (weights, optimizer, step, random state) is written every few minutes and at
 the end, and a run with the same work directory continues from it.
@@ -30,9 +32,10 @@ from torch import nn
 from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
+from training.domain_sim import jpeg_preimage
 from training.loops import duration, predict_logits
 
-KINDS = ("clean", "noise", "fgsm", "pgd")
+KINDS = ("clean", "noise", "fgsm", "pgd", "preimage")
 
 
 @dataclass
@@ -49,6 +52,8 @@ class ReformerConfig:
     noise_max: float = 0.05
     eps_max: float = 8 / 255
     pgd_steps: int = 3
+    preimage_max: float = 0.5  # ``preimage``: spread ~ U(0, this) of training.domain_sim.jpeg_preimage
+    preimage_quality: int = 75  # ``preimage``: the JPEG quality the training images were saved at
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed in this run
     checkpoint_minutes: float = 10.0
     val_every: int = 100
@@ -101,6 +106,10 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
             eps = u[idx] * cfg.eps_max
             out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
                                 generator=gen, bf16=cfg.bf16)
+        elif kind == "preimage":  # an uncompressed image this JPEG could have come from (not an attack)
+            rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+            spread = (u[idx] * cfg.preimage_max).cpu().numpy()
+            out[idx] = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
     return out
 
 

@@ -13,6 +13,7 @@ from training.data import Split  # noqa: E402
 from training.export import export_onnx  # noqa: E402
 from training.from_onnx import torch_twin  # noqa: E402
 from training.nets import GuidedReformer, MagnetAE32, ResNet9  # noqa: E402
+from service.defense.domain import jpeg_round_trip  # noqa: E402
 from training.reformer import ReformerConfig, kinds_for, parse_mix, perturb, train_reformer  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 
@@ -57,6 +58,19 @@ def test_perturbations_of_each_kind_stay_within_their_budget():
     out = perturb(model, x, y, kinds, cfg, gen)
     dist = (out - x).abs().flatten(1).max(1).values
     assert torch.equal(out[:4], x[:4]) and torch.all(dist <= 0.03 + 1e-6) and torch.all(dist[4:] > 0)
+
+
+def test_preimage_copies_compress_back_to_the_training_image():
+    """``preimage`` copies are uncompressed images JPEG would turn into the (JPEG) training image: not
+    attacks, and far from the image in pixels, yet within a JPEG round trip's rounding of it."""
+    model, gen = _tiny_classifier(), torch.Generator().manual_seed(0)
+    x = torch.from_numpy(jpeg_round_trip(np.random.default_rng(0).uniform(size=(6, 3, 32, 32)).astype(np.float32), 75))
+    cfg = ReformerConfig(mix={"preimage": 1}, preimage_max=0.5, bf16=False)
+    out = perturb(model, x, model(x).argmax(1), ["clean"] + ["preimage"] * 5, cfg, gen)
+    assert torch.equal(out[0], x[0]) and out.min() >= 0 and out.max() <= 1
+    moved = (out[1:] - x[1:]).abs().flatten(1).mean(1)
+    back = np.abs(jpeg_round_trip(out[1:].numpy(), 75) - x[1:].numpy()).mean(axis=(1, 2, 3))
+    assert torch.all(moved > 0) and np.all(back < moved.numpy())
 
 
 def test_reformer_starts_as_the_identity_and_exports_to_a_verified_twin(tmp_path):

@@ -1,0 +1,83 @@
+"""The uncompressed-domain estimate (training.evaluate.domain_shift): its arithmetic on known scores,
+and one small run on the shipped bundle and the shipped originals."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.evaluate.domain_shift import estimate, interval, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_estimate_scales_every_test_score_by_each_pair_ratio():
+    test = {"a": np.array([1.0, 2.0, 3.0, 4.0]), "b": np.array([0.1, 0.1, 0.1, 0.9])}
+    thresholds = {"a": 4.0, "b": 1.0}
+    right = np.array([True, True, False, True])
+    # pair 0 changes nothing; pair 1 doubles a's scores (2, 3, 4 -> 4, 6, 8 reach 4); pair 2 multiplies b by 10
+    ratios = {"a": np.array([1.0, 2.0, 1.0]), "b": np.array([1.0, 1.0, 10.0])}
+    est = estimate(ratios, test, thresholds, right)
+    np.testing.assert_allclose(est["fpr"]["a"], [0.25, 0.75, 0.25])
+    np.testing.assert_allclose(est["fpr"]["b"], [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(est["rejected"], [0.25, 0.75, 1.0])
+    # accepted and right: pair 0 rejects image 3 (a = 4), leaving 0 and 1 right (image 2 is wrong)
+    np.testing.assert_allclose(est["accepted_and_right"], [0.5, 0.25, 0.0])
+
+
+def test_interval_brackets_the_mean_and_collapses_without_spread():
+    rng = np.random.default_rng(0)
+    lo, hi = interval(np.array([0.1, 0.2, 0.3, 0.4]), rng)
+    assert lo < 0.25 < hi
+    assert interval(np.full(5, 0.3), rng) == pytest.approx([0.3, 0.3])
+
+
+@pytest.mark.skipif(not os.environ.get("MAGNET_TEST_DATA"), reason="needs MAGNET_TEST_DATA (CIFAR-10)")
+def test_run_on_the_shipped_bundle(tmp_path):
+    out = tmp_path / "shift.json"
+    main(["--bundle", str(REPO / "models" / "cifar10"), "--data-dir", os.environ["MAGNET_TEST_DATA"],
+          "--images", str(REPO / "tests" / "data" / "cifar10-originals"), "--test-images", "200", "--out", str(out)])
+    row = json.loads(out.read_text())["bundles"][str(REPO / "models" / "cifar10")][0]
+    jsd = row["detectors"]["jsd_t40"]
+    assert 0 <= jsd["copies_over_threshold"] <= jsd["originals_over_threshold"] <= 20
+    e = row["estimated_uncompressed"]
+    assert e["rejected_90"][0] <= e["rejected"] <= e["rejected_90"][1]
+    # originals score higher than their JPEG copies on this bundle (README, input domain)
+    assert jsd["log_ratio"]["median"] > 0
+    assert e["rejected"] > row["measured_on_jpeg_test"]["rejected"]
+
+
+def test_a_bundle_with_a_jpeg_step_is_refused(tmp_path):
+    bundle = tmp_path / "models" / "b"  # beside a link to models/shared, where its classifier lives
+    bundle.mkdir(parents=True)
+    (tmp_path / "models" / "shared").symlink_to(REPO / "models" / "shared")
+    manifest = json.loads((REPO / "models" / "cifar10" / "manifest.json").read_text())
+    manifest["input"]["jpeg_quality"] = 75
+    for f in (REPO / "models" / "cifar10").iterdir():
+        if f.name != "manifest.json":
+            (bundle / f.name).symlink_to(f)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="JPEG input step"):
+        main(["--bundle", str(bundle), "--data-dir", str(tmp_path), "--images",
+              str(REPO / "tests" / "data" / "cifar10-originals")])
+
+
+@pytest.mark.skipif(not os.environ.get("MAGNET_TEST_DATA"), reason="needs MAGNET_TEST_DATA (CIFAR-10)")
+def test_simulate_compares_bundles_on_validation_preimages(tmp_path):
+    out = tmp_path / "sim.json"
+    main(["--bundle", str(REPO / "models" / "cifar10"), "--data-dir", os.environ["MAGNET_TEST_DATA"],
+          "--simulate", "0.4", "--val-images", "40", "--out", str(out)])
+    report = json.loads(out.read_text())
+    row = report["bundles"][str(REPO / "models" / "cifar10")][0]
+    assert report["simulated_spread"] == 0.4 and 3 < row["mean_abs_pixel_change_255"] < 12
+    # pre-images of JPEG images are rejected more often than the JPEG images themselves
+    assert row["preimages"]["rejected"] > row["jpeg"]["rejected"]
+
+
+def test_images_or_simulate_but_not_both(tmp_path, capsys):
+    for extra in ([], ["--images", "x", "--simulate", "0.3"]):
+        with pytest.raises(SystemExit):
+            main(["--bundle", "b", "--data-dir", str(tmp_path), *extra])
+    assert "--images" in capsys.readouterr().err

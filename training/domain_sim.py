@@ -1,0 +1,90 @@
+"""Images that JPEG would have compressed to a given JPEG: a stand-in for the uncompressed originals of a
+JPEG data set.
+
+The CIFAR-10 data this project trains on is a quality-75 JPEG re-encoding; users send uncompressed
+images too, which hold detail that JPEG quantized away, and a reformer trained on JPEG images treats that
+detail like a perturbation (``python -m training.evaluate.domain_shift``). The originals are not at hand,
+but every JPEG says which images it could have come from: those whose 8 x 8 block DCT coefficients (of Y,
+and of the 2 x 2-subsampled Cb and Cr for 4:2:0 colour) fall in the same quantization bins. A
+*pre-image* here moves each coefficient of the decoded JPEG by ``spread`` times a uniform draw across its
+bin (``spread`` = 1: anywhere in the bin; 0: the JPEG itself), then rounds to 8-bit pixels.
+
+Uniform draws are harsher than natural detail (natural coefficients crowd the middle of the bins): at the
+same mean pixel distance from the JPEG as the 20 real CIFAR-10 originals (6.2/255, about ``spread``
+0.4), they move the divergence detector's score of ``models/cifar10`` more than the originals do. So they
+serve to train against the domain and to compare reformers, not to measure a false-positive rate.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+from scipy.fft import dctn, idctn
+
+
+@lru_cache(maxsize=None)
+def quantization_tables(quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's (libjpeg's standard) luminance and chrominance tables at ``quality``, 8 x 8, natural order."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        q = im.quantization
+    return np.array(q[0], np.float64).reshape(8, 8), np.array(q[1], np.float64).reshape(8, 8)
+
+
+def _blocks(a: np.ndarray) -> np.ndarray:  # N x H x W -> N x H/8 x W/8 x 8 x 8
+    n, h, w = a.shape
+    return a.reshape(n, h // 8, 8, w // 8, 8).transpose(0, 1, 3, 2, 4)
+
+
+def _unblocks(b: np.ndarray) -> np.ndarray:
+    n, bh, bw, _, _ = b.shape
+    return b.transpose(0, 1, 3, 2, 4).reshape(n, bh * 8, bw * 8)
+
+
+def _move(plane: np.ndarray, table: np.ndarray, spread: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each 8 x 8 DCT coefficient of ``plane`` (N x H x W, level-shifted, padded to blocks) moved to its
+    bin's centre plus ``spread`` (per image) times a uniform draw across the bin."""
+    n, h, w = plane.shape
+    ph, pw = (-h) % 8, (-w) % 8
+    padded = np.pad(plane, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    c = dctn(_blocks(padded), axes=(-2, -1), norm="ortho")
+    k = np.rint(c / table)
+    c = (k + spread.reshape(-1, 1, 1, 1, 1) * rng.uniform(-0.5, 0.5, size=c.shape)) * table
+    return _unblocks(idctn(c, axes=(-2, -1), norm="ortho"))[:, :h, :w]
+
+
+def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random pre-image of each decoded JPEG in ``x`` (N x C x H x W float in [0, 1], C = 1 or 3, H and W
+    even for colour), as float32 in [0, 1]; ``spread``: one value or one per image, in [0, 1]."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"jpeg_preimage takes N x 1|3 x H x W images, not {list(x.shape)}")
+    spread = np.broadcast_to(np.asarray(spread, np.float64), (len(x),))
+    if ((spread < 0) | (spread > 1)).any():
+        raise ValueError("spread must lie in [0, 1]")
+    luma, chroma = quantization_tables(quality)
+    v = x.astype(np.float64) * 255.0
+    if x.shape[1] == 1:
+        out = _move(v[:, 0] - 128, luma, spread, rng)[:, None] + 128
+        return (np.clip(np.rint(out), 0, 255) / 255).astype(np.float32)
+    if x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError("colour images need an even height and width (4:2:0 chroma)")
+    r, g, b = v[:, 0], v[:, 1], v[:, 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b  # JFIF YCbCr
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    y = _move(y - 128, luma, spread, rng) + 128
+    moved = []
+    for ch in (cb, cr):  # the 2 x 2 means are what the encoder quantizes; the detail within stays
+        n, h, w = ch.shape
+        sub = ch.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        delta = _move(sub - 128, chroma, spread, rng) + 128 - sub
+        moved.append(ch + np.repeat(np.repeat(delta, 2, axis=1), 2, axis=2))
+    cb, cr = moved
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                    y + 1.772 * (cb - 128)], axis=1)
+    return (np.clip(np.rint(rgb), 0, 255) / 255).astype(np.float32)

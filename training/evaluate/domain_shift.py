@@ -1,0 +1,195 @@
+"""How often a bundle trained on JPEG images would reject clean *uncompressed* images: an estimate
+from paired originals.
+
+    python -m training.evaluate.domain_shift --bundle models/cifar10 --data-dir DATA \\
+        --images tests/data/cifar10-originals --out docs/results/cifar10-domain-shift.json
+    python -m training.evaluate.domain_shift --bundle CANDIDATE ... --data-dir DATA --simulate 0.4
+
+The CIFAR-10 data this project trains and measures on is a JPEG (quality 75) re-encoding; the
+original images are lossless. Only a handful of originals are at hand (``--images``: the 20 that
+Foolbox ships), too few to measure a false-positive rate of a few percent directly. But each of them
+comes with its JPEG copy (the original encoded at ``--copy-quality``, within 0.56/255 of the data
+set's copy: docs/results/jpeg-step.json), so each pair tells how much the domain alone moves a
+detector's score: the ratio r = score(original) / score(copy). Applied to the scores of the JPEG test
+set, pair by pair (every test score times r_i, against the detector's threshold), those ratios give an
+estimate of each detector's false-positive rate, of the share rejected by any detector, and of the
+share accepted and classified right, on uncompressed test images; the interval is a bootstrap over the
+pairs (which pairs, not which test images, dominates the uncertainty).
+
+The estimate assumes that the domain multiplies a score by a factor that does not depend on the
+score itself (the 20 pairs are too few to check more than the spread of that factor), and that the
+reformed image's label does not change with the domain (on the 20 originals the classifier alone is
+right on all of them, as on their copies). It is a warning light, not a measurement: the count of
+originals rejected is given beside it.
+
+``--simulate SPREAD`` compares bundles (candidates too) without any test image: the share of validation
+images rejected, and of a pre-image of each (``training.domain_sim``: an image that JPEG would have
+compressed to it, at a spread whose uniform draws are harsher than natural detail), so it ranks reformers
+by how they take the domain, it does not estimate a rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.defense.core import Defense
+from service.defense.domain import jpeg_round_trip
+from training.data import load
+from training.domain_sim import jpeg_preimage
+from training.evaluate.originals import load_images
+
+
+def scores_of(defense: Defense, x: np.ndarray, member: int, batch: int = 500) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every detector's scores on ``x`` for ``member``, and the labels of the reformed images."""
+    parts: dict[str, list[np.ndarray]] = {}
+    labels = []
+    for i in range(0, len(x), batch):
+        v = defense.inspect(x[i:i + batch], member)
+        for name, s in v.scores.items():
+            parts.setdefault(name, []).append(np.asarray(s, np.float64))
+        logits = v.logits_reformed if v.logits_reformed is not None else defense.classifier(v.reformed)
+        labels.append(np.asarray(logits).argmax(1))
+    return {k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels)
+
+
+def estimate(ratios: dict[str, np.ndarray], test: dict[str, np.ndarray], thresholds: dict[str, float],
+             right: np.ndarray) -> dict:
+    """Per pair i: the test set's rejections with every score times ratio_i. Returns per detector the
+    estimated false-positive rate per pair, and per pair the share rejected by any detector and the share
+    accepted and right."""
+    pairs = len(next(iter(ratios.values())))
+    fired = {k: np.stack([test[k] * ratios[k][i] >= thresholds[k] for i in range(pairs)]) for k in thresholds}
+    rejected = np.logical_or.reduce(list(fired.values()))
+    return {"fpr": {k: f.mean(axis=1) for k, f in fired.items()}, "rejected": rejected.mean(axis=1),
+            "accepted_and_right": (~rejected & right[None, :]).mean(axis=1)}
+
+
+def interval(per_pair: np.ndarray, rng: np.random.Generator, rounds: int = 2000, level: float = 0.9) -> list[float]:
+    """Bootstrap interval (over pairs) of the mean of ``per_pair``."""
+    means = per_pair[rng.integers(0, len(per_pair), size=(rounds, len(per_pair)))].mean(axis=1)
+    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+
+
+def judge_member(defense: Defense, member: int, x: np.ndarray, copies: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, rng: np.random.Generator) -> dict:
+    thresholds = {d.name: float(d.threshold) for d in defense.members[member].detectors}
+    s_orig, _ = scores_of(defense, x, member)
+    s_copy, _ = scores_of(defense, copies, member)
+    s_test, labels = scores_of(defense, test_x, member)
+    right = labels == test_y
+    tiny = np.finfo(np.float64).tiny
+    ratios = {k: np.maximum(s_orig[k], tiny) / np.maximum(s_copy[k], tiny) for k in thresholds}
+    est = estimate(ratios, s_test, thresholds, right)
+    rejected_test = np.logical_or.reduce([s_test[k] >= t for k, t in thresholds.items()])
+    out = {"detectors": {}, "test_images": len(test_x),
+           "measured_on_jpeg_test": {"rejected": float(rejected_test.mean()),
+                                     "accepted_and_right": float((~rejected_test & right).mean())}}
+    for k, t in thresholds.items():
+        log_r = np.log(ratios[k])
+        out["detectors"][k] = {
+            "threshold": t, "originals_over_threshold": int((s_orig[k] >= t).sum()),
+            "copies_over_threshold": int((s_copy[k] >= t).sum()),
+            "log_ratio": {"median": float(np.median(log_r)), "mean": float(log_r.mean()),
+                          "min": float(log_r.min()), "max": float(log_r.max())},
+            "fpr_on_jpeg_test": float((s_test[k] >= t).mean()),
+            "fpr_estimated_uncompressed": float(est["fpr"][k].mean()),
+            "fpr_estimated_uncompressed_90": interval(est["fpr"][k], rng)}
+    out["estimated_uncompressed"] = {
+        "rejected": float(est["rejected"].mean()), "rejected_90": interval(est["rejected"], rng),
+        "accepted_and_right": float(est["accepted_and_right"].mean()),
+        "accepted_and_right_90": interval(est["accepted_and_right"], rng)}
+    return out
+
+
+def simulate_member(defense: Defense, member: int, x: np.ndarray, y: np.ndarray, quality: int, spread: float,
+                    seed: int) -> dict:
+    """Rejections on ``x`` (JPEG images) and on one pre-image of each (``training.domain_sim``)."""
+    pre = jpeg_preimage(x, quality, spread, np.random.default_rng(seed))
+    thresholds = {d.name: float(d.threshold) for d in defense.members[member].detectors}
+    out = {}
+    for name, images in (("jpeg", x), ("preimages", pre)):
+        s, labels = scores_of(defense, images, member)
+        fired = {k: s[k] >= t for k, t in thresholds.items()}
+        rejected = np.logical_or.reduce(list(fired.values()))
+        out[name] = {"rejected": float(rejected.mean()), "fpr": {k: float(f.mean()) for k, f in fired.items()},
+                     "accepted_and_right": float((~rejected & (labels == y)).mean())}
+    out["mean_abs_pixel_change_255"] = float(255 * np.abs(pre - x).mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate.domain_shift", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, nargs="+", required=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--images", type=Path, help="*-label-<class>.png originals (lossless)")
+    p.add_argument("--simulate", type=float, metavar="SPREAD", default=None,
+                   help="instead of originals: the first --val-images validation images and a pre-image of each "
+                        "at this spread (training.domain_sim; no test image is used, so candidates can be compared)")
+    p.add_argument("--val-images", type=int, default=2000, help="--simulate: validation images")
+    p.add_argument("--copy-quality", type=int, default=75, help="JPEG quality of the data set's copies (75)")
+    p.add_argument("--test-images", type=int, default=10000, help="first N test images (default: all)")
+    p.add_argument("--members", type=int, default=None, help="first N members of a pool (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if (args.images is None) == (args.simulate is None):
+        p.error("give --images (paired originals) or --simulate SPREAD (validation pre-images)")
+    report = {"command": "python -m training.evaluate.domain_shift " + " ".join(argv or sys.argv[1:]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "copy_quality": args.copy_quality, "bundles": {}}
+    if args.simulate is not None:
+        report.update(simulated_spread=args.simulate, validation_images=args.val_images)
+        for bundle in args.bundle:
+            defense = Defense(bundle, device="cpu")
+            val = load(defense.manifest.dataset, args.data_dir).val
+            vx, vy = val.x[: args.val_images], val.y[: args.val_images]
+            rows = []
+            for m in range(min(args.members or len(defense.members), len(defense.members))):
+                row = simulate_member(defense, m, vx, vy, args.copy_quality, args.simulate, args.seed)
+                rows.append(row)
+                print(f"{bundle} member {m}: rejected {100 * row['jpeg']['rejected']:.2f} % of {len(vx)} validation "
+                      f"images, {100 * row['preimages']['rejected']:.2f} % of their pre-images (spread {args.simulate}, "
+                      f"{row['mean_abs_pixel_change_255']:.2f}/255 away); accepted and right "
+                      f"{100 * row['jpeg']['accepted_and_right']:.2f} -> {100 * row['preimages']['accepted_and_right']:.2f} %",
+                      flush=True)
+            report["bundles"][str(bundle)] = rows
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
+    x, _, names = load_images(args.images)
+    copies = jpeg_round_trip(x, args.copy_quality)
+    report.update(originals=len(x), source=str(args.images))
+    for bundle in args.bundle:
+        defense = Defense(bundle, device="cpu")
+        if defense.manifest.input.jpeg_quality is not None:
+            raise SystemExit(f"{bundle} has a JPEG input step (input.jpeg_quality): it judges originals in the "
+                             "JPEG domain already; run this on bundles without one")
+        test = load(defense.manifest.dataset, args.data_dir).test
+        tx, ty = test.x[: args.test_images], test.y[: args.test_images]
+        members = range(min(args.members or len(defense.members), len(defense.members)))
+        rows = []
+        for m in members:
+            row = judge_member(defense, m, x, copies, tx, ty, np.random.default_rng(args.seed))
+            rows.append(row)
+            e = row["estimated_uncompressed"]
+            print(f"{bundle} member {m}: rejected on the JPEG test set {100 * row['measured_on_jpeg_test']['rejected']:.2f} %, "
+                  f"estimated on uncompressed {100 * e['rejected']:.1f} % (90 %: {100 * e['rejected_90'][0]:.1f}-"
+                  f"{100 * e['rejected_90'][1]:.1f}); accepted and right {100 * row['measured_on_jpeg_test']['accepted_and_right']:.2f} "
+                  f"-> {100 * e['accepted_and_right']:.1f} % (90 %: {100 * e['accepted_and_right_90'][0]:.1f}-"
+                  f"{100 * e['accepted_and_right_90'][1]:.1f}); originals rejected: "
+                  + ", ".join(f"{k} {d['originals_over_threshold']}/{len(x)}" for k, d in row["detectors"].items()),
+                  flush=True)
+        report["bundles"][str(bundle)] = rows
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
