@@ -46,6 +46,9 @@ def test_run_on_the_shipped_bundle(tmp_path):
     assert e["rejected_90"][0] <= e["rejected"] <= e["rejected_90"][1]
     # originals score higher than their JPEG copies on this bundle (README, input domain)
     assert jsd["log_ratio"]["median"] > 0
+    # the reformed images of an original and of its copy differ more than the images themselves do
+    shift = jsd["shift_over_threshold"]
+    assert shift["reformed"]["median"] > shift["classifier"]["median"] >= 0
     assert e["rejected"] > row["measured_on_jpeg_test"]["rejected"]
 
 

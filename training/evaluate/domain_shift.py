@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.defense import detectors as D
 from service.defense.core import Defense
 from service.defense.domain import jpeg_round_trip
 from training.data import load
@@ -76,6 +77,25 @@ def interval(per_pair: np.ndarray, rng: np.random.Generator, rounds: int = 2000,
     return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
 
 
+def divergence_shifts(defense: Defense, member: int, x: np.ndarray, copies: np.ndarray) -> dict[str, dict]:
+    """For each divergence detector, where the domain moves its score: the divergence (over the
+    detector's threshold, median and max over pairs) between the classifier's outputs on an original and
+    on its copy ("classifier"), and on their reformed images ("reformed")."""
+    vo, vc = defense.inspect(x, member), defense.inspect(copies, member)
+    if vo.logits_x is None:
+        return {}
+    out = {}
+    for d in defense.members[member].detectors:
+        if not D.kind_of(d).needs_logits:
+            continue
+        row = {}
+        for name, a, b in (("classifier", vo.logits_x, vc.logits_x), ("reformed", vo.logits_reformed, vc.logits_reformed)):
+            ratio = np.asarray(D.score(d, x, x, a, b), np.float64) / d.threshold
+            row[name] = {"median": float(np.median(ratio)), "max": float(ratio.max())}
+        out[d.name] = row
+    return out
+
+
 def judge_member(defense: Defense, member: int, x: np.ndarray, copies: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, rng: np.random.Generator) -> dict:
     thresholds = {d.name: float(d.threshold) for d in defense.members[member].detectors}
@@ -86,6 +106,7 @@ def judge_member(defense: Defense, member: int, x: np.ndarray, copies: np.ndarra
     tiny = np.finfo(np.float64).tiny
     ratios = {k: np.maximum(s_orig[k], tiny) / np.maximum(s_copy[k], tiny) for k in thresholds}
     est = estimate(ratios, s_test, thresholds, right)
+    shifts = divergence_shifts(defense, member, x, copies)
     rejected_test = np.logical_or.reduce([s_test[k] >= t for k, t in thresholds.items()])
     out = {"detectors": {}, "test_images": len(test_x),
            "measured_on_jpeg_test": {"rejected": float(rejected_test.mean()),
@@ -99,7 +120,8 @@ def judge_member(defense: Defense, member: int, x: np.ndarray, copies: np.ndarra
                           "min": float(log_r.min()), "max": float(log_r.max())},
             "fpr_on_jpeg_test": float((s_test[k] >= t).mean()),
             "fpr_estimated_uncompressed": float(est["fpr"][k].mean()),
-            "fpr_estimated_uncompressed_90": interval(est["fpr"][k], rng)}
+            "fpr_estimated_uncompressed_90": interval(est["fpr"][k], rng),
+            **({"shift_over_threshold": shifts[k]} if k in shifts else {})}
     out["estimated_uncompressed"] = {
         "rejected": float(est["rejected"].mean()), "rejected_90": interval(est["rejected"], rng),
         "accepted_and_right": float(est["accepted_and_right"].mean()),
