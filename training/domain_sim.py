@@ -22,7 +22,18 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
-from scipy.fft import dctn, idctn
+
+
+def _dct_matrix(n: int = 8) -> np.ndarray:
+    """The orthonormal DCT-II matrix: ``M @ v`` is the DCT of ``v``, ``M.T @ c`` its inverse (JPEG's
+    8 x 8 transform is ``M @ block @ M.T``)."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    m = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_M = _dct_matrix()
 
 
 @lru_cache(maxsize=None)
@@ -52,10 +63,10 @@ def _move(plane: np.ndarray, table: np.ndarray, spread: np.ndarray, rng: np.rand
     n, h, w = plane.shape
     ph, pw = (-h) % 8, (-w) % 8
     padded = np.pad(plane, ((0, 0), (0, ph), (0, pw)), mode="edge")
-    c = dctn(_blocks(padded), axes=(-2, -1), norm="ortho")
+    c = _M @ _blocks(padded) @ _M.T
     k = np.rint(c / table)
     c = (k + spread.reshape(-1, 1, 1, 1, 1) * rng.uniform(-0.5, 0.5, size=c.shape)) * table
-    return _unblocks(idctn(c, axes=(-2, -1), norm="ortho"))[:, :h, :w]
+    return _unblocks(_M.T @ c @ _M)[:, :h, :w]
 
 
 def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:

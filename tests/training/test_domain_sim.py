@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from service.defense.domain import jpeg_round_trip
-from training.domain_sim import jpeg_preimage, quantization_tables
+from training.domain_sim import _dct_matrix, jpeg_preimage, quantization_tables
 
 
 def _photo_like(n: int, channels: int = 3, size: int = 32) -> np.ndarray:
@@ -49,3 +49,11 @@ def test_tables_are_pillows_standard_ones():
     luma, chroma = quantization_tables(50)
     assert luma[0, :4].tolist() == [16, 11, 10, 16] and chroma[0, 0] == 17
     assert (quantization_tables(75)[0] <= luma).all()
+
+
+def test_the_dct_is_orthonormal_and_matches_the_definition():
+    m = _dct_matrix()
+    np.testing.assert_allclose(m @ m.T, np.eye(8), atol=1e-12)
+    v = np.random.default_rng(0).normal(size=8)
+    k = 3  # X_k = sqrt(2/N) sum v_i cos(pi (2i+1) k / 2N)
+    assert m[k] @ v == pytest.approx(np.sqrt(2 / 8) * sum(v[i] * np.cos(np.pi * (2 * i + 1) * k / 16) for i in range(8)))
