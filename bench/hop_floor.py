@@ -22,7 +22,6 @@ sum of the two (added p50 ≤ 1 ms). Each run also records the CPU time per requ
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -142,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": str(args.bundle),
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                               "python": platform.python_version()},
-                  "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")}, "concurrency": 1, "wire": "json", "seconds": args.seconds,
+                  "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")},
+                  "concurrency": 1, "wire": "json", "seconds": args.seconds,
                   "rounds": rounds, "summary": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

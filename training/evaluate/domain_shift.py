@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from service.defense import detectors as D
-from service.defense.core import Defense
+from service.defense.core import Defense, Verdict
 from service.defense.domain import jpeg_round_trip
 from training.data import load
 from training.domain_sim import jpeg_preimage
@@ -77,11 +77,11 @@ def interval(per_pair: np.ndarray, rng: np.random.Generator, rounds: int = 2000,
     return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
 
 
-def divergence_shifts(defense: Defense, member: int, x: np.ndarray, copies: np.ndarray) -> dict[str, dict]:
+def divergence_shifts(defense: Defense, member: int, vo: Verdict, vc: Verdict) -> dict[str, dict]:
     """For each divergence detector, where the domain moves its score: the divergence (over the
     detector's threshold, median and max over pairs) between the classifier's outputs on an original and
-    on its copy ("classifier"), and on their reformed images ("reformed")."""
-    vo, vc = defense.inspect(x, member), defense.inspect(copies, member)
+    on its copy ("classifier"), and on their reformed images ("reformed"); ``vo`` and ``vc`` are the
+    member's verdicts on the originals and on their copies."""
     if vo.logits_x is None:
         return {}
     out = {}
@@ -90,7 +90,7 @@ def divergence_shifts(defense: Defense, member: int, x: np.ndarray, copies: np.n
             continue
         row = {}
         for name, a, b in (("classifier", vo.logits_x, vc.logits_x), ("reformed", vo.logits_reformed, vc.logits_reformed)):
-            ratio = np.asarray(D.score(d, x, x, a, b), np.float64) / d.threshold
+            ratio = np.asarray(D.score(d, vo.reformed, vo.reformed, a, b), np.float64) / d.threshold
             row[name] = {"median": float(np.median(ratio)), "max": float(ratio.max())}
         out[d.name] = row
     return out
@@ -99,14 +99,14 @@ def divergence_shifts(defense: Defense, member: int, x: np.ndarray, copies: np.n
 def judge_member(defense: Defense, member: int, x: np.ndarray, copies: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, rng: np.random.Generator) -> dict:
     thresholds = {d.name: float(d.threshold) for d in defense.members[member].detectors}
-    s_orig, _ = scores_of(defense, x, member)
-    s_copy, _ = scores_of(defense, copies, member)
+    vo, vc = defense.inspect(x, member), defense.inspect(copies, member)  # 20 images each: one call
+    s_orig, s_copy = ({k: np.asarray(v, np.float64) for k, v in verdict.scores.items()} for verdict in (vo, vc))
     s_test, labels = scores_of(defense, test_x, member)
     right = labels == test_y
     tiny = np.finfo(np.float64).tiny
     ratios = {k: np.maximum(s_orig[k], tiny) / np.maximum(s_copy[k], tiny) for k in thresholds}
     est = estimate(ratios, s_test, thresholds, right)
-    shifts = divergence_shifts(defense, member, x, copies)
+    shifts = divergence_shifts(defense, member, vo, vc)
     rejected_test = np.logical_or.reduce([s_test[k] >= t for k, t in thresholds.items()])
     out = {"detectors": {}, "test_images": len(test_x),
            "measured_on_jpeg_test": {"rejected": float(rejected_test.mean()),
@@ -167,46 +167,38 @@ def main(argv: list[str] | None = None) -> int:
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "copy_quality": args.copy_quality, "bundles": {}}
     if args.simulate is not None:
         report.update(simulated_spread=args.simulate, validation_images=args.val_images)
-        for bundle in args.bundle:
-            defense = Defense(bundle, device="cpu")
-            val = load(defense.manifest.dataset, args.data_dir).val
-            vx, vy = val.x[: args.val_images], val.y[: args.val_images]
-            rows = []
-            for m in range(min(args.members or len(defense.members), len(defense.members))):
+    else:
+        x, _, _ = load_images(args.images)
+        copies = jpeg_round_trip(x, args.copy_quality)
+        report.update(originals=len(x), source=str(args.images))
+    for bundle in args.bundle:
+        defense = Defense(bundle, device="cpu")
+        if args.simulate is None and defense.manifest.input.jpeg_quality is not None:
+            raise SystemExit(f"{bundle} has a JPEG input step (input.jpeg_quality): it judges originals in the "
+                             "JPEG domain already; run this on bundles without one")
+        data = load(defense.manifest.dataset, args.data_dir)
+        rows = []
+        for m in range(min(args.members or len(defense.members), len(defense.members))):
+            if args.simulate is not None:
+                vx, vy = data.val.x[: args.val_images], data.val.y[: args.val_images]
                 row = simulate_member(defense, m, vx, vy, args.copy_quality, args.simulate, args.seed)
-                rows.append(row)
                 print(f"{bundle} member {m}: rejected {100 * row['jpeg']['rejected']:.2f} % of {len(vx)} validation "
                       f"images, {100 * row['preimages']['rejected']:.2f} % of their pre-images (spread {args.simulate}, "
                       f"{row['mean_abs_pixel_change_255']:.2f}/255 away); accepted and right "
                       f"{100 * row['jpeg']['accepted_and_right']:.2f} -> {100 * row['preimages']['accepted_and_right']:.2f} %",
                       flush=True)
-            report["bundles"][str(bundle)] = rows
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
-        return 0
-    x, _, names = load_images(args.images)
-    copies = jpeg_round_trip(x, args.copy_quality)
-    report.update(originals=len(x), source=str(args.images))
-    for bundle in args.bundle:
-        defense = Defense(bundle, device="cpu")
-        if defense.manifest.input.jpeg_quality is not None:
-            raise SystemExit(f"{bundle} has a JPEG input step (input.jpeg_quality): it judges originals in the "
-                             "JPEG domain already; run this on bundles without one")
-        test = load(defense.manifest.dataset, args.data_dir).test
-        tx, ty = test.x[: args.test_images], test.y[: args.test_images]
-        members = range(min(args.members or len(defense.members), len(defense.members)))
-        rows = []
-        for m in members:
-            row = judge_member(defense, m, x, copies, tx, ty, np.random.default_rng(args.seed))
+            else:
+                tx, ty = data.test.x[: args.test_images], data.test.y[: args.test_images]
+                row = judge_member(defense, m, x, copies, tx, ty, np.random.default_rng(args.seed))
+                e, jpeg = row["estimated_uncompressed"], row["measured_on_jpeg_test"]
+                print(f"{bundle} member {m}: rejected on the JPEG test set {100 * jpeg['rejected']:.2f} %, estimated on "
+                      f"uncompressed {100 * e['rejected']:.1f} % (90 %: {100 * e['rejected_90'][0]:.1f}-"
+                      f"{100 * e['rejected_90'][1]:.1f}); accepted and right {100 * jpeg['accepted_and_right']:.2f} "
+                      f"-> {100 * e['accepted_and_right']:.1f} % (90 %: {100 * e['accepted_and_right_90'][0]:.1f}-"
+                      f"{100 * e['accepted_and_right_90'][1]:.1f}); originals rejected: "
+                      + ", ".join(f"{k} {d['originals_over_threshold']}/{len(x)}" for k, d in row["detectors"].items()),
+                      flush=True)
             rows.append(row)
-            e = row["estimated_uncompressed"]
-            print(f"{bundle} member {m}: rejected on the JPEG test set {100 * row['measured_on_jpeg_test']['rejected']:.2f} %, "
-                  f"estimated on uncompressed {100 * e['rejected']:.1f} % (90 %: {100 * e['rejected_90'][0]:.1f}-"
-                  f"{100 * e['rejected_90'][1]:.1f}); accepted and right {100 * row['measured_on_jpeg_test']['accepted_and_right']:.2f} "
-                  f"-> {100 * e['accepted_and_right']:.1f} % (90 %: {100 * e['accepted_and_right_90'][0]:.1f}-"
-                  f"{100 * e['accepted_and_right_90'][1]:.1f}); originals rejected: "
-                  + ", ".join(f"{k} {d['originals_over_threshold']}/{len(x)}" for k, d in row["detectors"].items()),
-                  flush=True)
         report["bundles"][str(bundle)] = rows
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
