@@ -46,9 +46,12 @@ def test_run_on_the_shipped_bundle(tmp_path):
     assert e["rejected_90"][0] <= e["rejected"] <= e["rejected_90"][1]
     # originals score higher than their JPEG copies on this bundle (README, input domain)
     assert jsd["log_ratio"]["median"] > 0
-    # the reformed images of an original and of its copy differ more than the images themselves do
+    # round 6's reformer (c6, trained with JPEG pre-images) moves the classifier's output between an
+    # original and its copy about as much as the images themselves do (c3: twice as much, up to 2
+    # thresholds); README, input domain
     shift = jsd["shift_over_threshold"]
-    assert shift["reformed"]["median"] > shift["classifier"]["median"] >= 0
+    assert 0 < shift["reformed"]["median"] < 2 * shift["classifier"]["median"]
+    assert shift["reformed"]["max"] < 1.0
     assert e["rejected"] > row["measured_on_jpeg_test"]["rejected"]
 
 
