@@ -41,11 +41,10 @@ MODES = ("x", "jpeg")  # the divergence judged on x itself, or on J(x)
 
 def scores(defense: Defense, x: np.ndarray, quality: int, temperatures: list[float], batch: int = 500) -> dict:
     """Labels f(D(x)) and, per mode and temperature, the divergence scores of a batch of images."""
-    spec = defense.members[0]
-    ae = defense.autoencoders[spec.reformer]
+    ae = defense.autoencoders[defense.members[0].reformer]
 
     def reform(a: np.ndarray) -> np.ndarray:
-        return np.clip(np.concatenate([ae(a[i : i + batch]) for i in range(0, len(a), batch)]), 0, 1).astype(np.float32)
+        return np.clip(run_batched(ae, a, batch), 0, 1).astype(np.float32)
 
     j = jpeg_round_trip(x, quality)
     logits = {"x": run_batched(defense.classifier, x, batch), "jpeg": run_batched(defense.classifier, j, batch)}
@@ -82,10 +81,9 @@ def rows(judged: dict[str, dict], y: dict[str, np.ndarray], right: np.ndarray, t
     return out
 
 
-def run(bundle: Path, data_dir: Path, set_path: Path, quality: int, spread: float, n_pre: int,
-        temperatures: list[float], fprs: list[float], seed: int = 0, n_val: int = 0) -> dict:
+def run(defense: Defense, bundle: Path, data_dir: Path, set_path: Path, quality: int, spread: float,
+        n_pre: int, temperatures: list[float], fprs: list[float], seed: int = 0, n_val: int = 0) -> dict:
     started = time.perf_counter()
-    defense = Defense(bundle, device="cpu")
     val = load_cifar10(data_dir).val
     if n_val:
         val = type(val)(val.x[:n_val], val.y[:n_val])
@@ -114,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fprs", type=float, nargs="+", default=[0.01, 0.02, 0.03])
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    if Defense(args.bundle, device="cpu").manifest.input.jpeg_quality is not None:
+    defense = Defense(args.bundle, device="cpu")
+    if defense.manifest.input.jpeg_quality is not None:
         p.error(f"{args.bundle} has a JPEG input step already: this tool compares judging x with judging J(x)")
-    result = run(args.bundle, args.data_dir, args.set, args.quality, args.spread, args.preimages,
+    result = run(defense, args.bundle, args.data_dir, args.set, args.quality, args.spread, args.preimages,
                  args.temperatures, args.fprs, n_val=args.val_images)
     for r in result["rows"]:
         print(f"judged on {r['judged_on']:4} T={r['temperature']:g} FPR {r['fpr']:g}: clean "
