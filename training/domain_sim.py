@@ -99,3 +99,59 @@ def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: 
     rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
                     y + 1.772 * (cb - 128)], axis=1)
     return (np.clip(np.rint(rgb), 0, 255) / 255).astype(np.float32)
+
+
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_RGB = np.linalg.inv(_YCC)
+
+
+def _block_mean2(a: np.ndarray) -> np.ndarray:  # N x H x W -> N x H/2 x W/2
+    n, h, w = a.shape
+    return a.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
+def _up2(a: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(a, 2, axis=1), 2, axis=2)
+
+
+def _box3(a: np.ndarray) -> np.ndarray:
+    """Mean over each 3 x 3 window (edges padded by replication)."""
+    p = np.pad(a, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = a.shape[1:]
+    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def chroma_detail(x: np.ndarray, strength: float | np.ndarray, rng: np.random.Generator,
+                  noise: float | np.ndarray = 0.0) -> np.ndarray:
+    """Full-resolution colour detail for decoded 4:2:0 JPEGs ``x`` (N x 3 x H x W float in [0, 1], H and W
+    even), as float32 in [0, 1].
+
+    A 4:2:0 JPEG keeps only the 2 x 2 means of Cb and Cr, so its decoded colour is smooth at the pixel
+    scale, and every image whose colour differs from it by a pattern with zero 2 x 2 means encodes to the
+    same chroma. Photographs hold such detail where colour edges follow brightness edges; ``pre_image``s
+    (``jpeg_preimage``) never add it. Here each chroma plane gets ``g * alpha * hp``: ``hp`` the luma's
+    detail within each 2 x 2 block (zero block means), ``alpha`` the local slope of that chroma plane on
+    the luma, fitted over 3 x 3 windows of the 2 x 2 means (colour-from-luma, as in guided upsampling),
+    ``g`` ~ U(0, ``strength``) per image; plus, with ``noise`` > 0, Gaussian detail of std
+    U(0, ``noise``) (in 0-255 units) with its 2 x 2 means removed. Both keep every 2 x 2 chroma mean, so
+    the result is (up to rounding and clipping) another image that the same JPEG could have come from."""
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError(f"chroma_detail takes N x 3 x H x W images with H and W even, not {list(x.shape)}")
+    n = len(x)
+    g = rng.uniform(0.0, 1.0, n) * np.broadcast_to(np.asarray(strength, np.float64), (n,))
+    sd = rng.uniform(0.0, 1.0, n) * np.broadcast_to(np.asarray(noise, np.float64), (n,))
+    ycc = np.einsum("ij,njhw->nihw", _YCC, x.astype(np.float64) * 255.0)
+    y = ycc[:, 0]
+    ys = _block_mean2(y)
+    hp = y - _up2(ys)
+    my, vy = _box3(ys), _box3(ys * ys) - _box3(ys) ** 2
+    for c in (1, 2):
+        cs = _block_mean2(ycc[:, c])
+        alpha = np.clip((_box3(cs * ys) - _box3(cs) * my) / (vy + 4.0), -1.5, 1.5)
+        detail = g[:, None, None] * _up2(alpha) * hp
+        if sd.any():
+            z = rng.standard_normal(hp.shape) * sd[:, None, None]
+            detail = detail + z - _up2(_block_mean2(z))
+        ycc[:, c] += detail
+    rgb = np.einsum("ij,njhw->nihw", _RGB, ycc)
+    return (np.clip(np.rint(rgb), 0, 255) / 255).astype(np.float32)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.evaluate.domain_shift import estimate, interval, main
+from training.evaluate.domain_shift import (estimate, estimate_loglinear, estimator_check, fit_loglinear, interval,
+                                            interval_refit, main)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +35,56 @@ def test_interval_brackets_the_mean_and_collapses_without_spread():
     assert interval(np.full(5, 0.3), rng) == pytest.approx([0.3, 0.3])
 
 
+def test_loglinear_with_a_constant_factor_is_the_factor_estimate():
+    rng = np.random.default_rng(1)
+    copy = {"a": rng.uniform(0.5, 3.0, 20)}
+    orig = {"a": 2.0 * copy["a"]}
+    a, b, e = fit_loglinear(copy["a"], orig["a"], 4.0)
+    assert a == pytest.approx(np.log(2.0)) and b == pytest.approx(1.0) and np.abs(e).max() < 1e-9
+    test = {"a": np.array([1.0, 1.9, 2.1, 3.0, 5.0])}
+    right = np.ones(5, bool)
+    lin = estimate_loglinear(copy, orig, test, {"a": 4.0}, right)
+    fac = estimate({"a": np.full(20, 2.0)}, test, {"a": 4.0}, right)
+    np.testing.assert_allclose(lin["fpr"]["a"], fac["fpr"]["a"])
+    np.testing.assert_allclose(lin["rejected"], 0.6)  # 2.1, 3.0 and 5.0 reach 4 when doubled
+
+
+def test_loglinear_follows_a_slope_that_the_factor_model_misses():
+    # the domain squares-roots the scores (times 2): small scores grow a lot, large ones little
+    copy = {"a": np.geomspace(1e-4, 1.0, 20)}
+    orig = {"a": 2.0 * np.sqrt(copy["a"])}
+    a, b, _ = fit_loglinear(copy["a"], orig["a"], 1.0)
+    assert b == pytest.approx(0.5) and a == pytest.approx(np.log(2.0))
+    test = {"a": np.array([1e-4, 0.01, 0.2, 0.3, 0.5])}  # 2 sqrt(s) >= 1.5 from s >= 0.5625: none of them
+    est = estimate_loglinear(copy, orig, test, {"a": 1.5}, np.ones(5, bool))
+    np.testing.assert_allclose(est["rejected"], 0.0)
+    # each pair's ratio 2 / sqrt(s_copy) is 2 to 200: the factor model rejects half of them
+    assert estimate({"a": orig["a"] / copy["a"]}, test, {"a": 1.5}, np.ones(5, bool))["rejected"].mean() > 0.4
+
+
+def test_estimator_check_counts_and_compares_both_models():
+    rng = np.random.default_rng(0)
+    jpeg = {"a": rng.lognormal(-3.0, 1.0, 2000)}
+    pre = {"a": 0.3 * np.sqrt(jpeg["a"]) * rng.lognormal(0.0, 0.1, 2000)}
+    t = {"a": float(np.quantile(jpeg["a"], 0.98))}
+    c = estimator_check(jpeg, pre, t, np.ones(2000, bool), rng, pairs=20, draws=50)
+    assert c["counted_rejected"] == pytest.approx(float((pre["a"] >= t["a"]).mean()))
+    assert abs(c["loglinear"]["median"] - c["counted_rejected"]) < 0.02
+    assert c["factor"]["median"] > c["counted_rejected"] + 0.05
+
+
+def test_refit_interval_brackets_the_estimate():
+    rng = np.random.default_rng(2)
+    copy = {"a": rng.lognormal(0.0, 1.0, 20)}
+    orig = {"a": copy["a"] * rng.lognormal(0.5, 0.5, 20)}
+    test = {"a": rng.lognormal(0.0, 1.0, 500)}
+    right = np.ones(500, bool)
+    est = estimate_loglinear(copy, orig, test, {"a": 5.0}, right)["rejected"].mean()
+    ci = interval_refit(copy, orig, test, {"a": 5.0}, right, rng, rounds=200)
+    assert ci["rejected"][0] <= est <= ci["rejected"][1] and ci["rejected"][0] < ci["rejected"][1]
+    assert ci["accepted_and_right"][1] == pytest.approx(1 - ci["rejected"][0])
+
+
 @pytest.mark.skipif(not os.environ.get("MAGNET_TEST_DATA"), reason="needs MAGNET_TEST_DATA (CIFAR-10)")
 def test_run_on_the_shipped_bundle(tmp_path):
     out = tmp_path / "shift.json"
@@ -53,6 +104,11 @@ def test_run_on_the_shipped_bundle(tmp_path):
     assert 0 < shift["reformed"]["median"] < 2 * shift["classifier"]["median"]
     assert shift["reformed"]["max"] < 1.0
     assert e["rejected"] > row["measured_on_jpeg_test"]["rejected"]
+    lin = row["estimated_uncompressed_loglinear"]
+    assert lin["rejected_90"][0] <= lin["rejected"] <= lin["rejected_90"][1]
+    # the fit's slope is below 1 on this bundle: scores near the threshold move by less than small ones
+    assert 0 < jsd["loglinear_fit"]["slope"] < 1
+    assert lin["rejected"] < e["rejected"]
 
 
 def test_a_bundle_with_a_jpeg_step_is_refused(tmp_path):
@@ -80,6 +136,10 @@ def test_simulate_compares_bundles_on_validation_preimages(tmp_path):
     assert report["simulated_spread"] == 0.4 and 3 < row["mean_abs_pixel_change_255"] < 12
     # pre-images of JPEG images are rejected more often than the JPEG images themselves
     assert row["preimages"]["rejected"] > row["jpeg"]["rejected"]
+    check = row["estimator_check"]
+    assert check["counted_rejected"] == row["preimages"]["rejected"] and check["pairs_per_estimate"] == 20
+    for model in ("factor", "loglinear"):
+        assert 0 <= check[model]["p05"] <= check[model]["median"] <= check[model]["p95"] <= 1
 
 
 def test_images_or_simulate_but_not_both(tmp_path, capsys):

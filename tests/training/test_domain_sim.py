@@ -1,10 +1,11 @@
-"""training.domain_sim: pre-images of JPEG images (stand-ins for the uncompressed originals)."""
+"""training.domain_sim: pre-images of JPEG images (stand-ins for the uncompressed originals) and the
+full-resolution colour detail that 4:2:0 JPEG drops."""
 
 import numpy as np
 import pytest
 
 from service.defense.domain import jpeg_round_trip
-from training.domain_sim import _dct_matrix, jpeg_preimage, quantization_tables
+from training.domain_sim import _YCC, _block_mean2, _dct_matrix, chroma_detail, jpeg_preimage, quantization_tables
 
 
 def _photo_like(n: int, channels: int = 3, size: int = 32) -> np.ndarray:
@@ -57,3 +58,46 @@ def test_the_dct_is_orthonormal_and_matches_the_definition():
     v = np.random.default_rng(0).normal(size=8)
     k = 3  # X_k = sqrt(2/N) sum v_i cos(pi (2i+1) k / 2N)
     assert m[k] @ v == pytest.approx(np.sqrt(2 / 8) * sum(v[i] * np.cos(np.pi * (2 * i + 1) * k / 16) for i in range(8)))
+
+
+def _coloured_edges(n: int, size: int = 32) -> np.ndarray:
+    """Images whose colour changes where their brightness does (odd positions: detail inside 2 x 2 blocks)."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for _ in range(n):
+        edge = (xx + yy * rng.uniform(0.2, 1.5)) > rng.uniform(8, 24)
+        a, b = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
+        out.append(np.where(edge[None], a[:, None, None], b[:, None, None]))
+    return np.asarray(out, np.float32)
+
+
+def _ycc(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,njhw->nihw", _YCC, x.astype(np.float64) * 255)
+
+
+def test_chroma_detail_keeps_luma_and_the_chroma_block_means_and_grows_with_its_gain():
+    copy = jpeg_round_trip(_coloured_edges(16), 75)  # smooth chroma: 4:2:0 dropped the detail
+    moved = []
+    for gain in (0.0, 1.0, 3.0):
+        out = chroma_detail(copy, np.full(len(copy), gain), np.random.default_rng(0))
+        assert out.shape == copy.shape and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+        before, after = _ycc(copy), _ycc(out)
+        assert np.abs(after[:, 0] - before[:, 0]).mean() < 0.6  # luma: rounding only
+        for c in (1, 2):  # the 2 x 2 chroma means that the encoder keeps: rounding (and clipping) only
+            assert np.abs(_block_mean2(after[:, c]) - _block_mean2(before[:, c])).mean() < 0.6
+        assert np.abs(jpeg_round_trip(out, 75) - copy).mean() < 1.0 / 255  # the same JPEG again
+        moved.append(np.abs(after[:, 1:] - before[:, 1:]).mean())
+    assert moved[0] < 0.05 < moved[1] < moved[2] and moved[2] > 2 * moved[1]
+
+
+def test_chroma_detail_goes_where_the_luma_has_detail():
+    copy = jpeg_round_trip(_coloured_edges(16), 75)
+    out = chroma_detail(copy, 3.0, np.random.default_rng(0))
+    y = _ycc(copy)[:, 0]
+    hp = np.abs(y - np.repeat(np.repeat(_block_mean2(y), 2, 1), 2, 2))
+    change = np.abs(_ycc(out)[:, 1:] - _ycc(copy)[:, 1:]).sum(axis=1)
+    busy = hp > 2
+    assert busy.any() and change[busy].mean() > 5 * change[~busy].mean()
+    with pytest.raises(ValueError, match="N x 3"):
+        chroma_detail(copy[:, :1], 1.0, np.random.default_rng(0))
