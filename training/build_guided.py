@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         members.append({"name": "default" if len(files) == 1 else f"member-{k}", "reformer": file,
                         "detectors": B.calibrate(out, dets, ds.val.x, args.classifier,
                                                  jpeg_quality=jpeg)})
-    attacks_seen = args.seen_attacks or bool({"fgsm", "pgd"} & {k for k, v in args.mix.items() if v > 0})
+    attacks_seen = args.seen_attacks or bool({"fgsm", "pgd", "fgsm_pre", "pgd_pre"} & {k for k, v in args.mix.items() if v > 0})
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "reformer": {"kind": {"guided": "classifier-guided residual U-Net"}.get(args.kind, f"{args.kind}, pixel MSE, "

@@ -10,7 +10,9 @@ over a batch holding the clean images (x_in = x) and as many perturbed copies, d
 denoised smoothing); ``fgsm`` and ``pgd`` are crafted against f on the *training* images as training
 goes (eps ~ U(0, eps_max) per image), which makes a reformer that has seen attacks; ``preimage`` is not an
 attack: an image that JPEG would have compressed to the training image (``training.domain_sim``), so that
-a reformer trained on JPEG data keeps the classifier's output on uncompressed inputs.
+a reformer trained on JPEG data keeps the classifier's output on uncompressed inputs; ``fgsm_pre`` and
+``pgd_pre`` craft the attack from such a pre-image instead of the JPEG image (an attacker who starts from
+the uncompressed original), the target staying the JPEG image's output.
 
 Resumable: a checkpoint (weights, optimizer, step, random state) is written every few minutes and at
 the end, and a run with the same work directory continues from it.
@@ -35,7 +37,7 @@ from training.data import Split
 from training.domain_sim import jpeg_preimage
 from training.loops import duration, predict_logits
 
-KINDS = ("clean", "noise", "fgsm", "pgd", "preimage")
+KINDS = ("clean", "noise", "fgsm", "pgd", "preimage", "fgsm_pre", "pgd_pre")
 
 
 @dataclass
@@ -106,10 +108,19 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
             eps = u[idx] * cfg.eps_max
             out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
                                 generator=gen, bf16=cfg.bf16)
-        elif kind == "preimage":  # an uncompressed image this JPEG could have come from (not an attack)
+        elif kind in ("preimage", "fgsm_pre", "pgd_pre"):  # from an uncompressed image this JPEG could have come from
             rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
-            spread = (u[idx] * cfg.preimage_max).cpu().numpy()
-            out[idx] = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
+            spread = (u[idx] * cfg.preimage_max if kind == "preimage" else
+                      torch.rand(len(idx), generator=gen).to(x.device) * cfg.preimage_max).cpu().numpy()
+            pre = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
+            if kind == "preimage":  # not an attack
+                out[idx] = pre
+            elif kind == "fgsm_pre":
+                out[idx] = fgsm(classifier, pre, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
+            else:
+                eps = u[idx] * cfg.eps_max
+                out[idx] = pgd_linf(classifier, pre, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
+                                    generator=gen, bf16=cfg.bf16)
     return out
 
 

@@ -73,6 +73,21 @@ def test_preimage_copies_compress_back_to_the_training_image():
     assert torch.all(moved > 0) and np.all(back < moved.numpy())
 
 
+def test_attacks_from_a_preimage_start_there_and_stay_within_their_budget():
+    """``fgsm_pre`` / ``pgd_pre``: the attack starts from a pre-image of the JPEG training image (an attacker
+    who holds the uncompressed original), so the copy is within eps of that pre-image, not of the JPEG."""
+    model, gen = _tiny_classifier(), torch.Generator().manual_seed(0)
+    x = torch.from_numpy(jpeg_round_trip(np.random.default_rng(1).uniform(size=(8, 3, 32, 32)).astype(np.float32), 75))
+    cfg = ReformerConfig(mix={"fgsm_pre": 1, "pgd_pre": 1}, preimage_max=0.5, eps_max=0.01, bf16=False)
+    out = perturb(model, x, model(x).argmax(1), ["fgsm_pre"] * 4 + ["pgd_pre"] * 4, cfg, gen)
+    assert out.min() >= 0 and out.max() <= 1
+    linf = (out - x).abs().flatten(1).max(1).values
+    assert torch.all(linf > 0.01 + 1e-6)  # the pre-image's detail plus the attack: beyond eps from the JPEG
+    # compressed again, each copy lands nearer the JPEG image than it is (the pre-image part is undone)
+    back = np.abs(jpeg_round_trip(out.numpy(), 75) - x.numpy()).mean(axis=(1, 2, 3))
+    assert np.all(back < (out - x).abs().flatten(1).mean(1).numpy())
+
+
 def test_reformer_starts_as_the_identity_and_exports_to_a_verified_twin(tmp_path):
     model = GuidedReformer(3, 8, 2).eval()
     x = torch.rand(3, 3, 32, 32)

@@ -1,0 +1,100 @@
+"""Does the defense hold when clean inputs and attacks start from uncompressed-like images?
+
+    python scripts/domain_attacks.py --bundle models/cifar10 --data-dir ../shared/data \
+        --out docs/results/cifar10-domain-attacks.json
+
+Our CIFAR-10 is a JPEG re-encoding, while an outside check may attack the original, uncompressed images.
+No such images are at hand beyond 20, so this uses the first ``--n`` validation images twice: as they
+are (JPEG) and as a JPEG pre-image of each (``training.domain_sim``: spread ``--spread``, plus colour
+detail with ``--chroma`` > 0), a stand-in for the uncompressed originals. On each, FGSM and PGD-10 (L∞,
+``--attacks``) are crafted against the bundle's classifier, and the core judges clean and attacked inputs:
+clean accepted and right, and per attack the share defended (rejected, or accepted and right) and the
+share rejected. Validation only: no test image is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.defense.core import Defense
+from training.attacks.pgd import fgsm, pgd_linf
+from training.domain_sim import chroma_detail, jpeg_preimage
+from training.from_onnx import torch_twin
+from training.specs import load_for_manifest
+
+
+def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
+    accepted, labels = [], []
+    for i in range(0, len(x), 500):
+        v = defense.inspect(x[i : i + 500])
+        accepted.append(v.accepted)
+        labels.append(np.asarray(v.logits_reformed if v.logits_reformed is not None
+                                 else defense.classifier(v.reformed)).argmax(1))
+    acc, lab = np.concatenate(accepted), np.concatenate(labels)
+    right = lab == y
+    return {"rejected": float((~acc).mean()), "accepted_and_right": float((acc & right).mean()),
+            "defended": float((~acc | right).mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, nargs="+", required=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--n", type=int, default=500, help="first N validation images")
+    p.add_argument("--attacks", nargs="+", default=["fgsm:0.025", "fgsm:0.05", "pgd10:0.025"],
+                   help="KIND:EPS, KIND fgsm or pgd10 (10 steps of eps/4, random start)")
+    p.add_argument("--spread", type=float, default=0.4)
+    p.add_argument("--chroma", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or __import__("sys").argv[1:]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "validation_images": args.n, "spread": args.spread,
+              "chroma": args.chroma, "bundles": {}}
+    for bundle in args.bundle:
+        defense = Defense(bundle, device="cpu")
+        m = defense.manifest
+        val = load_for_manifest(m, args.data_dir).val
+        x, y = val.x[: args.n], val.y[: args.n]
+        rng = np.random.default_rng(args.seed)
+        pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng)
+        if args.chroma > 0:
+            pre = chroma_detail(pre, args.chroma, rng)
+        twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
+                          output_name=m.classifier.output_name, output=m.classifier.output).eval()
+        for q in twin.parameters():
+            q.requires_grad_(False)
+        gen = torch.Generator().manual_seed(args.seed)
+        rows = {}
+        for domain, images in (("jpeg", x), ("preimage", pre)):
+            xt, yt = torch.from_numpy(images), torch.from_numpy(y)
+            with torch.no_grad():
+                right = float((twin(xt).argmax(1) == yt).float().mean())
+            row = {"clean": judge(defense, images, y), "classifier_right": right}
+            for attack in args.attacks:
+                kind, eps = attack.split(":")
+                e = torch.full((len(xt),), float(eps))
+                a = (fgsm(twin, xt, yt, e) if kind == "fgsm" else
+                     pgd_linf(twin, xt, yt, e, steps=10, step_size=e / 4, generator=gen)).detach().numpy()
+                with torch.no_grad():
+                    no_defense = float((twin(torch.from_numpy(a)).argmax(1) == yt).float().mean())
+                row[f"{kind}_eps{eps}"] = {**judge(defense, a, y), "no_defense": no_defense}
+            rows[domain] = row
+            print(f"{bundle} {domain}: " + "; ".join(
+                f"{k} " + (f"accepted and right {100 * v['accepted_and_right']:.1f} %" if k == "clean" else
+                           f"{100 * v['no_defense']:.1f} -> {100 * v['defended']:.1f} % (rejected {100 * v['rejected']:.1f})")
+                for k, v in row.items() if isinstance(v, dict)), flush=True)
+        report["bundles"][str(bundle)] = rows
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
