@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or __import__("sys").argv[1:]),
+    report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or sys.argv[1:]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "validation_images": args.n, "spread": args.spread,
               "chroma": args.chroma, "bundles": {}}
     for bundle in args.bundle:

@@ -30,7 +30,7 @@ from training.images import load_cifar10
 from training.loops import AutoencoderConfig, train_autoencoder
 from training.nets import GuidedReformer, MagnetAE32
 from training.provenance import provenance
-from training.reformer import ReformerConfig, parse_mix, train_reformer
+from training.reformer import ATTACKS, ReformerConfig, parse_mix, train_reformer
 
 SHAPE = (3, 32, 32)
 REFORMER_FILE = "reformer.onnx"
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         members.append({"name": "default" if len(files) == 1 else f"member-{k}", "reformer": file,
                         "detectors": B.calibrate(out, dets, ds.val.x, args.classifier,
                                                  jpeg_quality=jpeg)})
-    attacks_seen = args.seen_attacks or bool({"fgsm", "pgd", "fgsm_pre", "pgd_pre"} & {k for k, v in args.mix.items() if v > 0})
+    attacks_seen = args.seen_attacks or any(args.mix.get(k, 0) > 0 for k in ATTACKS)
     measurements = {
         "data": "CIFAR-10 as read from --data-dir (the tests use a lossy JPEG re-encoding)",
         "reformer": {"kind": {"guided": "classifier-guided residual U-Net"}.get(args.kind, f"{args.kind}, pixel MSE, "

@@ -37,7 +37,9 @@ from training.data import Split
 from training.domain_sim import jpeg_preimage
 from training.loops import duration, predict_logits
 
-KINDS = ("clean", "noise", "fgsm", "pgd", "preimage", "fgsm_pre", "pgd_pre")
+PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
+ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS)  # the kinds that make a reformer one that has seen attacks
+KINDS = ("clean", "noise", "preimage", *ATTACKS)
 
 
 @dataclass
@@ -95,32 +97,28 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
     out = x.clone()
     u = torch.rand(len(x), generator=gen).to(x.device)
     kinds_arr = np.array(kinds)
-    for kind in set(kinds):
+    for kind in dict.fromkeys(kinds):  # in order of first appearance: the draws from gen do not hang on set order
         idx = torch.from_numpy(np.flatnonzero(kinds_arr == kind)).to(x.device)
         xs, ys = x[idx], y[idx]
         if kind == "noise":
             std = (u[idx] * cfg.noise_max).view(-1, 1, 1, 1)
             noise = torch.randn(xs.shape, generator=gen).to(x.device)
             out[idx] = (xs + std * noise).clamp(0.0, 1.0)
-        elif kind == "fgsm":
-            out[idx] = fgsm(classifier, xs, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
-        elif kind == "pgd":
-            eps = u[idx] * cfg.eps_max
-            out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
-                                generator=gen, bf16=cfg.bf16)
-        elif kind in ("preimage", "fgsm_pre", "pgd_pre"):  # from an uncompressed image this JPEG could have come from
+            continue
+        if kind in ("preimage", *PREIMAGE_ATTACKS):  # start from an uncompressed image this JPEG could have come from
             rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
             spread = (u[idx] * cfg.preimage_max if kind == "preimage" else
                       torch.rand(len(idx), generator=gen).to(x.device) * cfg.preimage_max).cpu().numpy()
-            pre = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
-            if kind == "preimage":  # not an attack
-                out[idx] = pre
-            elif kind == "fgsm_pre":
-                out[idx] = fgsm(classifier, pre, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
-            else:
-                eps = u[idx] * cfg.eps_max
-                out[idx] = pgd_linf(classifier, pre, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
-                                    generator=gen, bf16=cfg.bf16)
+            xs = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
+        attack = kind.removesuffix("_pre")
+        if attack == "preimage":  # not an attack
+            out[idx] = xs
+        elif attack == "fgsm":
+            out[idx] = fgsm(classifier, xs, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
+        elif attack == "pgd":
+            eps = u[idx] * cfg.eps_max
+            out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
+                                generator=gen, bf16=cfg.bf16)
     return out
 
 
