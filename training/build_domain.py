@@ -20,6 +20,14 @@ e.g. a row of ``python -m training.evaluate.selection table``):
 
     magnet train domain --bundle models/cifar10-pool --data-dir DATA --jpeg-quality none \
         --drop recon jsd_t10 --fpr jsd_t40=0.02
+
+``--preimages MAX`` calibrates on both input domains a JPEG-trained bundle meets: the validation images
+as they are, plus a JPEG pre-image of each (``training.domain_sim.jpeg_preimage``, spread ~ U(0, MAX),
+``--preimage-seed``), a stand-in for the uncompressed images they were encoded from. Each detector's FPR
+is then its rate on that mix, not on the JPEG images alone (the JPEG share is lower, the pre-image share
+higher); the manifest records it:
+
+    magnet train domain --bundle CANDIDATE --data-dir DATA --jpeg-quality none --preimages 0.5 --candidate
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from service.defense.bundle import read_manifest, verify_files, write_manifest
 from service.defense.core import Defense
 from training import bundles as B
 from training.bundle_report import clean_figures
+from training.domain_sim import jpeg_preimage
 from training.provenance import provenance
 from training.specs import load_for_manifest
 
@@ -63,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                         "formats); the others keep their FPRs")
     p.add_argument("--fpr", nargs="+", default=[], metavar="DETECTOR=FPR", type=_fpr_arg,
                    help="recalibrate these kept detectors at a new false-positive rate (0 < FPR < 1)")
+    p.add_argument("--preimages", type=float, default=None, metavar="MAX",
+                   help="calibrate on the validation images plus a JPEG pre-image of each (spread ~ U(0, MAX), "
+                        "at the training images' JPEG quality): FPRs on both input domains together")
+    p.add_argument("--preimage-seed", type=int, default=1, help="--preimages: the draws' seed")
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: recalibrate, but touch no test image (no test figures)")
     args = p.parse_args(argv)
@@ -76,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = manifest.classifier
     classifier_file = verify_files(args.bundle, manifest)[spec.file]
     fprs = dict(args.fpr)
+    x_cal = ds.val.x
+    if args.preimages is not None:
+        if not 0 < args.preimages <= 1:
+            raise SystemExit("--preimages takes a spread in (0, 1]")
+        if not ds.jpeg_quality:
+            raise SystemExit("--preimages needs training images that are JPEGs of one quality")
+        rng = np.random.default_rng(args.preimage_seed)
+        spread = rng.uniform(0, args.preimages, len(x_cal))
+        x_cal = np.concatenate([x_cal, jpeg_preimage(x_cal, ds.jpeg_quality, spread, rng)])
     if set(fprs) & set(args.drop):
         raise SystemExit(f"--fpr names a dropped detector: {', '.join(sorted(set(fprs) & set(args.drop)))}")
     members, before = [], {}
@@ -89,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         dets = [d.model_dump(exclude={"threshold"}, exclude_none=True) | ({"fpr": fprs[d.name]} if d.name in fprs else {})
                 for d in kept]
         before[member.name] = {d.name: d.threshold for d in member.detectors}
-        calibrated = B.calibrate(args.bundle, dets, ds.val.x, classifier_file, contract=spec.input,
+        calibrated = B.calibrate(args.bundle, dets, x_cal, classifier_file, contract=spec.input,
                                  output=spec.output, output_name=spec.output_name, jpeg_quality=quality)
         members.append(member.model_copy(update={"detectors": [type(d).model_validate(c) for d, c in
                                                                zip(kept, calibrated)]}))
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     measurements["input_domain"] = {
         "jpeg_quality": quality, "training_images_jpeg_quality": ds.jpeg_quality, "dropped_detectors": args.drop,
         "fprs_set": fprs,
+        "calibration": {"validation_images": len(ds.val), "preimages": len(x_cal) - len(ds.val),
+                        "preimage_spread_max": args.preimages, "preimage_seed": args.preimage_seed},
         "thresholds_before": before, "figures_before": stale, "test_images": len(test),
         "validation_images": len(ds.val), "seconds": time.perf_counter() - started,
         "provenance": provenance(["magnet", "train", "domain", *(argv if argv is not None else sys.argv[1:])], 0),
