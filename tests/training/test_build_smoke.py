@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 
 from service.defense import Defense, read_manifest, verify_files  # noqa: E402
 from training import build_mnist  # noqa: E402
+from training.domain_sim import jpeg_preimage  # noqa: E402
 from service.defense.runtime import CPU, OnnxModel  # noqa: E402
 from service.defense.scores import reconstruction_error  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
@@ -119,8 +120,23 @@ def test_smoke_cifar10_build(tmp_path, cifar10):
     (det,) = chosen.members[0].detectors
     assert (det.name, det.fpr) == ("jsd_t40", 0.05) and det.threshold < now["jsd_t40"]
     assert chosen.measurements["input_domain"]["fprs_set"] == {"jsd_t40": 0.05}
+    # --preimages: the FPR holds on the validation images plus a JPEG pre-image of each, together
+    assert build_domain.main(["--bundle", str(out), "--data-dir", str(DATA_DIR), "--jpeg-quality", "none",
+                              "--fpr", "jsd_t40=0.05", "--preimages", "0.5", "--preimage-seed", "3",
+                              "--candidate"]) == 0
+    mixed = read_manifest(out)
+    cal = mixed.measurements["input_domain"]["calibration"]
+    assert cal["preimages"] == cal["validation_images"] == len(cifar10.val) and cal["preimage_seed"] == 3
+    rng = np.random.default_rng(3)
+    spread = rng.uniform(0, 0.5, len(cifar10.val))
+    pre = jpeg_preimage(cifar10.val.x, 75, spread, rng)
+    judge = Defense(out, device="cpu")
+    rejected = np.concatenate([judge.inspect(x[i : i + 1000]).rejected for x in (cifar10.val.x, pre)
+                               for i in range(0, len(x), 1000)])
+    assert abs(rejected.mean() - 0.05) < 0.005
+    assert mixed.members[0].detectors[0].threshold != chosen.members[0].detectors[0].threshold
     for bad in (["--fpr", "jsd_t40=1.5"], ["--fpr", "jsd_t40"], ["--fpr", "nope=0.1"],
-                ["--drop", "jsd_t40", "--fpr", "jsd_t40=0.1"]):
+                ["--drop", "jsd_t40", "--fpr", "jsd_t40=0.1"], ["--preimages", "0"], ["--preimages", "1.5"]):
         with pytest.raises(SystemExit):
             build_domain.main(["--bundle", str(out), "--data-dir", str(DATA_DIR), "--jpeg-quality", "none", *bad])
 

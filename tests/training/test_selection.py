@@ -36,6 +36,27 @@ def test_thresholds_come_from_clean_scores_and_rejections_count_as_defended(tmp_
     assert {tuple(g.items()) for g in grid(cand)} == {(("recon", f),) for f in (None, 0.002, 0.005, 0.01, 0.02)}
 
 
+def test_the_as_shipped_row_uses_the_manifests_thresholds_not_a_recalibration(tmp_path):
+    """A bundle calibrated elsewhere (e.g. on two input domains) is judged at its own threshold."""
+    from service.defense.bundle import read_manifest, write_manifest
+
+    bundle = fakes.make_bundle(tmp_path / "toy")
+    manifest = read_manifest(bundle)
+    (det,) = manifest.members[0].detectors
+    # a threshold between the clean scores 0.06 (v = 0.38, 0.62) and 0.08 (v = 0.34, 0.66): 4 of 10 rejected
+    member = manifest.members[0].model_copy(update={"detectors": [det.model_copy(update={"threshold": 0.07})]})
+    write_manifest(bundle, manifest.model_copy(update={"members": [member]}))
+    v = np.array([0.30, 0.34, 0.38, 0.42, 0.46, 0.54, 0.58, 0.62, 0.66, 0.70])
+    sets = {"clean": fakes.images(*v), "fgsm": fakes.images(1.0, 0.52), "pgd": fakes.images(1.0, 0.52)}
+    logits = {k: np.zeros((len(x), 3), np.float32) for k, x in sets.items()}
+    cand = Candidate(bundle, sets, logits)
+    assert cand.shipped() == {"recon": (0.07, det.fpr)}
+    y = {"clean": np.zeros(10, np.int64), "fgsm": np.array([1, 1]), "pgd": np.array([1, 1])}
+    right = {k: np.ones(len(y[k]), bool) for k in y}
+    row = cand.evaluate({}, y, right, thresholds={"recon": 0.07})
+    assert row["clean_rejected"] == pytest.approx(0.4) and row["fgsm_defended"] == 0.5
+
+
 def test_a_candidate_with_an_input_step_is_scored_as_the_core_judges_it(tmp_path):
     """With input.jpeg_quality the scores are those of the round-tripped images, as the core's, and the
     cache keeps them apart from the same reformer's scores without the step."""

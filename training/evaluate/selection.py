@@ -101,9 +101,25 @@ class Candidate:
             np.savez(path, **{f"{k}/labels": v for k, v in self.labels.items()},
                      **{f"{k}/{d}": s for k, scores in self.scores.items() for d, s in scores.items()})
 
-    def evaluate(self, fprs: dict[str, float | None], y: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> dict:
-        """Figures at one FPR per detector (None: detector off), thresholds from the clean scores."""
-        thresholds = {d: threshold_at_fpr(self.scores["clean"][d], f) for d, f in fprs.items() if f}
+    def shipped(self) -> dict[str, tuple[float, float]]:
+        """The first member's own detectors as the bundle ships them: score key ("recon", "jsd_t40", ...)
+        -> (threshold, FPR at calibration), calibrated however the bundle was built (e.g. on two input
+        domains). A detector this table does not score the same way is an error."""
+        out = {}
+        for d in self.defense.members[0].detectors:
+            key = ("recon" if d.kind == "reconstruction" and getattr(d, "p", None) == 1 else
+                   f"jsd_t{d.temperature:g}" if d.kind == "divergence" else None)
+            if key is None or key not in self.scores["clean"]:
+                raise ValueError(f"{self.name}: detector {d.name} ({d.kind}) is not scored by the selection table")
+            out[key] = (d.threshold, d.fpr)
+        return out
+
+    def evaluate(self, fprs: dict[str, float | None], y: dict[str, np.ndarray], right: dict[str, np.ndarray],
+                 thresholds: dict[str, float] | None = None) -> dict:
+        """Figures at one FPR per detector (None: detector off), thresholds from the clean scores; or at
+        the given ``thresholds`` (detector name -> threshold), ``fprs`` then unused."""
+        if thresholds is None:
+            thresholds = {d: threshold_at_fpr(self.scores["clean"][d], f) for d, f in fprs.items() if f}
         row = {}
         for key in self.labels:
             rejected = np.zeros(len(y[key]), bool)
@@ -142,7 +158,7 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
     right = {"clean": np.ones(len(val.y), bool), "fgsm": clean_pred[sel["idx"]] == sel["y"],
              "pgd": clean_pred[sel["idx"]] == sel["y"]}
     undefended = {k: float((logits_x[k].argmax(1) == y[k])[right[k]].mean()) for k in ("fgsm", "pgd")}
-    rows = []
+    rows, as_shipped = [], []
     for bundle in bundles:
         started = time.perf_counter()
         cand = Candidate(bundle, sets, logits_x, cache)
@@ -156,6 +172,11 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
             if r["within_budget"] and (best is None or (r["attack_min"], r["clean_defended"]) >
                                        (best["attack_min"], best["clean_defended"])):
                 best = r
+        shipped = cand.shipped()
+        thresholds = {k: t for k, (t, _) in shipped.items()}
+        as_shipped.append({"candidate": cand.name, "bundle": str(bundle), "thresholds": thresholds,
+                           "fprs": {k: f for k, (_, f) in shipped.items()},
+                           **cand.evaluate({}, y, right, thresholds=thresholds)})
         if best is None:  # nothing fits the budget: show the candidate at its cheapest FPRs, marked
             best = max((r for r in rows if r["candidate"] == cand.name), key=lambda r: r["clean_defended"])
         if best:
@@ -178,7 +199,7 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
               "rule": "within the clean budget, the largest min(FGSM, PGD) accuracy with the defense; ties: "
                       "the larger clean accuracy", "labels": labels,
               "chosen": chosen, "chosen_attack_free": chosen_attack_free, "best_per_candidate": bests,
-              "over_budget": over, "rows": rows}
+              "over_budget": over, "as_shipped": as_shipped, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "table.md").write_text(markdown(result))
@@ -217,6 +238,17 @@ def markdown(result: dict) -> str:
     if result["chosen"]:
         lines += ["", f"Chosen: **{result['chosen']['candidate']}**" + (
             f"; best candidate trained without adversarial examples: **{free['candidate']}**." if free else ".")]
+    if result.get("as_shipped"):
+        lines += ["", "## Each candidate with the detectors and thresholds it ships with", "",
+                  "Thresholds from the bundle's manifest (calibrated however it was built, e.g. on validation "
+                  "images of two input domains), not recalibrated on the clean scores here.", "",
+                  "| candidate | detectors (FPR at calibration) | clean defended | clean rejected | FGSM defended | "
+                  "PGD defended |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in result["as_shipped"]:
+            dets = ", ".join(f"{k} ({r['fprs'][k]:g})" for k in r["thresholds"])
+            lines.append(f"| {r['candidate']} | {dets} | {100 * r['clean_defended']:.2f} | "
+                         f"{100 * r['clean_rejected']:.2f} | {100 * r['fgsm_defended']:.2f} | "
+                         f"{100 * r['pgd_defended']:.2f} |")
     lines += ["", "Every FPR combination of every candidate is in `table.json` (`rows`)."]
     return "\n".join(lines) + "\n"
 
