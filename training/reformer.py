@@ -14,6 +14,12 @@ a reformer trained on JPEG data keeps the classifier's output on uncompressed in
 ``pgd_pre`` craft the attack from such a pre-image instead of the JPEG image (an attacker who starts from
 the uncompressed original), the target staying the JPEG image's output.
 
+``quiet_weight`` > 0 adds a term for the divergence detector that judges the reformer: on the rows that
+are not attacks (the clean images, and the ``preimage``, ``noise`` and ``clean`` copies),
+T_q^2 * KL(softmax(f(x)/T_q) || softmax(f(D(x_in))/T_q)) at ``quiet_temperature`` T_q (the detector's, 40).
+At T = 1 a confident, unchanged label leaves the loss near zero however far the other logits move; at
+the detector's temperature every logit counts, which is what the detector sees on clean inputs.
+
 Resumable: a checkpoint (weights, optimizer, step, random state) is written every few minutes and at
 the end, and a run with the same work directory continues from it.
 """
@@ -52,6 +58,8 @@ class ReformerConfig:
     kl_weight: float = 1.0
     pixel_weight: float = 1.0
     temperature: float = 1.0
+    quiet_weight: float = 0.0  # the detector term on the rows that are not attacks (see the module's text)
+    quiet_temperature: float = 40.0
     mix: dict = field(default_factory=lambda: {"noise": 1.0})  # kind -> share of the perturbed copies
     noise_max: float = 0.05
     eps_max: float = 8 / 255
@@ -258,6 +266,12 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         pixel = (out - clean).abs().mean()
         diversity = (out - out.mean(0, keepdim=True)).pow(2).mean() if len(models) > 1 else out.new_zeros(())
         loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel - alpha * diversity
+        if cfg.quiet_weight:
+            calm = torch.from_numpy(np.array([True] * len(xb) + [k not in ATTACKS for k in kinds])).to(device)
+            tq = cfg.quiet_temperature
+            quiet = torch.stack([_kl(target[calm], z[i][calm], tq) for i in range(len(models))]).mean() * tq**2
+            loss = loss + cfg.quiet_weight * quiet
+            sums["quiet"] = sums.get("quiet", 0.0) + quiet.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -269,6 +283,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         if step % cfg.val_every == 0 or step == cfg.steps:
             vals = [_val_row(m, classifier, val_x_in, val_y, val_adv, val_x) for m in models]
             row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
+                   **({"quiet": sums["quiet"] / sums["n"]} if "quiet" in sums else {}),
                    **({"diversity": sums["diversity"] / sums["n"]} if len(models) > 1 else {}),
                    "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,
                    **{k: float(np.mean([v[k] for v in vals])) for k in vals[0]}}
