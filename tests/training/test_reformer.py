@@ -115,6 +115,30 @@ def test_training_lowers_the_loss_and_resumes_where_it_stopped(tmp_path):
     assert not torch.equal(model(torch.rand(1, 3, 32, 32) * 0 + 0.5), torch.full((1, 3, 32, 32), 0.5))
 
 
+def test_the_quiet_term_counts_the_rows_that_are_not_attacks_only(tmp_path):
+    """--quiet-weight: T^2 KL at the detector's temperature on clean and non-attack copies. The reformer
+    starts as the identity, so on the first step the term is zero when the only copies are attacks (the
+    clean rows reform to themselves) and positive when noisy copies join it."""
+    class Loud(torch.nn.Module):  # the tiny random classifier's logits are nearly equal: spread them out
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = _tiny_classifier()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1000 * self.f(x)
+
+    classifier, train, val = Loud().eval(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=1, batch_size=16, val_every=1, mix={"fgsm": 1}, bf16=False,
+                         lr=1e-2, quiet_weight=1.0, eps_max=0.1)
+    attacks_only = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / "a")["rows"][0]
+    assert attacks_only["quiet"] == pytest.approx(0.0, abs=1e-9) and attacks_only["kl"] > 0
+    noisy = ReformerConfig(**{**cfg.__dict__, "mix": {"fgsm": 1, "noise": 1}, "noise_max": 0.3})
+    with_noise = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, noisy, tmp_path / "b")["rows"][0]
+    assert with_noise["quiet"] > 1e-6, with_noise
+    off = ReformerConfig(**{**noisy.__dict__, "quiet_weight": 0.0})
+    assert "quiet" not in train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, off, tmp_path / "c")["rows"][0]
+
+
 def test_a_warm_start_takes_the_weights_but_a_fresh_schedule(tmp_path):
     classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
     cfg = ReformerConfig(width=8, depth=1, steps=3, batch_size=8, val_every=3, mix={"fgsm": 1}, bf16=False, lr=1e-2)
