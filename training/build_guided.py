@@ -58,6 +58,9 @@ def parser():
                    help="weight of T^2 KL(f(x)/T || f(D(x_in))/T) at --quiet-temperature on the rows that are not "
                         "attacks (clean, noise, pre-images): keeps the divergence detector quiet on clean inputs")
     p.add_argument("--quiet-temperature", type=float, default=40.0, help="the detector term's temperature")
+    p.add_argument("--quiet-rows", choices=("calm", "preimage"), default="calm",
+                   help="the detector term's rows: clean images and every copy that is not an attack, or the "
+                        "clean pre-image copies only")
     p.add_argument("--mix", type=parse_mix, default={"noise": 1.0},
                    help="perturbed copies by kind and share: noise, fgsm, pgd, clean (e.g. fgsm=1,pgd=1)")
     p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                          jpeg_quality=jpeg,
                          lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,
                          temperature=args.temperature, quiet_weight=args.quiet_weight,
-                         quiet_temperature=args.quiet_temperature, mix=args.mix, noise_max=args.noise_max,
+                         quiet_temperature=args.quiet_temperature, quiet_rows=args.quiet_rows, mix=args.mix, noise_max=args.noise_max,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
                          preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
                          device=args.device, seed=args.seed)

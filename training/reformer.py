@@ -19,6 +19,8 @@ are not attacks (the clean images, and the ``preimage``, ``noise`` and ``clean``
 T_q^2 * KL(softmax(f(x)/T_q) || softmax(f(D(x_in))/T_q)) at ``quiet_temperature`` T_q (the detector's, 40).
 At T = 1 a confident, unchanged label leaves the loss near zero however far the other logits move; at
 the detector's temperature every logit counts, which is what the detector sees on clean inputs.
+``quiet_rows`` = "preimage" keeps the term to the clean pre-image copies only, so that it does not also
+quieten the clean JPEG images on which the detector's threshold is set.
 
 Resumable: a checkpoint (weights, optimizer, step, random state) is written every few minutes and at
 the end, and a run with the same work directory continues from it.
@@ -60,6 +62,7 @@ class ReformerConfig:
     temperature: float = 1.0
     quiet_weight: float = 0.0  # the detector term on the rows that are not attacks (see the module's text)
     quiet_temperature: float = 40.0
+    quiet_rows: str = "calm"  # "calm": clean images and every copy that is not an attack; "preimage": those copies only
     mix: dict = field(default_factory=lambda: {"noise": 1.0})  # kind -> share of the perturbed copies
     noise_max: float = 0.05
     eps_max: float = 8 / 255
@@ -75,6 +78,8 @@ class ReformerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.quiet_rows not in ("calm", "preimage"):
+            raise ValueError(f"quiet_rows is 'calm' or 'preimage', not {self.quiet_rows!r}")
         unknown = set(self.mix) - set(KINDS)
         if unknown or not self.mix or any(v < 0 for v in self.mix.values()):
             raise ValueError(f"mix wants shares >= 0 of {KINDS}, got {self.mix}")
@@ -267,9 +272,11 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         diversity = (out - out.mean(0, keepdim=True)).pow(2).mean() if len(models) > 1 else out.new_zeros(())
         loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel - alpha * diversity
         if cfg.quiet_weight:
-            calm = torch.from_numpy(np.array([True] * len(xb) + [k not in ATTACKS for k in kinds])).to(device)
+            calm = torch.from_numpy(np.array([True] * len(xb) + [k not in ATTACKS for k in kinds]) if cfg.quiet_rows == "calm"
+                                    else np.array([False] * len(xb) + [k == "preimage" for k in kinds])).to(device)
             tq = cfg.quiet_temperature
-            quiet = torch.stack([_kl(target[calm], z[i][calm], tq) for i in range(len(models))]).mean() * tq**2
+            quiet = (torch.stack([_kl(target[calm], z[i][calm], tq) for i in range(len(models))]).mean() * tq**2
+                     if bool(calm.any()) else z.new_zeros(()))
             loss = loss + cfg.quiet_weight * quiet
             sums["quiet"] = sums.get("quiet", 0.0) + quiet.item()
         opt.zero_grad(set_to_none=True)

@@ -135,6 +135,14 @@ def test_the_quiet_term_counts_the_rows_that_are_not_attacks_only(tmp_path):
     noisy = ReformerConfig(**{**cfg.__dict__, "mix": {"fgsm": 1, "noise": 1}, "noise_max": 0.3})
     with_noise = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, noisy, tmp_path / "b")["rows"][0]
     assert with_noise["quiet"] > 1e-6, with_noise
+    # quiet_rows "preimage": the noisy copies no longer count, the clean pre-image copies do
+    only_pre = ReformerConfig(**{**noisy.__dict__, "quiet_rows": "preimage"})
+    assert train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, only_pre,
+                          tmp_path / "d")["rows"][0]["quiet"] == 0.0
+    pre = ReformerConfig(**{**only_pre.__dict__, "mix": {"fgsm": 1, "preimage": 1}})
+    assert train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, pre, tmp_path / "e")["rows"][0]["quiet"] > 1e-6
+    with pytest.raises(ValueError):
+        ReformerConfig(quiet_rows="attacks")
     off = ReformerConfig(**{**noisy.__dict__, "quiet_weight": 0.0})
     assert "quiet" not in train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, off, tmp_path / "c")["rows"][0]
 
