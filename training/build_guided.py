@@ -30,7 +30,7 @@ from training.images import load_cifar10
 from training.loops import AutoencoderConfig, train_autoencoder
 from training.nets import GuidedReformer, MagnetAE32
 from training.provenance import provenance
-from training.reformer import ATTACKS, ReformerConfig, parse_mix, train_reformer
+from training.reformer import ATTACKS, QUIET_ROWS, ReformerConfig, parse_mix, train_reformer
 
 SHAPE = (3, 32, 32)
 REFORMER_FILE = "reformer.onnx"
@@ -58,7 +58,7 @@ def parser():
                    help="weight of T^2 KL(f(x)/T || f(D(x_in))/T) at --quiet-temperature on the rows that are not "
                         "attacks (clean, noise, pre-images): keeps the divergence detector quiet on clean inputs")
     p.add_argument("--quiet-temperature", type=float, default=40.0, help="the detector term's temperature")
-    p.add_argument("--quiet-rows", choices=("calm", "preimage"), default="calm",
+    p.add_argument("--quiet-rows", choices=QUIET_ROWS, default="calm",
                    help="the detector term's rows: clean images and every copy that is not an attack, or the "
                         "clean pre-image copies only")
     p.add_argument("--mix", type=parse_mix, default={"noise": 1.0},
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                          jpeg_quality=jpeg,
                          lr=args.lr, kl_weight=args.kl_weight, pixel_weight=args.pixel_weight,
                          temperature=args.temperature, quiet_weight=args.quiet_weight,
-                         quiet_temperature=args.quiet_temperature, quiet_rows=args.quiet_rows, mix=args.mix, noise_max=args.noise_max,
+                         quiet_temperature=args.quiet_temperature, quiet_rows=args.quiet_rows,
+                         mix=args.mix, noise_max=args.noise_max,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
                          preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
                          device=args.device, seed=args.seed)

@@ -48,6 +48,7 @@ from training.loops import duration, predict_logits
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
 ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS)  # the kinds that make a reformer one that has seen attacks
 KINDS = ("clean", "noise", "preimage", *ATTACKS)
+QUIET_ROWS = ("calm", "preimage")  # the quiet term's rows: see the module's text
 
 
 @dataclass
@@ -78,8 +79,8 @@ class ReformerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.quiet_rows not in ("calm", "preimage"):
-            raise ValueError(f"quiet_rows is 'calm' or 'preimage', not {self.quiet_rows!r}")
+        if self.quiet_rows not in QUIET_ROWS:
+            raise ValueError(f"quiet_rows is one of {QUIET_ROWS}, not {self.quiet_rows!r}")
         unknown = set(self.mix) - set(KINDS)
         if unknown or not self.mix or any(v < 0 for v in self.mix.values()):
             raise ValueError(f"mix wants shares >= 0 of {KINDS}, got {self.mix}")
@@ -138,6 +139,13 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
 def _kl(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
     p_log = F.log_softmax(target_logits / t, 1)
     return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="batchmean")
+
+
+def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
+    """Which rows of the batch (the clean images, then their copies of ``kinds``) the quiet term counts."""
+    if rows == "calm":
+        return np.array([True] * n_clean + [k not in ATTACKS for k in kinds])
+    return np.array([False] * n_clean + [k == "preimage" for k in kinds])
 
 
 def _lr(cfg: ReformerConfig, step: int) -> float:
@@ -253,7 +261,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     val_x_in = jpeg_inputs(val_x, cfg.jpeg_quality)
     started, last_save = time.perf_counter(), time.perf_counter()
     run_seconds0, step0 = history["seconds"], step
-    sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
+    sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "quiet": 0.0, "n": 0}
     while step < cfg.steps:
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
         xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
@@ -272,13 +280,12 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         diversity = (out - out.mean(0, keepdim=True)).pow(2).mean() if len(models) > 1 else out.new_zeros(())
         loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel - alpha * diversity
         if cfg.quiet_weight:
-            calm = torch.from_numpy(np.array([True] * len(xb) + [k not in ATTACKS for k in kinds]) if cfg.quiet_rows == "calm"
-                                    else np.array([False] * len(xb) + [k == "preimage" for k in kinds])).to(device)
+            calm = torch.from_numpy(_quiet_mask(cfg.quiet_rows, len(xb), kinds)).to(device)
             tq = cfg.quiet_temperature
             quiet = (torch.stack([_kl(target[calm], z[i][calm], tq) for i in range(len(models))]).mean() * tq**2
                      if bool(calm.any()) else z.new_zeros(()))
             loss = loss + cfg.quiet_weight * quiet
-            sums["quiet"] = sums.get("quiet", 0.0) + quiet.item()
+            sums["quiet"] += quiet.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,12 +297,12 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         if step % cfg.val_every == 0 or step == cfg.steps:
             vals = [_val_row(m, classifier, val_x_in, val_y, val_adv, val_x) for m in models]
             row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
-                   **({"quiet": sums["quiet"] / sums["n"]} if "quiet" in sums else {}),
+                   **({"quiet": sums["quiet"] / sums["n"]} if cfg.quiet_weight else {}),
                    **({"diversity": sums["diversity"] / sums["n"]} if len(models) > 1 else {}),
                    "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,
                    **{k: float(np.mean([v[k] for v in vals])) for k in vals[0]}}
             history["rows"].append(row)
-            sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "n": 0}
+            sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "quiet": 0.0, "n": 0}
             left = (time.perf_counter() - started) / max(step - step0, 1) * (cfg.steps - step)
             log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
                 + f"  ~{duration(left)} left")

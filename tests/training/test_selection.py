@@ -53,7 +53,7 @@ def test_the_as_shipped_row_uses_the_manifests_thresholds_not_a_recalibration(tm
     assert cand.shipped() == {"recon": (0.07, det.fpr)}
     y = {"clean": np.zeros(10, np.int64), "fgsm": np.array([1, 1]), "pgd": np.array([1, 1])}
     right = {k: np.ones(len(y[k]), bool) for k in y}
-    row = cand.evaluate({}, y, right, thresholds={"recon": 0.07})
+    row = cand.judge({"recon": 0.07}, y, right)
     assert row["clean_rejected"] == pytest.approx(0.4) and row["fgsm_defended"] == 0.5
 
 

@@ -114,12 +114,12 @@ class Candidate:
             out[key] = (d.threshold, d.fpr)
         return out
 
-    def evaluate(self, fprs: dict[str, float | None], y: dict[str, np.ndarray], right: dict[str, np.ndarray],
-                 thresholds: dict[str, float] | None = None) -> dict:
-        """Figures at one FPR per detector (None: detector off), thresholds from the clean scores; or at
-        the given ``thresholds`` (detector name -> threshold), ``fprs`` then unused."""
-        if thresholds is None:
-            thresholds = {d: threshold_at_fpr(self.scores["clean"][d], f) for d, f in fprs.items() if f}
+    def evaluate(self, fprs: dict[str, float | None], y: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> dict:
+        """Figures at one FPR per detector (None: detector off), thresholds from the clean scores."""
+        return self.judge({d: threshold_at_fpr(self.scores["clean"][d], f) for d, f in fprs.items() if f}, y, right)
+
+    def judge(self, thresholds: dict[str, float], y: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> dict:
+        """Figures at the given thresholds (score key -> threshold; a detector not named is off)."""
         row = {}
         for key in self.labels:
             rejected = np.zeros(len(y[key]), bool)
@@ -176,7 +176,7 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
         thresholds = {k: t for k, (t, _) in shipped.items()}
         as_shipped.append({"candidate": cand.name, "bundle": str(bundle), "thresholds": thresholds,
                            "fprs": {k: f for k, (_, f) in shipped.items()},
-                           **cand.evaluate({}, y, right, thresholds=thresholds)})
+                           **cand.judge(thresholds, y, right)})
         if best is None:  # nothing fits the budget: show the candidate at its cheapest FPRs, marked
             best = max((r for r in rows if r["candidate"] == cand.name), key=lambda r: r["clean_defended"])
         if best:
