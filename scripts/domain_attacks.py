@@ -5,8 +5,9 @@
 
 Our CIFAR-10 is a JPEG re-encoding, while an outside check may attack the original, uncompressed images.
 No such images are at hand beyond 20, so this uses the first ``--n`` validation images twice: as they
-are (JPEG) and as a JPEG pre-image of each (``training.domain_sim``: spread ``--spread``, plus colour
-detail with ``--chroma`` > 0), a stand-in for the uncompressed originals. On each, FGSM and PGD-10 (L∞,
+are (JPEG) and as a JPEG pre-image of each (``training.domain_sim``: spread ``--spread``, Cb and Cr at
+``--spread-chroma``, plus colour detail with ``--chroma`` > 0; ``python -m training.evaluate.stand_in``
+fits the three to real originals), a stand-in for the uncompressed originals. On each, FGSM and PGD-10 (L∞,
 ``--attacks``) are crafted against the bundle's classifier, and the core judges clean and attacked inputs:
 clean accepted and right, and per attack the share defended (rejected, or accepted and right) and the
 share rejected. Validation only: no test image is used.
@@ -52,19 +53,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="KIND:EPS, KIND fgsm or pgd10 (10 steps of eps/4, random start)")
     p.add_argument("--spread", type=float, default=0.4)
     p.add_argument("--chroma", type=float, default=0.0)
+    p.add_argument("--spread-chroma", type=float, default=None,
+                   help="Cb and Cr at this spread, the luma at --spread's (default: the same)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or sys.argv[1:]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "validation_images": args.n, "spread": args.spread,
-              "chroma": args.chroma, "bundles": {}}
+              "chroma": args.chroma, "spread_chroma": args.spread_chroma, "bundles": {}}
     for bundle in args.bundle:
         defense = Defense(bundle, device="cpu")
         m = defense.manifest
         val = load_for_manifest(m, args.data_dir).val
         x, y = val.x[: args.n], val.y[: args.n]
         rng = np.random.default_rng(args.seed)
-        pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng)
+        pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng, chroma_spread=args.spread_chroma)
         if args.chroma > 0:
             pre = chroma_detail(pre, args.chroma, rng)
         twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,

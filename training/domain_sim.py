@@ -69,13 +69,16 @@ def _move(plane: np.ndarray, table: np.ndarray, spread: np.ndarray, rng: np.rand
     return _unblocks(_M.T @ c @ _M)[:, :h, :w]
 
 
-def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: np.random.Generator,
+                  chroma_spread: float | np.ndarray | None = None) -> np.ndarray:
     """A random pre-image of each decoded JPEG in ``x`` (N x C x H x W float in [0, 1], C = 1 or 3, H and W
-    even for colour), as float32 in [0, 1]; ``spread``: one value or one per image, in [0, 1]."""
+    even for colour), as float32 in [0, 1]; ``spread``: one value or one per image, in [0, 1], for the
+    luma (or the one grey plane); ``chroma_spread`` likewise for Cb and Cr (default: ``spread``)."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"jpeg_preimage takes N x 1|3 x H x W images, not {list(x.shape)}")
     spread = np.broadcast_to(np.asarray(spread, np.float64), (len(x),))
-    if ((spread < 0) | (spread > 1)).any():
+    chroma_spread = spread if chroma_spread is None else np.broadcast_to(np.asarray(chroma_spread, np.float64), (len(x),))
+    if ((spread < 0) | (spread > 1) | (chroma_spread < 0) | (chroma_spread > 1)).any():
         raise ValueError("spread must lie in [0, 1]")
     luma, chroma = quantization_tables(quality)
     v = x.astype(np.float64) * 255.0
@@ -93,7 +96,7 @@ def jpeg_preimage(x: np.ndarray, quality: int, spread: float | np.ndarray, rng: 
     for ch in (cb, cr):  # the 2 x 2 means are what the encoder quantizes; the detail within stays
         n, h, w = ch.shape
         sub = ch.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
-        delta = _move(sub - 128, chroma, spread, rng) + 128 - sub
+        delta = _move(sub - 128, chroma, chroma_spread, rng) + 128 - sub
         moved.append(ch + np.repeat(np.repeat(delta, 2, axis=1), 2, axis=2))
     cb, cr = moved
     rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
@@ -155,3 +158,37 @@ def chroma_detail(x: np.ndarray, strength: float | np.ndarray, rng: np.random.Ge
         ycc[:, c] += detail
     rgb = np.einsum("ij,njhw->nihw", _RGB, ycc)
     return (np.clip(np.rint(rgb), 0, 255) / 255).astype(np.float32)
+
+
+def detail_components(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """How far each colour image of ``a`` lies from its counterpart in ``b`` (N x 3 x H x W in [0, 1], H and W
+    even), per image, as RMS in 0-255 units of three parts of the difference, the parts that JPEG's 4:2:0
+    encoding treats apart: ``luma`` (Y), ``chroma_means`` (the 2 x 2 means of Cb and Cr, which the encoder
+    quantizes) and ``chroma_within`` (Cb and Cr within each 2 x 2 block, which it drops)."""
+    d = np.einsum("ij,njhw->nihw", _YCC, (a.astype(np.float64) - b.astype(np.float64)) * 255.0)
+    c = d[:, 1:].reshape(-1, *d.shape[2:])
+    means = _block_mean2(c)
+    within = (c - _up2(means)).reshape(len(d), 2, *d.shape[2:])
+    means = means.reshape(len(d), 2, *means.shape[1:])
+    return {"luma": np.sqrt((d[:, 0] ** 2).mean(axis=(1, 2))), "chroma_means": np.sqrt((means ** 2).mean(axis=(1, 2, 3))),
+            "chroma_within": np.sqrt((within ** 2).mean(axis=(1, 2, 3)))}
+
+
+def fit_stand_in(originals: np.ndarray, copies: np.ndarray, x: np.ndarray, quality: int,
+                 rng: np.random.Generator) -> dict[str, float]:
+    """Stand-in settings whose pre-images of the JPEG images ``x`` sit as far from them, part by part
+    (``detail_components``, medians over images), as the real ``originals`` sit from their JPEG
+    ``copies``: the luma spread, the chroma spread and the ``chroma_detail`` strength. Each part grows
+    about linearly with its setting, so one probe at a known setting scales to the target; the luma and
+    the chroma means move independently, and the colour detail does not touch the 2 x 2 chroma means."""
+    target = {k: float(np.median(v)) for k, v in detail_components(originals, copies).items()}
+    probe = jpeg_preimage(x, quality, 0.5, rng, chroma_spread=0.5)
+    at_half = {k: float(np.median(v)) for k, v in detail_components(probe, x).items()}
+    spread = float(np.clip(0.5 * target["luma"] / at_half["luma"], 0.0, 1.0))
+    chroma_spread = float(np.clip(0.5 * target["chroma_means"] / at_half["chroma_means"], 0.0, 1.0))
+    base = jpeg_preimage(x, quality, spread, rng, chroma_spread=chroma_spread)
+    floor = float(np.median(detail_components(base, x)["chroma_within"]))  # rounding to 8 bits alone
+    with_detail = float(np.median(detail_components(chroma_detail(base, 2.0, rng), x)["chroma_within"]))
+    gain = max(with_detail - floor, 1e-9) / 2.0
+    strength = float(max(target["chroma_within"] - floor, 0.0) / gain)
+    return {"spread": spread, "chroma_spread": chroma_spread, "chroma": strength, "target": target}

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from service.defense.domain import jpeg_round_trip
-from training.domain_sim import _YCC, _block_mean2, _dct_matrix, chroma_detail, jpeg_preimage, quantization_tables
+from training.domain_sim import (_RGB, _YCC, _block_mean2, _dct_matrix, chroma_detail, detail_components, fit_stand_in,
+                                 jpeg_preimage, quantization_tables)
 
 
 def _photo_like(n: int, channels: int = 3, size: int = 32) -> np.ndarray:
@@ -101,3 +102,65 @@ def test_chroma_detail_goes_where_the_luma_has_detail():
     assert busy.any() and change[busy].mean() > 5 * change[~busy].mean()
     with pytest.raises(ValueError, match="N x 3"):
         chroma_detail(copy[:, :1], 1.0, np.random.default_rng(0))
+
+
+def test_luma_and_chroma_spreads_move_their_own_parts():
+    copy = jpeg_round_trip(_photo_like(8), 75)
+    luma_only = detail_components(jpeg_preimage(copy, 75, 0.5, np.random.default_rng(0), chroma_spread=0.0), copy)
+    chroma_only = detail_components(jpeg_preimage(copy, 75, 0.0, np.random.default_rng(0), chroma_spread=0.5), copy)
+    both = detail_components(jpeg_preimage(copy, 75, 0.5, np.random.default_rng(0)), copy)
+    assert np.median(luma_only["luma"]) > 5 * np.median(luma_only["chroma_means"])
+    assert np.median(chroma_only["chroma_means"]) > 5 * np.median(chroma_only["luma"])
+    assert np.median(both["luma"]) == pytest.approx(np.median(luma_only["luma"]), rel=0.1)
+    assert np.median(both["chroma_means"]) == pytest.approx(np.median(chroma_only["chroma_means"]), rel=0.1)
+    with pytest.raises(ValueError, match="spread"):
+        jpeg_preimage(copy, 75, 0.2, np.random.default_rng(0), chroma_spread=-0.1)
+
+
+def test_detail_components_split_a_known_difference():
+    base = np.full((2, 3, 8, 8), 0.5)
+    grey = base + 4 / 255  # the same step on R, G and B: luma only
+    pattern = np.zeros((8, 8))
+    pattern[0::2, 0::2], pattern[1::2, 1::2], pattern[0::2, 1::2], pattern[1::2, 0::2] = 3, 3, -3, -3  # zero 2 x 2 means
+    ycc = np.zeros((2, 3, 8, 8))
+    ycc[:, 1] = pattern  # Cb detail within the blocks, in 0-255 units
+    ycc[:, 2] = 2.0  # and a flat Cr shift, which the 2 x 2 means hold
+    coloured = base + np.einsum("ij,njhw->nihw", _RGB, ycc) / 255
+    parts = detail_components(grey, base)
+    np.testing.assert_allclose(parts["luma"], 4.0, rtol=1e-6)
+    np.testing.assert_allclose(parts["chroma_means"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(parts["chroma_within"], 0.0, atol=1e-6)
+    parts = detail_components(coloured, base)
+    np.testing.assert_allclose(parts["luma"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(parts["chroma_means"], np.sqrt(2.0 ** 2 / 2), rtol=1e-6)  # RMS over Cb (0) and Cr (2)
+    np.testing.assert_allclose(parts["chroma_within"], np.sqrt(3.0 ** 2 / 2), rtol=1e-6)
+
+
+def test_the_fit_recovers_the_settings_that_made_the_originals():
+    copy = jpeg_round_trip(_coloured_edges(64), 75)
+    made = chroma_detail(jpeg_preimage(copy, 75, 0.5, np.random.default_rng(5), chroma_spread=0.2), 2.0,
+                         np.random.default_rng(6))
+    fit = fit_stand_in(made, copy, copy, 75, np.random.default_rng(7))
+    assert fit["spread"] == pytest.approx(0.5, abs=0.05)
+    assert fit["chroma_spread"] == pytest.approx(0.2, abs=0.04)
+    assert fit["chroma"] == pytest.approx(2.0, rel=0.3)
+
+
+def test_stand_in_cli_fits_the_shipped_originals(tmp_path):
+    import json
+    from pathlib import Path
+
+    from tests.conftest import DATA_DIR
+    from training.evaluate.stand_in import main
+
+    if not (DATA_DIR / "cifar10").is_dir():
+        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set MAGNET_TEST_DATA)")
+    originals = Path(__file__).resolve().parents[1] / "data" / "cifar10-originals"
+    out = tmp_path / "fit.json"
+    assert main(["--images", str(originals), "--data-dir", str(DATA_DIR), "--val-images", "200", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["parts_quartiles_0_255"]
+    for part in ("luma", "chroma_means", "chroma_within"):  # the fitted stand-in's medians land on the originals'
+        assert rows["fitted"][part][1] == pytest.approx(rows["originals"][part][1], rel=0.2)
+    assert rows["spread 0.4"]["chroma_means"][1] > 1.2 * rows["originals"]["chroma_means"][1]  # the old mix
+    assert 0 < report["fit"]["chroma_spread"] < report["fit"]["spread"] < 1

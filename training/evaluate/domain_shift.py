@@ -223,11 +223,12 @@ def estimator_check(s_jpeg: dict[str, np.ndarray], s_pre: dict[str, np.ndarray],
 
 
 def simulate_member(defense: Defense, member: int, x: np.ndarray, y: np.ndarray, quality: int, spread: float,
-                    seed: int, chroma: float = 0.0) -> dict:
+                    seed: int, chroma: float = 0.0, chroma_spread: float | None = None) -> dict:
     """Rejections on ``x`` (JPEG images) and on one pre-image of each (``training.domain_sim``); with
-    ``chroma`` > 0, full-resolution colour detail (``chroma_detail``, gain up to ``chroma``) added to it."""
+    ``chroma`` > 0, full-resolution colour detail (``chroma_detail``, gain up to ``chroma``) added to it;
+    ``chroma_spread``: the spread of Cb and Cr apart from the luma's (``training.evaluate.stand_in`` fits both)."""
     rng = np.random.default_rng(seed)
-    pre = jpeg_preimage(x, quality, spread, rng)
+    pre = jpeg_preimage(x, quality, spread, rng, chroma_spread=chroma_spread)
     if chroma > 0:
         pre = chroma_detail(pre, chroma, rng)
     thresholds = {d.name: float(d.threshold) for d in defense.members[member].detectors}
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chroma", type=float, default=0.0, metavar="GAIN",
                    help="--simulate: also add full-resolution colour detail (training.domain_sim.chroma_detail, gain "
                         "~ U(0, GAIN)), which 4:2:0 JPEG pre-images lack")
+    p.add_argument("--spread-chroma", type=float, default=None, metavar="SPREAD",
+                   help="--simulate: Cb and Cr at this spread, the luma at --simulate's (default: the same; "
+                        "python -m training.evaluate.stand_in fits both to real originals)")
     p.add_argument("--copy-quality", type=int, default=75, help="JPEG quality of the data set's copies (75)")
     p.add_argument("--test-images", type=int, default=10000, help="first N test images (default: all)")
     p.add_argument("--members", type=int, default=None, help="first N members of a pool (default: all)")
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "copy_quality": args.copy_quality, "bundles": {}}
     if args.simulate is not None:
         report.update(simulated_spread=args.simulate, simulated_chroma=args.chroma, validation_images=args.val_images)
+        if args.spread_chroma is not None:
+            report.update(simulated_chroma_spread=args.spread_chroma)
     else:
         x, _, _ = load_images(args.images)
         copies = jpeg_round_trip(x, args.copy_quality)
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in range(min(args.members or len(defense.members), len(defense.members))):
             if args.simulate is not None:
                 vx, vy = data.val.x[: args.val_images], data.val.y[: args.val_images]
-                row = simulate_member(defense, m, vx, vy, args.copy_quality, args.simulate, args.seed, args.chroma)
+                row = simulate_member(defense, m, vx, vy, args.copy_quality, args.simulate, args.seed, args.chroma,
+                                      args.spread_chroma)
                 c = row["estimator_check"]
                 print(f"{bundle} member {m}: rejected {100 * row['jpeg']['rejected']:.2f} % of {len(vx)} validation "
                       f"images, {100 * row['preimages']['rejected']:.2f} % of their pre-images (spread {args.simulate}, "
