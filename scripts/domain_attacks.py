@@ -11,6 +11,10 @@ fits the three to real originals), a stand-in for the uncompressed originals. On
 ``--attacks``) are crafted against the bundle's classifier, and the core judges clean and attacked inputs:
 clean accepted and right, and per attack the share defended (rejected, or accepted and right) and the
 share rejected. Validation only: no test image is used.
+
+With ``--images FOLDER`` (``*-label-<class>.png`` uncompressed images, e.g. the 20 CIFAR-10 test originals
+in ``tests/data/cifar10-originals``, or the official batches written out as PNG) the stand-in is not
+needed: the attacks start from those images and from their JPEG copies (``--copy-quality``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import numpy as np
 import torch
 
 from service.defense.core import Defense
+from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.domain_sim import chroma_detail, jpeg_preimage
+from training.evaluate.originals import load_images
 from training.from_onnx import torch_twin
 from training.specs import load_for_manifest
 
@@ -47,7 +53,9 @@ def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, nargs="+", required=True)
-    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, help="the data set (its validation split; not with --images)")
+    p.add_argument("--images", type=Path, help="uncompressed *-label-<class>.png images instead of validation stand-ins")
+    p.add_argument("--copy-quality", type=int, default=75, help="--images: JPEG quality of their copies")
     p.add_argument("--n", type=int, default=500, help="first N validation images")
     p.add_argument("--attacks", nargs="+", default=["fgsm:0.025", "fgsm:0.05", "pgd10:0.025"],
                    help="KIND:EPS, KIND fgsm or pgd10 (10 steps of eps/4, random start)")
@@ -58,25 +66,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if (args.images is None) == (args.data_dir is None):
+        p.error("give --data-dir (validation stand-ins) or --images (uncompressed originals)")
     report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or sys.argv[1:]),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "validation_images": args.n, "spread": args.spread,
-              "chroma": args.chroma, "spread_chroma": args.spread_chroma, "bundles": {}}
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundles": {}}
+    if args.images is not None:
+        originals, labels, _ = load_images(args.images)
+        report.update(images=str(args.images), originals=len(originals), copy_quality=args.copy_quality)
+    else:
+        report.update(validation_images=args.n, spread=args.spread, chroma=args.chroma, spread_chroma=args.spread_chroma)
     for bundle in args.bundle:
         defense = Defense(bundle, device="cpu")
         m = defense.manifest
-        val = load_for_manifest(m, args.data_dir).val
-        x, y = val.x[: args.n], val.y[: args.n]
-        rng = np.random.default_rng(args.seed)
-        pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng, chroma_spread=args.spread_chroma)
-        if args.chroma > 0:
-            pre = chroma_detail(pre, args.chroma, rng)
+        if args.images is not None:
+            pre, y = originals, labels
+            x = jpeg_round_trip(originals, args.copy_quality)
+        else:
+            val = load_for_manifest(m, args.data_dir).val
+            x, y = val.x[: args.n], val.y[: args.n]
+            rng = np.random.default_rng(args.seed)
+            pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng, chroma_spread=args.spread_chroma)
+            if args.chroma > 0:
+                pre = chroma_detail(pre, args.chroma, rng)
         twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
                           output_name=m.classifier.output_name, output=m.classifier.output).eval()
         for q in twin.parameters():
             q.requires_grad_(False)
         gen = torch.Generator().manual_seed(args.seed)
         rows = {}
-        for domain, images in (("jpeg", x), ("preimage", pre)):
+        for domain, images in (("jpeg", x), ("original" if args.images is not None else "preimage", pre)):
             xt, yt = torch.from_numpy(images), torch.from_numpy(y)
             with torch.no_grad():
                 right = float((twin(xt).argmax(1) == yt).float().mean())
