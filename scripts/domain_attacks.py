@@ -13,14 +13,18 @@ clean accepted and right, and per attack the share defended (rejected, or accept
 share rejected. Validation only: no test image is used.
 
 With ``--images FOLDER`` (``*-label-<class>.png`` uncompressed images, e.g. the 20 CIFAR-10 test originals
-in ``tests/data/cifar10-originals``, or the official batches written out as PNG) the stand-in is not
-needed: the attacks start from those images and from their JPEG copies (``--copy-quality``).
+in ``tests/data/cifar10-originals``, or the official batches written out by ``scripts/cifar10_originals.py``)
+the stand-in is not needed: the attacks start from those images and from their JPEG copies, made at
+``--copy-quality``, or, with ``--data-dir`` too and files named ``<split>-<row>-label-<class>.png`` (as
+``cifar10_originals.py`` names them), the data set's own copies: ``split`` train, val or test, ``row``
+the image's row in that split.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,21 @@ def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
             "defended": float((~acc | right).mean())}
 
 
+def dataset_copies(data, names: list[str], labels: np.ndarray) -> np.ndarray:
+    """The data set's own JPEG copy of each ``<split>-<row>-label-<class>.png`` original."""
+    out = []
+    for name, label in zip(names, labels):
+        found = re.match(r"(train|val|test)-(\d+)-label-", name)
+        if found is None:
+            raise SystemExit(f"{name}: with --data-dir, --images files are named <split>-<row>-label-<class>.png")
+        split = getattr(data, found.group(1))
+        row = int(found.group(2))
+        if split.y[row] != label:
+            raise SystemExit(f"{name}: label {label}, but {found.group(1)}[{row}] has {split.y[row]}")
+        out.append(split.x[row])
+    return np.stack(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, nargs="+", required=True)
@@ -66,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if (args.images is None) == (args.data_dir is None):
+    if args.images is None and args.data_dir is None:
         p.error("give --data-dir (validation stand-ins) or --images (uncompressed originals)")
     report = {"command": "python scripts/domain_attacks.py " + " ".join(argv or sys.argv[1:]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundles": {}}
     if args.images is not None:
-        originals, labels, _ = load_images(args.images)
-        report.update(images=str(args.images), originals=len(originals), copy_quality=args.copy_quality)
+        originals, labels, names = load_images(args.images)
+        report.update(images=str(args.images), originals=len(originals),
+                      copies="the data set's own" if args.data_dir is not None else f"JPEG quality {args.copy_quality}")
     else:
         report.update(validation_images=args.n, spread=args.spread, chroma=args.chroma, spread_chroma=args.spread_chroma)
     for bundle in args.bundle:
@@ -80,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         m = defense.manifest
         if args.images is not None:
             pre, y = originals, labels
-            x = jpeg_round_trip(originals, args.copy_quality)
+            x = (dataset_copies(load_for_manifest(m, args.data_dir), names, labels) if args.data_dir is not None
+                 else jpeg_round_trip(originals, args.copy_quality))
         else:
             val = load_for_manifest(m, args.data_dir).val
             x, y = val.x[: args.n], val.y[: args.n]

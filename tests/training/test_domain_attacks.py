@@ -1,37 +1,81 @@
 """scripts/domain_attacks.py with --images: attacks crafted from real uncompressed images and from their
-JPEG copies, judged by a shipped bundle."""
+JPEG copies, judged by a shipped bundle; scripts/cifar10_originals.py pairs official-batch originals with
+the data set's own JPEG copies."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.conftest import SHIPPED_CIFAR10
+from tests.conftest import DATA_DIR, SHIPPED_CIFAR10
 
 ROOT = Path(__file__).resolve().parents[2]
+ORIGINALS = ROOT / "tests" / "data" / "cifar10-originals"
+
+
+def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _check_rows(rows: dict, attack: str) -> None:
+    assert set(rows) == {"jpeg", "original"}
+    for row in rows.values():
+        a = row[attack]
+        assert row["classifier_right"] >= 0.8  # the classifier gets most of these 20 right ...
+        assert a["no_defense"] < row["classifier_right"]  # ... and FGSM at 0.05 takes some away
+        for v in (row["clean"], a):
+            assert 0 <= v["rejected"] <= 1 and v["accepted_and_right"] <= v["defended"] <= 1
+            assert v["defended"] == pytest.approx(v["rejected"] + v["accepted_and_right"], abs=1e-9)
 
 
 def test_attacks_from_the_shipped_originals(tmp_path):
     if not (SHIPPED_CIFAR10 / "manifest.json").is_file():
         pytest.skip("models/cifar10 is not shipped in this checkout")
     out = tmp_path / "attacks.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "domain_attacks.py"), "--bundle", str(SHIPPED_CIFAR10),
-                          "--images", str(ROOT / "tests" / "data" / "cifar10-originals"), "--attacks", "fgsm:0.05",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    run = _script("domain_attacks.py", "--bundle", str(SHIPPED_CIFAR10), "--images", str(ORIGINALS),
+                  "--attacks", "fgsm:0.05", "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
-    assert report["originals"] == 20 and report["copy_quality"] == 75 and "validation_images" not in report
-    rows = report["bundles"][str(SHIPPED_CIFAR10)]
-    assert set(rows) == {"jpeg", "original"}
-    for row in rows.values():
-        attack = row["fgsm_eps0.05"]
-        assert row["classifier_right"] >= 0.8  # the classifier gets most of these 20 right ...
-        assert attack["no_defense"] < row["classifier_right"]  # ... and FGSM at 0.05 takes some away
-        for v in (row["clean"], attack):
-            assert 0 <= v["rejected"] <= 1 and v["accepted_and_right"] <= v["defended"] <= 1
-            assert v["defended"] == pytest.approx(v["rejected"] + v["accepted_and_right"], abs=1e-9)
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "domain_attacks.py"), "--bundle", str(SHIPPED_CIFAR10)],
-                         capture_output=True, text=True, timeout=120)
+    assert report["originals"] == 20 and report["copies"] == "JPEG quality 75" and "validation_images" not in report
+    _check_rows(report["bundles"][str(SHIPPED_CIFAR10)], "fgsm_eps0.05")
+    bad = _script("domain_attacks.py", "--bundle", str(SHIPPED_CIFAR10), timeout=120)
     assert bad.returncode == 2 and "--images" in bad.stderr
+
+
+def test_official_batch_originals_pair_with_the_data_sets_copies(tmp_path):
+    """A test_batch cut after the 20 shipped originals (the official files' layout: labels first, then the
+    pixel string), written out next to the data set's own JPEG copies and attacked from both."""
+    if not (DATA_DIR / "cifar10").is_dir() or not (SHIPPED_CIFAR10 / "manifest.json").is_file():
+        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set MAGNET_TEST_DATA), or no models/cifar10")
+    files = sorted(ORIGINALS.glob("*-label-*.png"))
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files])
+    labels = [int(f.stem.split("-label-")[1]) for f in files]
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    blob = pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"labels": labels,
+                         b"data": pixels.reshape(len(files), -1).tobytes()}, protocol=4)
+    cut = blob.index(pixels.reshape(-1)[:64].tobytes()) + pixels.size - 1000  # the last image incomplete
+    (batches / "test_batch").write_bytes(blob[:cut])
+    out = tmp_path / "originals"
+    run = _script("cifar10_originals.py", "--batches", str(batches), "--data-dir", str(DATA_DIR), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    written = sorted((out / "test").glob("test-*-label-*.png"))
+    summary = json.loads((out / "originals.json").read_text())
+    assert len(written) == 19 and summary["written"] == {"train": 0, "val": 0, "test": 19}
+    assert summary["rms_to_copy_0_255"]["test"][1] < 20  # each sits at JPEG distance from its copy
+    by_pixels = {np.asarray(Image.open(f).convert("RGB")).tobytes(): f.name for f in written}
+    for f in files[:19]:  # the originals come back unchanged
+        assert np.asarray(Image.open(f).convert("RGB")).tobytes() in by_pixels
+    report = tmp_path / "attacks.json"
+    run = _script("domain_attacks.py", "--bundle", str(SHIPPED_CIFAR10), "--images", str(out / "test"),
+                  "--data-dir", str(DATA_DIR), "--attacks", "fgsm:0.05", "--out", str(report))
+    assert run.returncode == 0, run.stderr
+    r = json.loads(report.read_text())
+    assert r["copies"] == "the data set's own" and r["originals"] == 19
+    _check_rows(r["bundles"][str(SHIPPED_CIFAR10)], "fgsm_eps0.05")
