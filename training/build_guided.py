@@ -15,12 +15,15 @@ through its torch twin and referenced, not copied, by the bundle. Training resum
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from training import bundles as B
 from training.build_cifar10 import detectors
@@ -70,6 +73,9 @@ def parser():
                    help="preimage: spread ~ U(0, this) across each DCT bin (training.domain_sim; 0.4 is about the "
                         "pixel distance of real CIFAR-10 originals from their JPEG copies)")
     p.add_argument("--preimage-quality", type=int, default=75, help="preimage: the training images' JPEG quality")
+    p.add_argument("--originals", type=Path, default=None,
+                   help="uncompressed originals of some training images, train-<row>-label-<class>.png (as "
+                        "scripts/cifar10_originals.py writes them): what the mix kinds original, fgsm_orig, pgd_orig use")
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm start (weights only; new optimizer and schedule): another run's reformer.ckpt, a "
                         "bundle directory (its members' reformers, e.g. models/cifar10-pool) or a reformer .onnx")
@@ -134,6 +140,26 @@ def init_checkpoint(source: Path, work_dir: Path) -> Path:
     return path
 
 
+def training_originals(folder: Path | None, train) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows of ``train``, their originals) from ``train-<row>-label-<class>.png`` files; each label is
+    checked against the row's, so that a folder made for another split or seed fails here."""
+    if folder is None:
+        return None
+    rows, images = [], []
+    for f in sorted(Path(folder).glob("*.png")):
+        found = re.match(r"train-(\d+)-label-(\d+)\.png$", f.name)
+        if found is None:
+            raise SystemExit(f"--originals {folder}: {f.name} is not train-<row>-label-<class>.png")
+        row, label = int(found.group(1)), int(found.group(2))
+        if row >= len(train) or int(train.y[row]) != label:
+            raise SystemExit(f"--originals {folder}: {f.name} does not match the training split (another seed?)")
+        rows.append(row)
+        images.append(np.asarray(Image.open(f).convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0)
+    if not rows:
+        raise SystemExit(f"--originals {folder}: no train-<row>-label-<class>.png files")
+    return np.asarray(rows), np.stack(images)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -159,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
                                  args.work_dir, alpha=args.alpha, init_from=args.init_from,
-                                 init_spread=args.init_spread)
+                                 init_spread=args.init_spread, originals=training_originals(args.originals, train))
     else:
         if args.members > 1:
             raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")

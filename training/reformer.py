@@ -12,7 +12,11 @@ goes (eps ~ U(0, eps_max) per image), which makes a reformer that has seen attac
 attack: an image that JPEG would have compressed to the training image (``training.domain_sim``), so that
 a reformer trained on JPEG data keeps the classifier's output on uncompressed inputs; ``fgsm_pre`` and
 ``pgd_pre`` craft the attack from such a pre-image instead of the JPEG image (an attacker who starts from
-the uncompressed original), the target staying the JPEG image's output.
+the uncompressed original), the target staying the JPEG image's output. ``original``, ``fgsm_orig`` and
+``pgd_orig`` do the same with *real* uncompressed originals where some training images have one
+(``originals``: e.g. the official batches, ``scripts/cifar10_originals.py``): those copies are drawn
+from the training images that have an original, the original (or the attack crafted from it) is the
+input, and the target and the L1 stay the JPEG image's.
 
 ``quiet_weight`` > 0 adds a term for the divergence detector that judges the reformer: on the rows that
 are not attacks (the clean images, and the ``preimage``, ``noise`` and ``clean`` copies),
@@ -46,8 +50,9 @@ from training.domain_sim import jpeg_preimage
 from training.loops import duration, predict_logits
 
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
-ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS)  # the kinds that make a reformer one that has seen attacks
-KINDS = ("clean", "noise", "preimage", *ATTACKS)
+ORIGINAL_KINDS = ("original", "fgsm_orig", "pgd_orig")  # start from a real uncompressed original
+ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS, "fgsm_orig", "pgd_orig")  # the kinds that make a reformer one that has seen attacks
+KINDS = ("clean", "noise", "preimage", *ATTACKS, "original")
 QUIET_ROWS = ("calm", "preimage")  # the quiet term's rows: see the module's text
 
 
@@ -106,8 +111,9 @@ def kinds_for(n: int, mix: dict, gen: torch.Generator) -> list[str]:
 
 
 def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list[str], cfg: ReformerConfig,
-            gen: torch.Generator) -> torch.Tensor:
-    """The perturbed copies of ``x``, each of its kind."""
+            gen: torch.Generator, originals: torch.Tensor | None = None) -> torch.Tensor:
+    """The perturbed copies of ``x``, each of its kind; ``originals``: the uncompressed original of each row
+    (read on the rows of ``ORIGINAL_KINDS`` only)."""
     out = x.clone()
     u = torch.rand(len(x), generator=gen).to(x.device)
     kinds_arr = np.array(kinds)
@@ -124,8 +130,12 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
             spread = (u[idx] * cfg.preimage_max if kind == "preimage" else
                       torch.rand(len(idx), generator=gen).to(x.device) * cfg.preimage_max).cpu().numpy()
             xs = torch.from_numpy(jpeg_preimage(xs.cpu().numpy(), cfg.preimage_quality, spread, rng)).to(x.device)
-        attack = kind.removesuffix("_pre")
-        if attack == "preimage":  # not an attack
+        if kind in ORIGINAL_KINDS:
+            if originals is None:
+                raise ValueError(f"mix kind {kind!r} needs the training images' originals")
+            xs = originals[idx]
+        attack = kind.removesuffix("_pre").removesuffix("_orig")
+        if attack in ("preimage", "original"):  # not an attack
             out[idx] = xs
         elif attack == "fgsm":
             out[idx] = fgsm(classifier, xs, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
@@ -145,7 +155,7 @@ def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
     """Which rows of the batch (the clean images, then their copies of ``kinds``) the quiet term counts."""
     if rows == "calm":
         return np.array([True] * n_clean + [k not in ATTACKS for k in kinds])
-    return np.array([False] * n_clean + [k == "preimage" for k in kinds])
+    return np.array([False] * n_clean + [k in ("preimage", "original") for k in kinds])
 
 
 def _lr(cfg: ReformerConfig, step: int) -> float:
@@ -208,7 +218,8 @@ def _load_states(models: nn.ModuleList, ckpt: dict, spread: float = 0.0, seed: i
 
 def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
                    cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0,
-                   init_from: Path | None = None, init_spread: float = 0.0) -> dict:
+                   init_from: Path | None = None, init_spread: float = 0.0,
+                   originals: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
     ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images).
 
@@ -217,7 +228,10 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
 
     ``init_from`` (another run's ``reformer.ckpt``) warm-starts a fresh run: its weights only, with a new
     optimizer and schedule; ignored when ``work`` already holds this run's own checkpoint. A single
-    reformer may seed every member of a pool when ``init_spread`` > 0 (see ``_load_states``)."""
+    reformer may seed every member of a pool when ``init_spread`` > 0 (see ``_load_states``).
+
+    ``originals`` = (rows of ``train``, their uncompressed originals N x C x H x W float32): what the mix
+    kinds ``original``, ``fgsm_orig`` and ``pgd_orig`` start from."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -255,6 +269,14 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         np.save(logits_path, predict_logits(classifier, train.x, batch_size=500))
     train_logits = torch.from_numpy(np.load(logits_path)).to(device)
     x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
+    wants_originals = any(cfg.mix.get(k, 0) > 0 for k in ORIGINAL_KINDS)
+    if wants_originals and (originals is None or len(originals[0]) == 0):
+        raise ValueError(f"mix kinds {ORIGINAL_KINDS} need originals of some training images")
+    if wants_originals:
+        orig_rows = torch.from_numpy(np.asarray(originals[0], np.int64)).to(device)
+        orig_x = torch.from_numpy(np.asarray(originals[1], np.float32)).to(device)
+        if orig_x.shape[1:] != x_all.shape[1:] or int(orig_rows.max()) >= len(train) or int(orig_rows.min()) < 0:
+            raise ValueError("originals: rows of the training split and images of its shape")
     # a fixed validation probe: 500 images and their FGSM at eps 0.025 against f
     val_x, val_y = torch.from_numpy(val.x[:500]).to(device), torch.from_numpy(val.y[:500]).to(device)
     val_adv = jpeg_inputs(fgsm(classifier, val_x, val_y, 0.025), cfg.jpeg_quality)
@@ -266,7 +288,16 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
         xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
         kinds = kinds_for(len(idx), cfg.mix, gen)
-        x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen)]), cfg.jpeg_quality)
+        xo = None
+        if wants_originals:  # the rows of those kinds are drawn again, among the images that have an original
+            rows = torch.from_numpy(np.flatnonzero(np.isin(kinds, ORIGINAL_KINDS))).to(device)
+            pick = torch.randint(len(orig_rows), (len(rows),), generator=gen).to(device)
+            idx = idx.clone()
+            idx[rows] = orig_rows[pick]
+            xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
+            xo = xb.clone()
+            xo[rows] = orig_x[pick]
+        x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)

@@ -88,6 +88,48 @@ def test_attacks_from_a_preimage_start_there_and_stay_within_their_budget():
     assert np.all(back < (out - x).abs().flatten(1).mean(1).numpy())
 
 
+def test_original_kinds_start_from_the_rows_originals_and_attacks_stay_within_eps_of_them():
+    model, gen = _tiny_classifier(), torch.Generator().manual_seed(0)
+    x = torch.rand(9, 3, 32, 32)
+    originals = (x + 0.05 * torch.randn(x.shape)).clamp(0, 1)
+    cfg = ReformerConfig(mix={"original": 1, "fgsm_orig": 1, "pgd_orig": 1}, eps_max=0.01, bf16=False)
+    kinds = ["original"] * 3 + ["fgsm_orig"] * 3 + ["pgd_orig"] * 3
+    out = perturb(model, x, model(x).argmax(1), kinds, cfg, gen, originals)
+    assert torch.equal(out[:3], originals[:3])  # not an attack: the original itself
+    assert torch.all((out[3:] - originals[3:]).abs().flatten(1).max(1).values <= 0.01 + 1e-6)
+    assert torch.all((out[3:] - x[3:]).abs().flatten(1).max(1).values > 0.02)  # far from the JPEG row
+    with pytest.raises(ValueError, match="originals"):
+        perturb(model, x, model(x).argmax(1), kinds, cfg, gen)
+
+
+def test_training_draws_the_original_kinds_from_the_images_that_have_one(tmp_path, monkeypatch):
+    import training.reformer as R
+
+    classifier, train, val = _tiny_classifier(), _data(64), _data(500, seed=1)
+    rows = np.array([3, 10, 41])
+    originals = (rows, np.clip(train.x[rows] + 0.03, 0, 1).astype(np.float32))
+    seen = []
+    real = R.perturb
+
+    def spy(classifier, x, y, kinds, cfg, gen, xo=None):
+        seen.append((x.clone(), list(kinds), None if xo is None else xo.clone()))
+        return real(classifier, x, y, kinds, cfg, gen, xo)
+
+    monkeypatch.setattr(R, "perturb", spy)
+    cfg = ReformerConfig(width=8, depth=1, steps=2, batch_size=16, mix={"fgsm": 1, "original": 1}, bf16=False, val_every=1)
+    train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / "a", originals=originals)
+    for x, kinds, xo in seen:
+        for i, k in enumerate(kinds):
+            if k == "original":  # the row is one of the three images, and its original rides along
+                j = [r for r in rows if np.array_equal(train.x[r], x[i].numpy())]
+                assert len(j) == 1 and np.allclose(xo[i].numpy(), originals[1][list(rows).index(j[0])])
+            else:
+                assert torch.equal(xo[i], x[i])
+    assert sum(k == "original" for _, kinds, _ in seen for k in kinds) == 16
+    with pytest.raises(ValueError, match="originals"):
+        train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / "b")
+
+
 def test_reformer_starts_as_the_identity_and_exports_to_a_verified_twin(tmp_path):
     model = GuidedReformer(3, 8, 2).eval()
     x = torch.rand(3, 3, 32, 32)
