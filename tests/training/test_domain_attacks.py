@@ -79,3 +79,20 @@ def test_official_batch_originals_pair_with_the_data_sets_copies(tmp_path):
     r = json.loads(report.read_text())
     assert r["copies"] == "the data set's own" and r["originals"] == 19
     _check_rows(r["bundles"][str(SHIPPED_CIFAR10)], "fgsm_eps0.05")
+
+
+def test_the_threshold_trade_off_on_originals_moves_both_ways(tmp_path):
+    if not (SHIPPED_CIFAR10 / "manifest.json").is_file():
+        pytest.skip("models/cifar10 is not shipped in this checkout")
+    out = tmp_path / "tradeoff.json"
+    run = _script("originals_tradeoff.py", "--bundle", str(SHIPPED_CIFAR10), "--images", str(ORIGINALS),
+                  "--rates", "5", "30", "--eps", "0.05", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["bundles"][str(SHIPPED_CIFAR10)]
+    manifest = json.loads((SHIPPED_CIFAR10 / "manifest.json").read_text())
+    assert rows[0]["threshold"] == "shipped" and rows[0]["value"] == manifest["members"][0]["detectors"][0]["threshold"]
+    low, high = rows[1], rows[2]  # 5 % and 30 % of these 20 rejected: a higher, then a lower threshold
+    assert low["value"] > high["value"] and low["clean_rejected"] < high["clean_rejected"]
+    assert high["clean_rejected"] == pytest.approx(0.30, abs=0.051)
+    assert low["fgsm_eps0.05_defended"] <= high["fgsm_eps0.05_defended"]
+    assert low["clean_accepted_and_right"] >= high["clean_accepted_and_right"]
