@@ -1,6 +1,6 @@
 """Fit the uncompressed stand-in to real originals, part by part.
 
-    python -m training.evaluate.stand_in --images tests/data/cifar10-originals --data-dir ../shared/data \\
+    python -m training.evaluate.stand_in --images tests/data/cifar10-originals --data-dir DATA \\
         --out docs/results/cifar10-stand-in.json
 
 The validation pre-images that play uncompressed CIFAR-10 images (``training.domain_sim``) were set by one
