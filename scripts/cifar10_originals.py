@@ -69,9 +69,11 @@ def loader_positions(data_dir: Path) -> dict[str, dict[tuple[str, int], int]]:
             break
     else:
         raise SystemExit(f"no CIFAR-10 image folders or .tar.gz under {data_dir}")
-    names = ([p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-             if (root / "train").is_dir() else
-             [m.name for m in tarfile.open(archives[0], "r:*") if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES])
+    if (root / "train").is_dir():
+        names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        with tarfile.open(archives[0], "r:*") as tar:
+            names = [m.name for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
     out: dict[str, dict[tuple[str, int], int]] = {"train": {}, "test": {}}
     for name in names:
         split, cls, file = name.strip("/").split("/")[-3:]
