@@ -12,8 +12,8 @@ set), so that every original is paired with the exact JPEG copy the bundles were
 on. ``--images`` folders (``scripts/domain_attacks.py``, ``training.evaluate.originals``) take these.
 
 Batch files cut short (a partial download or copy) are read as far as they go: every label is at the
-start of a file, and every complete image before the cut is used; missing batch files are skipped. Each written original is checked
-against its JPEG copy (RMS distance in 0-255 units, reported; one above ``--max-rms`` stops the run, a
+start of a file, and every complete image before the cut is used; missing batch files are skipped.
+Each written original is checked against its JPEG copy (RMS distance in 0-255 units, reported; one above ``--max-rms`` stops the run, a
 sign that the pairing is wrong).
 """
 
@@ -25,14 +25,14 @@ import json
 import pickletools
 import struct
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from training.data import load
-from training.images import CIFAR10_CLASSES, IMAGE_SUFFIXES, VALIDATION
+from training.evaluate.originals import paired_name
+from training.images import CIFAR10_CLASSES, VALIDATION, hold_out_order, member_names, test_order
 
 ROW = 3 * 32 * 32
 
@@ -62,20 +62,14 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def loader_positions(data_dir: Path) -> dict[str, dict[tuple[str, int], int]]:
     """Where ``training.images`` puts each ``<split>/<class>/NNNN`` file (the order it reads them in)."""
-    roots = [data_dir, data_dir / "cifar10"]
-    for root in roots:
+    for root in (data_dir, data_dir / "cifar10"):
         archives = sorted(root.glob("*.tar.gz")) if root.is_dir() else []
         if (root / "train").is_dir() or archives:
             break
     else:
         raise SystemExit(f"no CIFAR-10 image folders or .tar.gz under {data_dir}")
-    if (root / "train").is_dir():
-        names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        with tarfile.open(archives[0], "r:*") as tar:
-            names = [m.name for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
     out: dict[str, dict[tuple[str, int], int]] = {"train": {}, "test": {}}
-    for name in names:
+    for name in member_names(root if (root / "train").is_dir() else archives[0]):
         split, cls, file = name.strip("/").split("/")[-3:]
         if split in out:
             out[split][(cls, int(Path(file).stem))] = len(out[split])
@@ -93,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     data = load("cifar10", args.data_dir)
     positions = loader_positions(args.data_dir)
     n_train, n_test = len(positions["train"]), len(positions["test"])
-    perm = np.random.default_rng(args.seed).permutation(n_train)  # training.images.hold_out
-    where = {int(q): ("val", i) for i, q in enumerate(perm[:VALIDATION])}
-    where.update({int(q): ("train", i) for i, q in enumerate(perm[VALIDATION:])})
-    test_row = {int(q): i for i, q in enumerate(np.random.default_rng(args.seed).permutation(n_test))}
+    val_rows, train_rows = hold_out_order(n_train, VALIDATION, args.seed)
+    where = {int(q): ("val", i) for i, q in enumerate(val_rows)}
+    where.update({int(q): ("train", i) for i, q in enumerate(train_rows)})
+    test_row = {int(q): i for i, q in enumerate(test_order(n_test, args.seed))}
     splits = {"train": data.train, "val": data.val, "test": data.test}
     written: dict[str, list[float]] = {"train": [], "val": [], "test": []}
     seen = {"train": np.zeros(10, int), "test": np.zeros(10, int)}
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{f} image {i} lies {rms:.1f}/255 from its copy {split}[{row}]: wrong pairing")
                 folder = args.out / split
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i].transpose(1, 2, 0)).save(folder / f"{split}-{row:05d}-label-{c}.png")
+                Image.fromarray(images[i].transpose(1, 2, 0)).save(folder / paired_name(split, row, int(c)))
                 written[split].append(rms)
             print(f"{f}: {len(images)} of {len(labels)} images", flush=True)
     summary = {"command": "python scripts/cifar10_originals.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from service.defense.core import Defense
 from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.domain_sim import chroma_detail, jpeg_preimage
-from training.evaluate.originals import load_images
+from training.evaluate.originals import load_images, paired_rows
 from training.from_onnx import torch_twin
 from training.specs import load_for_manifest
 
@@ -56,23 +55,15 @@ def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
 
 def dataset_copies(data, names: list[str], labels: np.ndarray) -> np.ndarray:
     """The data set's own JPEG copy of each ``<split>-<row>-label-<class>.png`` original."""
-    out = []
-    for name, label in zip(names, labels):
-        found = re.match(r"(train|val|test)-(\d+)-label-", name)
-        if found is None:
-            raise SystemExit(f"{name}: with --data-dir, --images files are named <split>-<row>-label-<class>.png")
-        split = getattr(data, found.group(1))
-        row = int(found.group(2))
-        if split.y[row] != label:
-            raise SystemExit(f"{name}: label {label}, but {found.group(1)}[{row}] has {split.y[row]}")
-        out.append(split.x[row])
-    return np.stack(out)
+    splits, rows = paired_rows(names, labels, data)
+    return np.stack([getattr(data, split).x[row] for split, row in zip(splits, rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, nargs="+", required=True)
-    p.add_argument("--data-dir", type=Path, help="the data set (its validation split; not with --images)")
+    p.add_argument("--data-dir", type=Path, help="the data set: its validation split for the stand-ins, or with "
+                   "--images the JPEG copies of <split>-<row>-label-<class>.png originals")
     p.add_argument("--images", type=Path, help="uncompressed *-label-<class>.png images instead of validation stand-ins")
     p.add_argument("--copy-quality", type=int, default=75, help="--images: JPEG quality of their copies")
     p.add_argument("--n", type=int, default=500, help="first N validation images")

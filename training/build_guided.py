@@ -15,7 +15,6 @@ through its torch twin and referenced, not copied, by the bundle. Training resum
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from training import bundles as B
 from training.build_cifar10 import detectors
 from training.bundle_report import clean_figures
+from training.evaluate.originals import load_images, paired_rows
 from training.from_onnx import torch_twin
 from training.images import load_cifar10
 from training.loops import AutoencoderConfig, train_autoencoder
@@ -140,24 +139,14 @@ def init_checkpoint(source: Path, work_dir: Path) -> Path:
     return path
 
 
-def training_originals(folder: Path | None, train) -> tuple[np.ndarray, np.ndarray] | None:
-    """(rows of ``train``, their originals) from ``train-<row>-label-<class>.png`` files; each label is
-    checked against the row's, so that a folder made for another split or seed fails here."""
+def training_originals(folder: Path | None, data) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows of the training split, their originals) from ``train-<row>-label-<class>.png`` files
+    (``training.evaluate.originals.paired_rows`` checks each label against its row's)."""
     if folder is None:
         return None
-    rows, images = [], []
-    for f in sorted(Path(folder).glob("*.png")):
-        found = re.match(r"train-(\d+)-label-(\d+)\.png$", f.name)
-        if found is None:
-            raise SystemExit(f"--originals {folder}: {f.name} is not train-<row>-label-<class>.png")
-        row, label = int(found.group(1)), int(found.group(2))
-        if row >= len(train) or int(train.y[row]) != label:
-            raise SystemExit(f"--originals {folder}: {f.name} does not match the training split (another seed?)")
-        rows.append(row)
-        images.append(np.asarray(Image.open(f).convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0)
-    if not rows:
-        raise SystemExit(f"--originals {folder}: no train-<row>-label-<class>.png files")
-    return np.asarray(rows), np.stack(images)
+    x, labels, names = load_images(folder)
+    _, rows = paired_rows(names, labels, data, only="train")
+    return rows, x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
                                  args.work_dir, alpha=args.alpha, init_from=args.init_from,
-                                 init_spread=args.init_spread, originals=training_originals(args.originals, train))
+                                 init_spread=args.init_spread, originals=training_originals(args.originals, ds))
     else:
         if args.members > 1:
             raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")

@@ -23,17 +23,23 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 VALIDATION = 5000
 
 
-def _members(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(relative path, file bytes) for every image under a directory or inside a .tar.gz."""
+def _members(source: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(relative path, file bytes, or None without ``read``) for every image under a directory or inside a
+    .tar.gz, in the order ``read_image_folder`` stacks them."""
     if source.is_dir():
         for path in sorted(source.rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                yield path.relative_to(source).as_posix(), path.read_bytes()
+                yield path.relative_to(source).as_posix(), path.read_bytes() if read else None
         return
     with tarfile.open(source, "r:*") as tar:
         for member in tar:
             if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                yield member.name, tar.extractfile(member).read()
+                yield member.name, tar.extractfile(member).read() if read else None
+
+
+def member_names(source: Path) -> list[str]:
+    """The image files of a folder tree or .tar.gz, in the order ``read_image_folder`` stacks them."""
+    return [name for name, _ in _members(Path(source), read=False)]
 
 
 class JpegSource:
@@ -98,9 +104,19 @@ def hold_out(train: Split, n: int, seed: int) -> tuple[Split, Split]:
     """Split ``n`` validation images off a training split with a seeded permutation."""
     if not 0 < n < len(train):
         raise DataError(f"cannot hold out {n} validation images from {len(train)} training images")
-    order = np.random.default_rng(seed).permutation(len(train))
-    val, rest = order[:n], order[n:]
+    val, rest = hold_out_order(len(train), n, seed)
     return Split(train.x[rest], train.y[rest]), Split(train.x[val], train.y[val])
+
+
+def hold_out_order(n_train: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation rows, training rows) of a training split of ``n_train`` images, as ``hold_out`` takes them."""
+    order = np.random.default_rng(seed).permutation(n_train)
+    return order[:n], order[n:]
+
+
+def test_order(n_test: int, seed: int) -> np.ndarray:
+    """The rows of an image folder's test split in the order ``dataset_from_folder`` shuffles them to."""
+    return np.random.default_rng(seed).permutation(n_test)
 
 
 def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: int = VALIDATION,
@@ -125,7 +141,7 @@ def dataset_from_folder(source: Path, name: str, channels: int = 3, validation: 
     # folders list images class by class; a fixed shuffle makes every prefix of the test split (used
     # for quick figures and tests) a fair sample of all classes
     test = split("test")
-    order = np.random.default_rng(seed).permutation(len(test))
+    order = test_order(len(test), seed)
     return Dataset(name=name, train=train, val=val, test=Split(test.x[order], test.y[order]), classes=classes,
                    jpeg_quality=jpeg.quality)
 

@@ -96,3 +96,21 @@ def test_the_threshold_trade_off_on_originals_moves_both_ways(tmp_path):
     assert high["clean_rejected"] == pytest.approx(0.30, abs=0.051)
     assert low["fgsm_eps0.05_defended"] <= high["fgsm_eps0.05_defended"]
     assert low["clean_accepted_and_right"] >= high["clean_accepted_and_right"]
+
+
+def test_paired_names_round_trip_and_a_wrong_label_or_split_is_refused():
+    from training.data import Split
+    from training.evaluate.originals import paired_name, paired_rows
+
+    class Data:  # the three splits of a loaded data set, tiny
+        train = Split(np.zeros((4, 3, 2, 2), np.float32), np.array([0, 1, 2, 3]))
+        val = Split(np.zeros((2, 3, 2, 2), np.float32), np.array([5, 6]))
+        test = Split(np.zeros((3, 3, 2, 2), np.float32), np.array([7, 8, 9]))
+
+    names = [paired_name("train", 2, 2), paired_name("val", 1, 6), paired_name("test", 0, 7)]
+    splits, rows = paired_rows(names, np.array([2, 6, 7]), Data)
+    assert splits == ["train", "val", "test"] and rows.tolist() == [2, 1, 0]
+    with pytest.raises(SystemExit, match="does not match"):
+        paired_rows([paired_name("train", 2, 3)], np.array([3]), Data)
+    with pytest.raises(SystemExit, match="train-<row>"):
+        paired_rows([paired_name("val", 1, 6)], np.array([6]), Data, only="train")

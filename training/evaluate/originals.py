@@ -30,6 +30,33 @@ def load_images(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y, [f.name for f in files]
 
 
+PAIRED = re.compile(r"(train|val|test)-(\d+)-label-(\d+)\.png$")
+
+
+def paired_name(split: str, row: int, label: int) -> str:
+    """The file name of an original whose JPEG copy is row ``row`` of ``split`` in the loaded data set
+    (``scripts/cifar10_originals.py`` writes them, ``paired_rows`` reads them back)."""
+    return f"{split}-{row:05d}-label-{label}.png"
+
+
+def paired_rows(names: list[str], labels: np.ndarray, data, only: str | None = None) -> tuple[list[str], np.ndarray]:
+    """(split, row) of each ``paired_name`` in ``names`` within ``data`` (a Dataset), each label checked
+    against its row's, so that files made for another split seed fail here; ``only``: the one split
+    allowed."""
+    splits, rows = [], []
+    for name, label in zip(names, labels):
+        found = PAIRED.match(name)
+        if found is None or (only is not None and found.group(1) != only):
+            raise SystemExit(f"{name} is not named {only or '<split>'}-<row>-label-<class>.png")
+        split, row = found.group(1), int(found.group(2))
+        part = getattr(data, split)
+        if row >= len(part) or int(part.y[row]) != int(label):
+            raise SystemExit(f"{name} does not match row {row} of the {split} split (another seed or data set?)")
+        splits.append(split)
+        rows.append(row)
+    return splits, np.asarray(rows, np.int64)
+
+
 def judge(defense: Defense, x: np.ndarray, y: np.ndarray, member: int) -> dict:
     verdict = defense.inspect(x, member)
     labels = defense.classifier(verdict.reformed).argmax(1)
