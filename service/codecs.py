@@ -44,10 +44,15 @@ def to_batch(array: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def check_values(batch: np.ndarray, spec: InputSpec) -> None:
+    lo, hi = spec.range
+    if not batch.size:
+        return
+    low, high = batch.min(), batch.max()
+    if lo <= low and high <= hi:  # NaN fails both comparisons, an infinity one: only then look closer
+        return
     if not np.all(np.isfinite(batch)):
         raise BadInput("inputs contain NaN or Inf; expected finite floats")
-    lo, hi = spec.range
-    if batch.size and (batch.min() < lo or batch.max() > hi):
+    if low < lo or high > hi:
         raise BadInput(f"inputs range over [{batch.min():.4g}, {batch.max():.4g}]; expected values in "
                        f"[{lo:g}, {hi:g}] (scale 8-bit pixels by 1/255)")
 

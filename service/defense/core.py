@@ -129,6 +129,8 @@ class Defense:
         self._threads = threads
         self._classifier: Classifier | None = None
         self.fused: dict[int, FusedMember] = {}
+        self._plan_of: Manifest | None = None
+        self._plans: list[tuple[list, list]] = []
         if fused or (fused is None and providers[0] == CUDA):
             self._fuse(embed_classifier, required=bool(fused))
 
@@ -196,7 +198,16 @@ class Defense:
 
     def needs_logits(self, member: int = 0) -> bool:
         """Whether ``decide`` needs the classifier's logits on x and ae(x) for this member."""
-        return any(D.kind_of(d).needs_logits for d in self.members[member].detectors)
+        return bool(self._plan()[member][1])
+
+    def _plan(self) -> list[tuple[list, list]]:
+        """Per member: (detectors scored on the screening, detectors that need logits), worked out once per
+        manifest (the per-request path looks them up rather than asking the registry each time)."""
+        if self._plan_of is not self.manifest:
+            self._plans = [([d for d in m.detectors if not D.kind_of(d).needs_logits],
+                            [d for d in m.detectors if D.kind_of(d).needs_logits]) for m in self.members]
+            self._plan_of = self.manifest
+        return self._plans
 
     def screen(self, x: np.ndarray, member: int = 0) -> Screening:
         """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1]), after the bundle's
@@ -209,8 +220,7 @@ class Defense:
         fm = self.fused.get(member)
         if fm is not None:
             out = fm(x)
-            scores = {d.name: D.score(d, x, out[fm.outputs[d.autoencoder]])
-                      for d in spec.detectors if not D.kind_of(d).needs_logits}
+            scores = {d.name: D.score(d, x, out[fm.outputs[d.autoencoder]]) for d in self._plan()[member][0]}
             return Screening(x=x, reformed=out["reformed"], scores=scores, member=member, logits=out.get("logits"),
                              original=original)
         outputs: dict[str, np.ndarray] = {}
@@ -220,8 +230,7 @@ class Defense:
                 outputs[path] = self.autoencoders[path](x)
             return outputs[path]
 
-        scores = {d.name: D.score(d, x, ae(d.autoencoder))
-                  for d in spec.detectors if not D.kind_of(d).needs_logits}
+        scores = {d.name: D.score(d, x, ae(d.autoencoder)) for d in self._plan()[member][0]}
         reformed = np.clip(ae(spec.reformer), 0.0, 1.0).astype(np.float32, copy=False)
         return Screening(x=x, reformed=reformed, scores=scores, member=member, original=original)
 

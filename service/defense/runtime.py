@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -182,7 +183,7 @@ def chunk_rows(on_cpu: bool, x: np.ndarray) -> int:
     the whole batch."""
     if not on_cpu:
         return len(x)
-    return max(1, CPU_CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+    return max(1, CPU_CHUNK_ELEMENTS // max(1, math.prod(x.shape[1:])))
 
 
 class OnnxModel:
@@ -198,6 +199,7 @@ class OnnxModel:
                 raise ValueError(f"{self.path.name} has no {what} named {name!r} (it has {', '.join(names)})")
         self.input_name = input_name or inputs[0]
         self.output_name = output_name or outputs[0]
+        self._outputs = [self.output_name]
         self._on_cpu = self.session.get_providers()[0] == CPU
 
     @property
@@ -205,9 +207,10 @@ class OnnxModel:
         return self.session.get_providers()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.float32)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
+            x = np.ascontiguousarray(x, np.float32)
+        if len(x) == 1 or len(x) <= chunk_rows(self._on_cpu, x):  # one call: the common case, a few rows
+            return self.session.run(self._outputs, {self.input_name: x})[0]
         rows = chunk_rows(self._on_cpu, x)
-        if len(x) <= rows:
-            return self.session.run([self.output_name], {self.input_name: x})[0]
         return np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + rows]})[0]
                                for i in range(0, len(x), rows)])
