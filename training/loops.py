@@ -35,9 +35,13 @@ class ClassifierConfig:
     augment_pad: int = 4
     flip: bool = True
     init: str = "default"  # "glorot": Keras' glorot-uniform weights and zero biases (Carlini's setup)
-    bf16: bool = True  # bf16 autocast + channels_last: 1.5x faster on this CPU, same accuracy
+    bf16: bool | None = None  # bf16 autocast + channels_last; None: where the hardware has bf16 (native_bf16)
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = native_bf16(self.device)
 
 
 @dataclass
@@ -61,6 +65,23 @@ class History:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = -1
     seconds: float = 0.0
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: on a CUDA GPU that supports it, and on a CPU with bf16
+    instructions (AVX512-BF16 or AMX), where it ran about 1.5-2x faster than float32. Without them
+    PyTorch emulates bf16: an FGSM step of the CIFAR-10 ResNet-9 on 64 images took 20 s against 0.77 s
+    in float32 on a 2-core AVX2 machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator | None):

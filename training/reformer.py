@@ -47,7 +47,7 @@ from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
 from training.domain_sim import jpeg_preimage
-from training.loops import duration, predict_logits
+from training.loops import duration, native_bf16, predict_logits
 
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
 ORIGINAL_KINDS = ("original", "fgsm_orig", "pgd_orig")  # start from a real uncompressed original
@@ -78,7 +78,7 @@ class ReformerConfig:
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed in this run
     checkpoint_minutes: float = 10.0
     val_every: int = 100
-    bf16: bool = True  # the classifier under bf16 autocast: ~2x faster on this CPU
+    bf16: bool | None = None  # the classifier under bf16 autocast; None: where it pays (loops.native_bf16)
     jpeg_quality: int | None = None  # the bundle's input step: every input (clean or perturbed) goes through it
     device: str = "cpu"
     seed: int = 0
@@ -89,6 +89,8 @@ class ReformerConfig:
         unknown = set(self.mix) - set(KINDS)
         if unknown or not self.mix or any(v < 0 for v in self.mix.values()):
             raise ValueError(f"mix wants shares >= 0 of {KINDS}, got {self.mix}")
+        if self.bf16 is None:
+            self.bf16 = native_bf16(self.device)
 
 
 def parse_mix(text: str) -> dict:

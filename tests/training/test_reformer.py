@@ -316,3 +316,22 @@ def test_jpeg_inputs_are_the_cores_round_trip_and_off_without_a_quality():
     x = torch.rand(3, 3, 32, 32)
     assert jpeg_inputs(x, None) is x
     np.testing.assert_array_equal(jpeg_inputs(x, 75).numpy(), jpeg_round_trip(x.numpy(), 75))
+
+
+def test_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """bf16 autocast is emulated, about 25x slower, on a CPU without bf16 instructions: the configs' default
+    follows /proc/cpuinfo, and an explicit choice stands."""
+    from pathlib import Path
+
+    from training import loops
+    from training.loops import ClassifierConfig, native_bf16
+
+    flags = {"text": "flags\t\t: fpu sse2 avx2\n"}
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: flags["text"])
+    assert native_bf16("cpu") is False
+    assert ReformerConfig().bf16 is False and ClassifierConfig().bf16 is False
+    flags["text"] = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+    assert native_bf16("cpu") is True
+    assert ReformerConfig().bf16 is True and ClassifierConfig(device="cpu").bf16 is True
+    assert ReformerConfig(bf16=False).bf16 is False and ClassifierConfig(bf16=False).bf16 is False
+    assert loops.native_bf16("meta") is False
