@@ -5,7 +5,8 @@
 # commands without --train-only (they reuse the checkpoints in the work dirs; see docs/results/).
 #   usage: [MIX=fgsm=3,pgd=1,preimage=1] scripts/gpu_cifar10_guided.sh DATA_DIR WHEEL_DIR OUT_DIR [MINUTES]
 # MIX: the default's perturbed copies (fgsm=1,pgd=1 unless set; ``preimage`` adds JPEG pre-images of the
-# training images, docs/results/cifar10-selection-round5)
+# training images, docs/results/cifar10-selection-round5); EXTRA: more arguments for the default's job
+# (e.g. EXTRA="--jpeg-quality 75": trained behind the JPEG input step, docs/results/cifar10-selection-round16)
 set -uo pipefail
 data=$1; wheels=$2; out=$3; minutes=${4:-4}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
@@ -14,7 +15,7 @@ runs=/tmp/runs; mkdir -p "$runs"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 common=(--data-dir "$data" --device cuda --train-only --max-minutes "$minutes" --batch-size 256)
 # three jobs share the GPU; each stops (checkpointed) at its cap and resumes on the next call
-( time python3 -m training.build_guided "${common[@]}" --work-dir $runs/c --mix "${MIX:-fgsm=1,pgd=1}" --steps 20000 ) \
+( time python3 -m training.build_guided "${common[@]}" --work-dir $runs/c --mix "${MIX:-fgsm=1,pgd=1}" --steps 20000 ${EXTRA:-} ) \
     > $runs/c.log 2>&1 &
 ( time python3 -m training.build_guided "${common[@]}" --work-dir $runs/b --mix noise=1 --steps 20000 ) \
     > $runs/b.log 2>&1 &
