@@ -315,3 +315,24 @@ def test_the_defended_routes_skip_fastapi_but_keep_its_schema_and_its_405(toy_bu
                                                               "data": fakes.images(0.5).ravel().tolist()}]})
         assert ok.status_code == 200, ok.text
         assert c.post("/classify", json={"inputs": fakes.images(0.5).tolist()}).status_code == 200
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (-np.inf, "NaN or Inf"),
+    (1.5, "expected values in [0, 1]"), (-0.1, "expected values in [0, 1]"),
+])
+def test_input_check_names_the_fault_wherever_it_sits(bad, fragment):
+    """check_values looks for NaN or Inf only when min or max leave the range: one bad value among good ones,
+    first or last, is still found and named."""
+    from service.codecs import check_values
+    from service.defense.bundle import InputSpec
+    from service.errors import BadInput
+
+    spec = InputSpec(shape=(1, 4, 4))
+    for where in (0, -1):
+        batch = np.full((2, 1, 4, 4), 0.5, np.float32)
+        batch.reshape(-1)[where] = bad
+        with pytest.raises(BadInput, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            check_values(batch, spec)
+    check_values(np.zeros((0, 1, 4, 4), np.float32), spec)  # nothing to check
+    check_values(np.full((2, 1, 4, 4), 1.0, np.float32), spec)  # the range's ends are in it
