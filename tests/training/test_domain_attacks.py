@@ -79,6 +79,29 @@ def test_official_batch_originals_pair_with_the_data_sets_copies(tmp_path):
     r = json.loads(report.read_text())
     assert r["copies"] == "the data set's own" and r["originals"] == 19
     _check_rows(r["bundles"][str(SHIPPED_CIFAR10)], "fgsm_eps0.05")
+    # the settings that made the data set's copies: quality 75 with 4:2:0 chroma lands nearest them
+    match = tmp_path / "match.json"
+    run = _script("jpeg_match.py", "--images", str(out / "test"), "--data-dir", str(DATA_DIR),
+                  "--qualities", "70", "75", "80", "--out", str(match))
+    assert run.returncode == 0, run.stderr
+    m = json.loads(match.read_text())
+    assert m["images"] == 19 and m["nearest"] == {"quality": 75, "subsampling": "4:2:0"}
+    nearest = next(r for r in m["rows"] if r["quality"] == 75 and r["subsampling"] == "4:2:0")
+    assert nearest["rms_0_255"] < m["original_to_copy"]["rms_0_255"] / 2
+
+
+def test_jpeg_match_finds_the_setting_that_made_the_copies():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from jpeg_match import jpeg, match_table
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    x = np.random.default_rng(0).uniform(size=(3, 3, 16, 16)).astype(np.float32)
+    table = match_table(x, jpeg(x, 60, "4:4:4"), [60, 90], ["4:2:0", "4:4:4"])
+    assert table["nearest"] == {"quality": 60, "subsampling": "4:4:4"}
+    exact = next(r for r in table["rows"] if r["quality"] == 60 and r["subsampling"] == "4:4:4")
+    assert exact["rms_0_255"] == 0 and exact["equal_values"] == 1
+    assert all(r["rms_0_255"] > 0 for r in table["rows"] if r is not exact)
 
 
 def test_the_threshold_trade_off_on_originals_moves_both_ways(tmp_path):
