@@ -35,7 +35,7 @@ from service.defense.core import Defense
 from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.domain_sim import chroma_detail, jpeg_preimage
-from training.evaluate.originals import load_images, paired_rows
+from training.evaluate.originals import dataset_copies, load_images
 from training.from_onnx import torch_twin
 from training.specs import load_for_manifest
 
@@ -51,12 +51,6 @@ def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
     right = lab == y
     return {"rejected": float((~acc).mean()), "accepted_and_right": float((acc & right).mean()),
             "defended": float((~acc | right).mean())}
-
-
-def dataset_copies(data, names: list[str], labels: np.ndarray) -> np.ndarray:
-    """The data set's own JPEG copy of each ``<split>-<row>-label-<class>.png`` original."""
-    splits, rows = paired_rows(names, labels, data)
-    return np.stack([getattr(data, split).x[row] for split, row in zip(splits, rows)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 
 ``--images``: uncompressed originals named ``<split>-<row>-label-<class>.png`` (``scripts/cifar10_originals.py``
 writes them), each paired with its copy, row ``row`` of ``split`` in the data set under ``--data-dir``. For
-each quality and chroma subsampling (Pillow's encoder and decoder, as the gateway's JPEG input step uses),
+each quality and chroma subsampling (``service.defense.domain.jpeg_round_trip``, the gateway's JPEG input step),
 the RMS distance in 0-255 units between JPEG(original) and the copy, and the share of 8-bit values that
 are equal; beside them, the distance between the original itself and the copy. The setting that lands
 nearest the copies is the one a JPEG input step should use to bring uncompressed inputs into the
@@ -15,32 +15,18 @@ domain the bundle was trained on (docs/results/cifar10-selection-round16).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from service.defense.domain import jpeg_round_trip
 from training.data import load
-from training.evaluate.originals import load_images, paired_rows
+from training.evaluate.originals import dataset_copies, load_images
 
-SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes; 4:2:0 is its default
-
-
-def jpeg(x: np.ndarray, quality: int, subsampling: str = "4:2:0") -> np.ndarray:
-    """N x C x H x W float32 in [0, 1] through a JPEG of ``quality`` and ``subsampling`` (8-bit, Pillow)."""
-    out = []
-    for image in x:
-        buf = io.BytesIO()
-        pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(pixels.transpose(1, 2, 0) if len(pixels) == 3 else pixels[0]).save(
-            buf, "JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
-        decoded = np.asarray(Image.open(buf), np.float32) / 255
-        out.append(decoded.transpose(2, 0, 1) if decoded.ndim == 3 else decoded[None])
-    return np.stack(out)
+SUBSAMPLING = ("4:4:4", "4:2:2", "4:2:0")  # Pillow's chroma subsampling; 4:2:0 is its default for colour
 
 
 def distance(a: np.ndarray, b: np.ndarray) -> dict:
@@ -50,7 +36,7 @@ def distance(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def match_table(originals: np.ndarray, copies: np.ndarray, qualities: list[int], subsamplings: list[str]) -> dict:
-    rows = [{"quality": q, "subsampling": s, **distance(jpeg(originals, q, s), copies)}
+    rows = [{"quality": q, "subsampling": s, **distance(jpeg_round_trip(originals, q, s), copies)}
             for q in qualities for s in subsamplings]
     best = min(rows, key=lambda r: r["rms_0_255"])
     return {"original_to_copy": distance(originals, copies), "rows": rows,
@@ -63,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, required=True, help="the data set holding their JPEG copies")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--qualities", type=int, nargs="+", default=[60, 70, 75, 80, 90, 95])
-    p.add_argument("--subsampling", nargs="+", choices=list(SUBSAMPLING), default=["4:2:0", "4:4:4"])
+    p.add_argument("--subsampling", nargs="+", choices=SUBSAMPLING, default=["4:2:0", "4:4:4"])
     p.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     originals, labels, names = load_images(args.images)
-    data = load(args.dataset, args.data_dir)
-    splits, rows = paired_rows(names, labels, data)
-    copies = np.stack([getattr(data, split).x[row] for split, row in zip(splits, rows)])
+    copies = dataset_copies(load(args.dataset, args.data_dir), names, labels)
     report = {"command": "python scripts/jpeg_match.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images": len(originals),
               **match_table(originals, copies, args.qualities, args.subsampling)}

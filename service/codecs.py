@@ -53,7 +53,7 @@ def check_values(batch: np.ndarray, spec: InputSpec) -> None:
     if not np.all(np.isfinite(batch)):
         raise BadInput("inputs contain NaN or Inf; expected finite floats")
     if low < lo or high > hi:
-        raise BadInput(f"inputs range over [{batch.min():.4g}, {batch.max():.4g}]; expected values in "
+        raise BadInput(f"inputs range over [{low:.4g}, {high:.4g}]; expected values in "
                        f"[{lo:g}, {hi:g}] (scale 8-bit pixels by 1/255)")
 
 

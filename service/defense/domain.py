@@ -24,20 +24,22 @@ import numpy as np
 from PIL import Image
 
 
-def jpeg_round_trip(x: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_round_trip(x: np.ndarray, quality: int, subsampling: str | None = None) -> np.ndarray:
     """``x`` (N x C x H x W float32 in [0, 1], C = 1 or 3) encoded as JPEG at ``quality`` and decoded,
     as float32 in [0, 1] of the same shape (0.19 ms per 32 x 32 colour image on one core of the
-    development machine: docs/results/jpeg-step.json)."""
+    development machine: docs/results/jpeg-step.json). ``subsampling``: Pillow's chroma subsampling,
+    "4:4:4", "4:2:2" or "4:2:0"; None (the input step) keeps Pillow's default, 4:2:0 for colour."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"a JPEG round trip takes N x 1|3 x H x W images, not {list(x.shape)}")
     pixels = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
     pixels = pixels[:, 0] if x.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
     out = np.empty_like(pixels)
     buf = io.BytesIO()
+    options = {"quality": quality} if subsampling is None else {"quality": quality, "subsampling": subsampling}
     for i, image in enumerate(pixels):
         buf.seek(0)
         buf.truncate()
-        Image.fromarray(np.ascontiguousarray(image)).save(buf, "JPEG", quality=quality)
+        Image.fromarray(np.ascontiguousarray(image)).save(buf, "JPEG", **options)
         buf.seek(0)
         with Image.open(buf) as decoded:
             out[i] = np.asarray(decoded)

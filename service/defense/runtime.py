@@ -209,8 +209,8 @@ class OnnxModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
             x = np.ascontiguousarray(x, np.float32)
-        if len(x) == 1 or len(x) <= chunk_rows(self._on_cpu, x):  # one call: the common case, a few rows
-            return self.session.run(self._outputs, {self.input_name: x})[0]
         rows = chunk_rows(self._on_cpu, x)
-        return np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + rows]})[0]
+        if len(x) <= rows:
+            return self.session.run(self._outputs, {self.input_name: x})[0]
+        return np.concatenate([self.session.run(self._outputs, {self.input_name: x[i:i + rows]})[0]
                                for i in range(0, len(x), rows)])

@@ -93,11 +93,15 @@ def test_official_batch_originals_pair_with_the_data_sets_copies(tmp_path):
 def test_jpeg_match_finds_the_setting_that_made_the_copies():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from jpeg_match import jpeg, match_table
+        from jpeg_match import match_table
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    from service.defense.domain import jpeg_round_trip
+
     x = np.random.default_rng(0).uniform(size=(3, 3, 16, 16)).astype(np.float32)
-    table = match_table(x, jpeg(x, 60, "4:4:4"), [60, 90], ["4:2:0", "4:4:4"])
+    # the input step's default is Pillow's 4:2:0 for colour
+    assert np.array_equal(jpeg_round_trip(x, 60), jpeg_round_trip(x, 60, "4:2:0"))
+    table = match_table(x, jpeg_round_trip(x, 60, "4:4:4"), [60, 90], ["4:2:0", "4:4:4"])
     assert table["nearest"] == {"quality": 60, "subsampling": "4:4:4"}
     exact = next(r for r in table["rows"] if r["quality"] == 60 and r["subsampling"] == "4:4:4")
     assert exact["rms_0_255"] == 0 and exact["equal_values"] == 1

@@ -57,6 +57,12 @@ def paired_rows(names: list[str], labels: np.ndarray, data, only: str | None = N
     return splits, np.asarray(rows, np.int64)
 
 
+
+def dataset_copies(data, names: list[str], labels: np.ndarray) -> np.ndarray:
+    """The data set's own JPEG copy of each ``paired_name`` original (``data``: a Dataset)."""
+    splits, rows = paired_rows(names, labels, data)
+    return np.stack([getattr(data, split).x[row] for split, row in zip(splits, rows)])
+
 def judge(defense: Defense, x: np.ndarray, y: np.ndarray, member: int) -> dict:
     verdict = defense.inspect(x, member)
     labels = defense.classifier(verdict.reformed).argmax(1)
