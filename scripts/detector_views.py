@@ -147,6 +147,29 @@ def objective(r: dict) -> tuple[float, float]:
     return (min(r["fgsm"]["defended"], r["orig_fgsm"]["defended"]), r["orig_clean"]["accepted_and_right"])
 
 
+def rounded(v):
+    """Figures to 5 decimals (a row of views.json per configuration stays short); thresholds keep 4
+    significant digits."""
+    if isinstance(v, dict):
+        return {k: ({t: float(f"{x:.4g}") for t, x in w.items()} if k == "thresholds" else rounded(w)) for k, w in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [rounded(w) for w in v]
+    return round(v, 5) if isinstance(v, float) else v
+
+
+def frontier(rows: list[dict], f_val: float) -> list[dict]:
+    """The trade-off between clean originals and FGSM: among the configurations within the JPEG clean
+    budget and the PGD floor, those that no other beats on both clean originals accepted and right and
+    min(selection-set FGSM, FGSM from originals); of equal pairs, the one with fewer detectors."""
+    ok = [r for r in rows if f_val - r["clean"]["accepted_and_right"] <= 0.035 and r["pgd"]["defended"] >= 0.9878]
+    pair = lambda r: (r["orig_clean"]["accepted_and_right"], r["objective"][0])  # noqa: E731
+    best: dict[tuple, dict] = {}
+    for r in sorted(ok, key=lambda r: len(r["detectors"])):
+        best.setdefault(pair(r), r)
+    return sorted((r for p, r in best.items() if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in best)),
+                  key=lambda r: pair(r)[0])
+
+
 def label(cfg: dict) -> str:
     dets = " + ".join(f"{d['view']} T{d['temperature']} @ {d['fpr']:g}" for d in cfg["detectors"])
     return f"classify f({cfg['output']}); {dets}; thresholds {cfg['thresholds_from']}"
@@ -218,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         if key not in best_per or (r["eligible"], r["objective"]) > (best_per[key]["eligible"], best_per[key]["objective"]):
             best_per[key] = r
     result["best_per_family"] = sorted(best_per.values(), key=lambda r: (r["eligible"], r["objective"]), reverse=True)
+    result["frontier"] = frontier(rows, f_val)
     result["provenance"] = provenance(["python", "scripts/detector_views.py", *(argv or sys.argv[1:])], 0)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "views.json").write_text(json.dumps({**result, "rows": rows}, indent=1) + "\n")
+    (args.out / "views.json").write_text(json.dumps(result, indent=1)[:-2] + ',\n "rows": [\n'
+                                         + ",\n".join(json.dumps(rounded(r)) for r in rows) + "\n ]\n}\n")
     (args.out / "views.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def cell(text: str) -> str:
+    """``text`` for a markdown table cell (the views' "|" escaped)."""
+    return text.replace("|", "\\|")
 
 
 def _pct(v: float) -> str:
@@ -243,7 +273,7 @@ def markdown(result: dict) -> str:
     shown = [("as shipped: ", result["as_shipped"])] + [("", r) for r in result["best_per_family"]]
     for prefix, r in shown:
         mark = " **(chosen)**" if result["chosen"] is not None and r is result["chosen"] or r == result["chosen"] else ""
-        lines.append(f"| {prefix}{label(r)}{mark} | {'yes' if r['eligible'] else 'no'} | "
+        lines.append(f"| {prefix}{cell(label(r))}{mark} | {'yes' if r['eligible'] else 'no'} | "
                      f"{_pct(r['clean']['accepted_and_right'])} / {_pct(r['clean']['rejected'])} | "
                      f"{_pct(r['orig_clean']['accepted_and_right'])} / {_pct(r['orig_clean']['rejected'])} | "
                      f"{_pct(r['copy_clean']['accepted_and_right'])} | {_pct(r['fgsm']['defended'])} | "
@@ -251,7 +281,16 @@ def markdown(result: dict) -> str:
                      f"{_pct(r['orig_fgsm']['defended'])} / {_pct(r['orig_fgsm05']['defended'])} / "
                      f"{_pct(r['orig_pgd']['defended'])} |")
     lines += ["", "One row per family (the image classified, the detectors' views, where thresholds come from): its "
-              "best configuration by the rule. Every configuration is in `views.json` (`rows`)."]
+              "best configuration by the rule.", "", "## The trade-off", "",
+              "Within the JPEG clean budget and the PGD floor, the configurations that no other beats on both clean "
+              "originals (accepted and right) and min(FGSM, FGSM from originals):", "",
+              "| configuration | originals: acc. and right / rejected | min(FGSM, from originals) | FGSM | from originals: "
+              "FGSM | clean JPEG val |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["frontier"]:
+        lines.append(f"| {cell(label(r))} | {_pct(r['orig_clean']['accepted_and_right'])} / {_pct(r['orig_clean']['rejected'])} | "
+                     f"{_pct(r['objective'][0])} | {_pct(r['fgsm']['defended'])} | {_pct(r['orig_fgsm']['defended'])} | "
+                     f"{_pct(r['clean']['accepted_and_right'])} |")
+    lines += ["", "Every configuration is in `views.json` (`rows`, one per line)."]
     return "\n".join(lines) + "\n"
 
 

@@ -141,3 +141,46 @@ def test_paired_names_round_trip_and_a_wrong_label_or_split_is_refused():
         paired_rows([paired_name("train", 2, 3)], np.array([3]), Data)
     with pytest.raises(SystemExit, match="train-<row>"):
         paired_rows([paired_name("val", 1, 6)], np.array([6]), Data, only="train")
+
+
+def test_detector_views_score_the_named_views_and_thresholds():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import detector_views as V
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    rng = np.random.default_rng(0)
+    n, k = 400, 10
+    y = rng.integers(0, k, n)
+    onehot = np.eye(k)[y] * 8.0
+
+    def views(x_noise, j_noise, dx_shift, dj_shift):
+        base = onehot + rng.normal(0, x_noise, (n, k))
+        return {"x": base, "j": base + rng.normal(0, j_noise, (n, k)),
+                "dx": base + dx_shift + rng.normal(0, 0.3, (n, k)), "dj": base + dj_shift + rng.normal(0, 0.3, (n, k))}
+
+    shift = np.zeros((n, k))
+    shift[:, 0] = 6.0  # the reformed view moves towards class 0: a large divergence
+    sets = {"clean": views(0.5, 0.01, 0.0, 0.0), "orig_clean": views(0.5, 0.5, shift, 0.0)}
+    ys = {"clean": y, "orig_clean": y}
+    masks = {}
+    cfg = {"output": "DJx", "detectors": [{"view": "x|Dx", "temperature": 40, "fpr": 0.02}], "thresholds_from": "jpeg"}
+    r = V.evaluate(cfg, sets, ys, masks)
+    # the detector compares x with D(x): the originals' shifted D(x) is rejected, the clean images at the FPR
+    assert r["clean"]["rejected"] == pytest.approx(0.02, abs=0.0051)
+    assert r["orig_clean"]["rejected"] > 0.5
+    # the image classified is D(J(x)), unshifted: every accepted row is right
+    assert r["orig_clean"]["accepted_and_right"] == pytest.approx(1 - r["orig_clean"]["rejected"])
+    r_max = V.evaluate({**cfg, "thresholds_from": "max"}, sets, ys, masks)
+    assert r_max["thresholds"]["x|Dx T40"] > r["thresholds"]["x|Dx T40"]
+    assert r_max["orig_clean"]["rejected"] <= 0.0201
+    # the other view leaves originals alone: D(J(x)) was not shifted
+    r_dj = V.evaluate({**cfg, "detectors": [{"view": "x|DJx", "temperature": 10, "fpr": 0.02}]}, sets, ys, masks)
+    assert r_dj["orig_clean"]["rejected"] < 0.1
+    # the frontier keeps only configurations no other beats on both counts
+    def row(orig, fgsm, n_det=1):
+        return {"clean": {"accepted_and_right": 0.9}, "pgd": {"defended": 1.0}, "orig_clean": {"accepted_and_right": orig},
+                "objective": (fgsm, orig), "detectors": [{}] * n_det}
+    a, b, c, d = row(0.8, 0.95), row(0.9, 0.85), row(0.85, 0.8), row(0.8, 0.95, 2)
+    assert V.frontier([d, a, b, c], 0.92) == [a, b]
+    assert V.cell("x|Dx") == "x\\|Dx"
