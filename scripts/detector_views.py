@@ -23,7 +23,8 @@ the same 2,000, and the uncompressed validation originals (``scripts/cifar10_ori
 0.025 and 0.05 and PGD-10 at 0.025 crafted from them against the classifier. Attack rows count the
 images the classifier gets right before the attack; an attack is defended when it is rejected or the
 image classified after reforming gets the right label. The rule is the round's README's, fixed before
-this ran; ``--rule`` names which it applies (``round17``).
+this ran. A bundle with an input step (``input.jpeg_quality``, at the same quality) is scored without
+it: the views say where J goes.
 """
 
 from __future__ import annotations
@@ -187,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
     defense = Defense(args.bundle, device="cpu")
+    step = defense.manifest.input.jpeg_quality
+    if step is not None:  # the views say where J goes: the bundle's own input step comes off
+        if step != QUALITY:
+            raise SystemExit(f"{args.bundle}: input step at JPEG quality {step}, the views use {QUALITY}")
+        defense.manifest = defense.manifest.model_copy(
+            update={"input": defense.manifest.input.model_copy(update={"jpeg_quality": None})})
     data = load_for_manifest(defense.manifest, args.data_dir)
     sel = np.load(args.set)
     originals, oy, names = load_images(args.originals)
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         {"view": "x|Dx", "temperature": 40, "fpr": 0.02}])
     ok = [r for r in rows if r["eligible"]]
     chosen = max(ok, key=lambda r: r["objective"]) if ok else None
-    result = {"bundle": str(args.bundle), "classifier_right": {"val": f_val, "val_originals": f_orig},
+    result = {"bundle": str(args.bundle), "bundle_input_step_removed": step, "classifier_right": {"val": f_val, "val_originals": f_orig},
               "undefended": undefended, "originals": len(oy), "jpeg": f"quality {QUALITY}, Pillow's 4:2:0",
               "rule": "eligible: clean cost <= 3.5 points on the JPEG validation images and on the validation originals "
                       "(accepted and right against the classifier alone), selection-set FGSM >= 93.23 % and PGD >= "
