@@ -184,3 +184,29 @@ def test_detector_views_score_the_named_views_and_thresholds():
     a, b, c, d = row(0.8, 0.95), row(0.9, 0.85), row(0.85, 0.8), row(0.8, 0.95, 2)
     assert V.frontier([d, a, b, c], 0.92) == [a, b]
     assert V.cell("x|Dx") == "x\\|Dx"
+
+
+def test_detector_views_learned_combination_uses_a_view_that_separates():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import detector_views as V
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    rng = np.random.default_rng(1)
+    n, k = 300, 10
+    keys = ("clean", "fgsm", "pgd", "fgsm05", "orig_clean", "copy_clean", "orig_fgsm", "orig_fgsm05", "orig_pgd")
+    y = {key: rng.integers(0, k, n) for key in keys}
+    sets = {}
+    for key in keys:
+        clean = np.eye(k)[y[key]] * 8.0 + rng.normal(0, 0.5, (n, k))
+        # only J tells attacks apart: it undoes them; D leaves every image as it is, so x|Dx sees nothing
+        # and D(x) is right on clean rows, wrong on attacks
+        x = clean if key.endswith("clean") else np.eye(k)[(y[key] + 1) % k] * 8.0 + rng.normal(0, 0.5, (n, k))
+        j = clean + rng.normal(0, 0.05, (n, k))
+        sets[key] = {"x": x, "dx": x + rng.normal(0, 0.05, (n, k)), "j": j, "dj": j + rng.normal(0, 0.05, (n, k))}
+    mask = {key: np.ones(n, bool) for key in keys if not key.endswith("clean")}
+    c = V.learned_combination(sets, y, mask)
+    assert max(c["weights"], key=lambda d: abs(c["weights"][d])).startswith(("x|Jx", "x|DJx"))
+    for cal in ("jpeg", "originals"):
+        assert c[cal]["fgsm"] > 0.95 and c[cal]["orig_fgsm"] > 0.95
+        assert c[cal]["clean"] > 0.9
