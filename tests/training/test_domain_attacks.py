@@ -2,6 +2,7 @@
 JPEG copies, judged by a shipped bundle; scripts/cifar10_originals.py pairs official-batch originals with
 the data set's own JPEG copies."""
 
+import importlib
 import json
 import pickle
 import subprocess
@@ -90,12 +91,17 @@ def test_official_batch_originals_pair_with_the_data_sets_copies(tmp_path):
     assert nearest["rms_0_255"] < m["original_to_copy"]["rms_0_255"] / 2
 
 
-def test_jpeg_match_finds_the_setting_that_made_the_copies():
+def _script_module(name: str):
+    """A module of scripts/ (they are run as files, not installed)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from jpeg_match import match_table
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_jpeg_match_finds_the_setting_that_made_the_copies():
+    match_table = _script_module("jpeg_match").match_table
     from service.defense.domain import jpeg_round_trip
 
     x = np.random.default_rng(0).uniform(size=(3, 3, 16, 16)).astype(np.float32)
@@ -144,11 +150,7 @@ def test_paired_names_round_trip_and_a_wrong_label_or_split_is_refused():
 
 
 def test_detector_views_score_the_named_views_and_thresholds():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import detector_views as V
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    V = _script_module("detector_views")
     rng = np.random.default_rng(0)
     n, k = 400, 10
     y = rng.integers(0, k, n)
@@ -187,11 +189,7 @@ def test_detector_views_score_the_named_views_and_thresholds():
 
 
 def test_detector_views_learned_combination_uses_a_view_that_separates():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import detector_views as V
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    V = _script_module("detector_views")
     rng = np.random.default_rng(1)
     n, k = 300, 10
     keys = ("clean", "fgsm", "pgd", "fgsm05", "orig_clean", "copy_clean", "orig_fgsm", "orig_fgsm05", "orig_pgd")
