@@ -36,7 +36,7 @@ from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.domain_sim import chroma_detail, jpeg_preimage
 from training.evaluate.originals import dataset_copies, load_images
-from training.from_onnx import torch_twin
+from training.from_onnx import classifier_twin
 from training.specs import load_for_manifest
 
 
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             pre = jpeg_preimage(x, m.input.jpeg_quality or 75, args.spread, rng, chroma_spread=args.spread_chroma)
             if args.chroma > 0:
                 pre = chroma_detail(pre, args.chroma, rng)
-        twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
-                          output_name=m.classifier.output_name, output=m.classifier.output).eval()
-        for q in twin.parameters():
-            q.requires_grad_(False)
+        twin = classifier_twin(defense)
         gen = torch.Generator().manual_seed(args.seed)
         rows = {}
         for domain, images in (("jpeg", x), ("original" if args.images is not None else "preimage", pre)):

@@ -25,7 +25,7 @@ from service.defense.core import Defense
 from training.attacks.pgd import fgsm
 from training.evaluate.domain_shift import scores_of
 from training.evaluate.originals import load_images
-from training.from_onnx import torch_twin
+from training.from_onnx import classifier_twin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(det) != 1:
             raise SystemExit(f"{bundle}: wants one divergence detector in its first member, has {len(det)}")
         name = det[0].name
-        twin = torch_twin(d.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
-                          output_name=m.classifier.output_name, output=m.classifier.output).eval()
-        for q in twin.parameters():
-            q.requires_grad_(False)
+        twin = classifier_twin(d)
         s_clean, lab_clean = scores_of(d, x, 0)
         attacked = {}
         for eps in args.eps:

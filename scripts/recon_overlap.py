@@ -21,7 +21,7 @@ import torch
 from service.defense.core import Defense
 from training.attacks.pgd import fgsm
 from training.evaluate.originals import load_images
-from training.from_onnx import torch_twin
+from training.from_onnx import classifier_twin
 from training.specs import load_for_manifest
 
 QUANTILES = (0.0, 0.01, 0.05, 0.5, 0.95, 0.995, 1.0)
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                                for i in range(0, len(x), 1000)]) / threshold
 
     val = load_for_manifest(m, args.data_dir).val
-    twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
-                      output_name=m.classifier.output_name, output=m.classifier.output).eval()
+    twin = classifier_twin(defense)
     x, y = torch.from_numpy(val.x[: args.n]), torch.from_numpy(val.y[: args.n])
     attacked = fgsm(twin, x, y, torch.full((len(x),), args.eps)).detach().numpy()
     groups = {"validation clean": relative(val.x), f"validation FGSM eps {args.eps:g}": relative(attacked),

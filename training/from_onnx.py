@@ -10,6 +10,7 @@ that passes values through and adds the bias.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from torch import nn
 from service.defense.contract import ClassifierInput, prepare
 from service.defense.runtime import CPU, OnnxModel
 from training.onnx_torch import OnnxModule, OnnxTwinError
+
+if TYPE_CHECKING:
+    from service.defense.core import Defense
 from training.nets import AE_SPECS, GuidedReformer, MagnetAE32, MnistClassifier, ResNet9, SigmoidAutoencoder
 
 
@@ -181,3 +185,14 @@ def torch_twin(path: Path, dataset: str, role: str, input_shape: tuple[int, int,
         known = (f"the closest known architecture differs from onnxruntime by {closest:.2e} > {tolerance:g}"
                  if closest is not None else f"no known {role} architecture for {dataset} matches its weights")
         raise TwinError(f"{path}: {known}, and the generic twin failed: {e}") from e
+
+
+def classifier_twin(defense: "Defense") -> nn.Module:
+    """The twin of a loaded bundle's classifier (its input contract, output name and kind), in eval mode
+    with its weights frozen: what an attack against the bundle's classifier differentiates."""
+    m = defense.manifest
+    twin = torch_twin(defense.classifier_file, m.dataset, "classifier", m.input.shape, contract=m.classifier.input,
+                      output_name=m.classifier.output_name, output=m.classifier.output).eval()
+    for q in twin.parameters():
+        q.requires_grad_(False)
+    return twin
