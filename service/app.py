@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service import protocol
 from service.access import AccessGuard, ApiKeys, ConfigError, Limits
 from service.batching import MicroBatcher
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, Speculation
 from service.routes import classify, router
 from service.sessions import make_selector
 from service.settings import Settings
@@ -82,7 +82,9 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     metrics.declare_mode(settings.mode == "shadow", expected_rejection(defense))
     metrics.declare_bundle(defense.manifest.name, manifest_version(defense.bundle_dir),
                            sha256_of(defense.bundle_dir / MANIFEST))
-    pipeline = Pipeline(defense, upstream, metrics, executor)
+    speculation = Speculation(settings.speculate, remote=getattr(upstream, "remote", False),
+                              max_rejected=max(0.05, 2 * expected_rejection(defense)))
+    pipeline = Pipeline(defense, upstream, metrics, executor, speculation)
     if settings.batch_rows > 0:
         pipeline = MicroBatcher(pipeline, metrics, settings.batch_rows, settings.batch_window_ms / 1000)
     keys = ApiKeys.from_settings(settings)

@@ -1,13 +1,22 @@
 """The classify pipeline: defense (off the event loop) -> one upstream call -> results in input order.
 
-Inputs rejected by a reconstruction detector never go upstream. When the member has divergence
-detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)): 2N rows. In shadow
-mode (``MAGNET_MODE=shadow``) every row goes upstream as it came and nothing is rejected; the verdict
-is still computed and counted, so the metrics show what enforcing would do.
+Inputs rejected by a reconstruction detector are not answered with the classifier's output. When the
+member has divergence detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)):
+2N rows. In shadow mode (``MAGNET_MODE=shadow``) every row goes upstream as it came and nothing is
+rejected; the verdict is still computed and counted, so the metrics show what enforcing would do.
+
+Speculative forwarding (``MAGNET_SPECULATE``): in front of a model server over the network, the reformed
+rows go upstream as soon as the reformer has run, and the other autoencoders and the detector scores run
+while the model server works; the verdict then picks which answers are kept. Verdicts and answers are
+the same as without it; what changes is that the model server also classifies rows that end up rejected
+(their answers are dropped, never returned). ``auto`` does this only while few recent rows were
+rejected (clean traffic: see ``Speculation``), so a flood of rejected inputs goes back to the sequential
+order, where rejected rows never reach the model server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -54,12 +63,41 @@ def check_scores(out: np.ndarray, rows: int, classes: int, kind: str) -> None:
         raise UpstreamError("the model server returned probabilities outside [0, 1]")
 
 
+class Speculation:
+    """When to forward before the verdict: ``mode`` 'on', 'off', or 'auto': only to an upstream over the
+    network (``Upstream.remote``; an embedded classifier shares the CPU, there is nothing to overlap), and
+    only while the share of rejected rows among the recent ones (an exponential average over about
+    ``window`` rows) is at most ``max_rejected``."""
+
+    def __init__(self, mode: str = "off", remote: bool = False, max_rejected: float = 0.05,
+                 window: int = 256) -> None:
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"speculation mode must be auto, on or off, got {mode!r}")
+        self.mode, self.remote, self.max_rejected, self.window = mode, remote, max_rejected, window
+        self.rejected_share = 0.0
+
+    def __call__(self) -> bool:
+        if self.mode == "auto":
+            return self.remote and self.rejected_share <= self.max_rejected
+        return self.mode == "on"
+
+    def observe(self, accepted: np.ndarray) -> None:
+        """Fold a verdict's rows into the recent rejected share."""
+        n = len(accepted)
+        if n:
+            weight = min(1.0, n / self.window)
+            self.rejected_share += weight * ((n - int(accepted.sum())) / n - self.rejected_share)
+
+
 class Pipeline:
-    def __init__(self, defense: Defense, upstream: Upstream, metrics: Metrics, executor: Executor) -> None:
+    def __init__(self, defense: Defense, upstream: Upstream, metrics: Metrics, executor: Executor,
+                 speculation: Speculation | None = None) -> None:
         self.defense = defense
         self.upstream = upstream
         self.metrics = metrics
         self.offload = Offload(executor)
+        self.speculation = speculation or Speculation("off")
+        self._background: set[asyncio.Future] = set()  # upstream calls whose answers no row needs any more
 
     async def _call_upstream(self, x: np.ndarray) -> np.ndarray:
         """Upstream scores as logits (probabilities become log p, equal up to a per-row constant), after
@@ -126,20 +164,78 @@ class Pipeline:
         judged = out[-2 * n:]  # on x as judged and on its reformed copy
         return self.defense.decide(screening, judged[:n], judged[n:]), out[:n]
 
+    def _let_go(self, sent: asyncio.Future) -> None:
+        """An upstream call whose answer no row needs: let it finish (the connection stays in the pool)
+        and drop its result or error (an error is still counted by ``_call_upstream``)."""
+        self._background.add(sent)
+
+        def done(f: asyncio.Future) -> None:
+            self._background.discard(f)
+            if not f.cancelled():
+                f.exception()
+
+        sent.add_done_callback(done)
+
+    async def _speculate(self, head: Screening) -> tuple[Verdict, np.ndarray, float]:
+        """``_decide``'s verdict and logits, with the upstream call sent right after the reformer and the
+        rest of the screen run while it is out. Rows ``_decide`` would not have sent get NaN logits here
+        too, so verdicts and answers are the same; returns the screen's time as well."""
+        n, member = len(head.x), head.member
+        needs = self.defense.needs_logits(member)
+        sent = asyncio.ensure_future(self._call_upstream(np.concatenate([head.x, head.reformed]) if needs
+                                                         else head.reformed))
+        try:
+            await asyncio.sleep(0)  # the call encodes and writes its request before the rest of the screen runs
+            t0 = time.perf_counter()
+            screening = await self.offload(self.defense.complete, head)
+            t_rest = time.perf_counter() - t0
+            if not needs:
+                verdict = self.defense.decide(screening)
+                if not verdict.accepted.any():
+                    self._let_go(sent)
+                    return verdict, np.full((n, len(self.defense.manifest.classifier.classes)), np.nan), t_rest
+                out = await sent
+                return verdict, np.where(verdict.accepted[:, None], out, np.nan), t_rest
+            kept = ~self.defense.screened_out(screening)
+            if not kept.any():
+                self._let_go(sent)
+                unscored = np.full((n, len(self.defense.manifest.classifier.classes)), np.nan)
+                return self.defense.decide(screening, unscored, unscored), unscored, t_rest
+            out = await sent
+        except BaseException:
+            if not sent.done():
+                sent.cancel()
+            raise
+        logits_x, logits_reformed = np.where(kept[:, None], out[:n], np.nan), np.where(kept[:, None], out[n:], np.nan)
+        return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed, t_rest
+
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1]); ``shadow``: score and count,
         but answer every row with the classifier's output on the row itself."""
         t0 = time.perf_counter()
-        screening = await self.offload(self.defense.screen, x, member)
-        t_screen = time.perf_counter() - t0
+        if not shadow and self.speculation():
+            screening = await self.offload(self.defense.reform, x, member)
+            t_screen = time.perf_counter() - t0
+            if not screening.complete:  # (a fused graph screens everything in one call)
+                verdict, logits, t_rest = await self._speculate(screening)
+                return self._outcome(verdict, logits, t_screen + t_rest, shadow)
+        else:
+            screening = await self.offload(self.defense.screen, x, member)
+            t_screen = time.perf_counter() - t0
         if screening.logits is not None and not shadow:
             verdict, logits = self._decide_fused(screening)
         else:
             verdict, logits = await (self._watch(screening) if shadow else self._decide(screening))
+        return self._outcome(verdict, logits, t_screen, shadow)
+
+    def _outcome(self, verdict: Verdict, logits: np.ndarray, t_screen: float, shadow: bool) -> Outcome:
+        """Count the verdict and turn the answered rows' logits into probabilities."""
         self.metrics.stage_seconds.labels("defense").observe(t_screen)
+        if not shadow:
+            self.speculation.observe(verdict.accepted)
         self._count(verdict)
         probabilities = np.full(logits.shape, np.nan)
-        ok = (np.ones(len(x), bool) if shadow else verdict.accepted) & ~np.isnan(logits).any(axis=1)
+        ok = (np.ones(len(logits), bool) if shadow else verdict.accepted) & ~np.isnan(logits).any(axis=1)
         if ok.any():
             probabilities[ok] = S.softmax(logits[ok])
         return Outcome(verdict=verdict, probabilities=probabilities, shadow=shadow)

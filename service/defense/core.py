@@ -3,12 +3,14 @@
 ``Defense.screen`` runs the autoencoders and the reconstruction detectors; ``Defense.decide`` adds the
 divergence detectors, which need the classifier's logits on x and on ae(x). The gateway calls the two
 halves around its upstream call; ``Defense.inspect`` chains them for offline use (evaluation).
+``screen`` is itself ``Defense.reform`` (the reformer alone) then ``Defense.complete`` (the other
+autoencoders and the scores), so that a gateway can send the reformed rows upstream before the rest.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +51,13 @@ class Screening:
     member: int
     logits: np.ndarray | None = None  # a fused graph's classifier output (see ``service.defense.fused``)
     original: np.ndarray | None = None
+    #: False after ``Defense.reform`` alone: the detectors that need no logits are not scored yet
+    complete: bool = True
+    #: raw autoencoder outputs kept between ``reform`` and ``complete`` (the reformer is usually a detector too)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.x)
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,12 @@ class Defense:
         """Run the member's autoencoders on ``x`` (N x C x H x W float32 in [0, 1]), after the bundle's
         input domain step when it has one (a JPEG round trip: ``Screening.x`` is then the round-tripped
         batch and ``Screening.original`` the batch as it came)."""
+        return self.complete(self.reform(x, member))
+
+    def reform(self, x: np.ndarray, member: int = 0) -> Screening:
+        """The first part of ``screen``: the input domain step and the reformer only. The screening it
+        returns has ``complete`` False (no scores yet) unless a fused graph computed everything at once;
+        ``complete`` finishes it."""
         spec = self.members[member]
         original = None
         if self.manifest.input.jpeg_quality is not None:
@@ -223,19 +238,34 @@ class Defense:
             scores = {d.name: D.score(d, x, out[fm.outputs[d.autoencoder]]) for d in self._plan()[member][0]}
             return Screening(x=x, reformed=out["reformed"], scores=scores, member=member, logits=out.get("logits"),
                              original=original)
-        outputs: dict[str, np.ndarray] = {}
+        raw = self.autoencoders[spec.reformer](x)
+        reformed = np.clip(raw, 0.0, 1.0).astype(np.float32, copy=False)
+        return Screening(x=x, reformed=reformed, scores={}, member=member, original=original, complete=False,
+                         outputs={spec.reformer: raw})
+
+    def complete(self, screening: Screening) -> Screening:
+        """The rest of ``screen`` after ``reform``: the member's other autoencoders and the scores of the
+        detectors that need no logits (a complete screening is returned as it is)."""
+        if screening.complete:
+            return screening
+        outputs = dict(screening.outputs)
 
         def ae(path: str) -> np.ndarray:
-            if path not in outputs:  # the reformer is usually also a detector: run it once
-                outputs[path] = self.autoencoders[path](x)
+            if path not in outputs:  # each autoencoder runs once, whichever detectors use it
+                outputs[path] = self.autoencoders[path](screening.x)
             return outputs[path]
 
-        scores = {d.name: D.score(d, x, ae(d.autoencoder)) for d in self._plan()[member][0]}
-        reformed = np.clip(ae(spec.reformer), 0.0, 1.0).astype(np.float32, copy=False)
-        return Screening(x=x, reformed=reformed, scores=scores, member=member, original=original)
+        scores = {d.name: D.score(d, screening.x, ae(d.autoencoder)) for d in self._plan()[screening.member][0]}
+        return replace(screening, scores=scores, complete=True, outputs={})
+
+    @staticmethod
+    def _complete_only(screening: Screening) -> None:
+        if not screening.complete:
+            raise ValueError("the screening holds the reformer's output only: call Defense.complete first")
 
     def screened_out(self, screening: Screening) -> np.ndarray:
         """Rows already rejected by a detector that needs no logits (no need to send them upstream)."""
+        self._complete_only(screening)
         spec = self.members[screening.member]
         mask = np.zeros(len(screening.x), dtype=bool)
         for d in spec.detectors:
@@ -248,6 +278,7 @@ class Defense:
         """Apply every detector of the member. Detectors that need logits (divergences) need both logit
         arrays (N x K), on x and on the reformed x; rows where they are NaN (not sent upstream) count as
         not fired by those detectors."""
+        self._complete_only(screening)
         spec = self.members[screening.member]
         scores = dict(screening.scores)
         fired = {}

@@ -12,6 +12,9 @@ class Upstream(Protocol):
 
     #: what ``infer`` returns: raw logits or softmax probabilities
     outputs: Literal["logits", "probabilities"]
+    #: whether the classifier runs elsewhere (a model server), so that the gateway's own work can overlap
+    #: the call (``MAGNET_SPECULATE``); an adapter without it counts as not remote
+    remote: bool
 
     def describe(self) -> str:
         """One line for logs and the readiness answer."""

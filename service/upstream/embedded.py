@@ -12,6 +12,8 @@ from service.offload import Offload
 
 
 class EmbeddedUpstream:
+    remote = False  # the classifier shares this process's cores: nothing to overlap
+
     def __init__(self, model: OnnxModel, executor: Executor,
                  outputs: Literal["logits", "probabilities"] = "logits") -> None:
         self.model = model

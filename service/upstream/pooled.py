@@ -16,6 +16,8 @@ from service.upstream import http1
 class PooledHttp:
     """Base of the HTTP adapters: ``start``/``close`` the pool, ``post`` and ``get`` with error mapping."""
 
+    remote = True  # a model server: the gateway's own work can overlap its calls (``MAGNET_SPECULATE``)
+
     def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64,
                  max_response_bytes: int = 32 * 2**20) -> None:
         self.base = url.rstrip("/")
