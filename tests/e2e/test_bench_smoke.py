@@ -142,6 +142,35 @@ def test_the_hop_floor_runs_its_three_targets_and_the_forwarding_proxy_answers_a
     assert s["hop_ms"] + s["gateway_work_ms"] == pytest.approx(s["added_p50_ms"])
 
 
+def test_the_speculation_bench_serves_both_variants_behind_a_server_that_answers_late(tmp_path, mnist):
+    """bench.speculation: the stand-in model server answers the classifier's logits, no sooner than its
+    delay; both gateway variants in front of it are served without errors."""
+    import numpy as np
+    import orjson
+
+    from bench.speculation import DistantServer, main
+    from service.defense import Defense
+
+    defense = Defense(SHIPPED_MNIST, device="cpu")
+    server = DistantServer(str(defense.classifier_file), "mnist", 0.0)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    body = orjson.dumps({"inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                                     "data": x.ravel().tolist()}]})
+    out = orjson.loads(server.infer(body))["outputs"][0]
+    np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), defense.classifier(x), rtol=1e-5, atol=1e-5)
+
+    report_file = tmp_path / "speculation.json"
+    assert main(["--data-dir", str(DATA_DIR), "--delay-ms", "5", "--seconds", "1", "--warmup", "0.2", "--rounds", "1",
+                 "--out", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    (rd,) = report["rounds"]
+    assert set(rd) == {"direct", "speculate_off", "speculate_auto"}
+    assert all(run["requests"] > 0 and run["errors"] == 0 for run in rd.values())
+    assert rd["direct"]["p50_ms"] >= 5.0  # the delay is served
+    assert report["summary"]["saved_ms_per_round"][0] == pytest.approx(
+        rd["speculate_off"]["p50_ms"] - rd["speculate_auto"]["p50_ms"])
+
+
 def test_the_forwarding_proxy_passes_bodies_and_statuses_through():
     import asyncio
 
