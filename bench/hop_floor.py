@@ -38,6 +38,27 @@ from tests.procs import REPO, start_gateway, start_model_server, start_on_free_p
 from training.data import load
 
 
+async def run_lifespan(receive, send) -> None:
+    """Answer an ASGI lifespan until shutdown is asked (the caller cleans up, then says it is complete)."""
+    while (message := await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+
+
+async def read_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+async def send_json(send, status: int, out: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})
+
+
 class ForwardingApp:
     """The floor: POST bodies forwarded unchanged to ``upstream`` + the request's path; GET /ready 200."""
 
@@ -48,52 +69,72 @@ class ForwardingApp:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
+            await run_lifespan(receive, send)
             await self.client.close()
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] == "GET":
             status, out = 200, b"ready"
         else:
             answer = await self.client.request("POST", scope["path"], body, {"Content-Type": "application/json"})
             status, out = answer.status, answer.body
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-        await send({"type": "http.response.body", "body": out})
+        await send_json(send, status, out)
+
+
+def serve_asgi(app, port: int) -> None:
+    """``app`` on the gateway's own server stack (uvicorn, httptools, uvloop) at 127.0.0.1:``port``."""
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="uvloop",
+                http="httptools", lifespan="on")
 
 
 def serve_proxy(port: int, upstream: str) -> None:
-    import uvicorn
-
-    uvicorn.run(ForwardingApp(upstream), host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", lifespan="on")
+    serve_asgi(ForwardingApp(upstream), port)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def one_client_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the one-client, round-by-round benchmarks (this one and ``bench.speculation``)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, help="directory with the bundle's data set")
     p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle the gateway serves (default models/mnist)")
     p.add_argument("--seconds", type=float, default=8, help="measured seconds per target and round")
     p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per target and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the targets take turns within each")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    return p
+
+
+def bundle_and_digits(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Defense, str, np.ndarray]:
+    """The bundle, its data set's name and the first 200 test images that the clients send."""
+    if args.data_dir is None:
+        p.error("--data-dir is required")
+    defense = Defense(args.bundle, device="cpu")
+    name = defense.manifest.dataset
+    return defense, name, load(name, args.data_dir).test.x[:200]
+
+
+def write_one_client_report(module: str, argv: list[str] | None, args: argparse.Namespace, rounds: list[dict],
+                            summary: dict, **extra) -> None:
+    """The rounds and summary as JSON at ``args.out``, with the command, machine and versions."""
+    report = {"command": f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": str(args.bundle), **extra,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+              "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")},
+              "concurrency": 1, "wire": "json", "seconds": args.seconds, "rounds": rounds, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = one_client_parser(__doc__)
     p.add_argument("--serve-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_proxy:
         serve_proxy(int(args.serve_proxy[0]), args.serve_proxy[1])
         return 0
-    if args.data_dir is None:
-        p.error("--data-dir is required")
-
-    defense = Defense(args.bundle, device="cpu")
-    name = defense.manifest.dataset
-    images = load(name, args.data_dir).test.x[:200]
+    defense, name, images = bundle_and_digits(p, args)
     v2 = requests_for(images, "json", "v2")
     kserve, kurl = start_model_server(defense.classifier_file, name)
     procs = [kserve]
@@ -137,15 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                "per_round_hop_ms": [rd["floor_proxy"]["p50_ms"] - rd["kserve_direct"]["p50_ms"] for rd in rounds]}
     print(json.dumps(summary, indent=1))
     if args.out:
-        report = {"command": "python -m bench.hop_floor " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": str(args.bundle),
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                              "python": platform.python_version()},
-                  "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")},
-                  "concurrency": 1, "wire": "json", "seconds": args.seconds,
-                  "rounds": rounds, "summary": summary}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_one_client_report("bench.hop_floor", argv, args, rounds, summary)
     return 0
 
 

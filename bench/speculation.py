@@ -24,19 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import orjson
 
-from bench.gateway_load import BUNDLE, VERSIONS, _version, drive, requests_for
-from service.defense import Defense
+from bench.gateway_load import drive, requests_for
+from bench.hop_floor import (bundle_and_digits, one_client_parser, read_body, run_lifespan, send_json, serve_asgi,
+                              write_one_client_report)
 from tests.procs import REPO, start_gateway, start_on_free_port
-from training.data import load
 
 
 class DistantServer:
@@ -61,52 +57,27 @@ class DistantServer:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
+            await run_lifespan(receive, send)
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] == "GET":  # health and model readiness
             out = b"{}"
         else:
             out = self.infer(body)
             await asyncio.sleep(self.delay_s)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-        await send({"type": "http.response.body", "body": out})
-
-
-def serve(port: int, model_file: str, name: str, delay_ms: float) -> None:
-    import uvicorn
-
-    uvicorn.run(DistantServer(model_file, name, delay_ms / 1e3), host="127.0.0.1", port=port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", lifespan="on")
+        await send_json(send, 200, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, help="directory with the bundle's data set")
-    p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle the gateway serves (default models/mnist)")
+    p = one_client_parser(__doc__)
     p.add_argument("--delay-ms", type=float, default=2.0, help="the model server's time off this machine's cores")
-    p.add_argument("--seconds", type=float, default=8, help="measured seconds per target and round")
-    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per target and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; the targets take turns within each")
-    p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument("--serve", nargs=4, metavar=("PORT", "MODEL", "NAME", "DELAY_MS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(int(args.serve[0]), args.serve[1], args.serve[2], float(args.serve[3]))
+        serve_asgi(DistantServer(args.serve[1], args.serve[2], float(args.serve[3]) / 1e3), int(args.serve[0]))
         return 0
-    if args.data_dir is None:
-        p.error("--data-dir is required")
-
-    defense = Defense(args.bundle, device="cpu")
-    name = defense.manifest.dataset
-    images = load(name, args.data_dir).test.x[:200]
+    defense, name, images = bundle_and_digits(p, args)
     procs = []
     try:
         server, surl = start_on_free_port(
@@ -138,14 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                "saved_ms_per_round": [off - auto for off, auto in zip(added["speculate_off"], added["speculate_auto"])]}
     print(json.dumps(summary, indent=1))
     if args.out:
-        report = {"command": "python -m bench.speculation " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": str(args.bundle), "delay_ms": args.delay_ms,
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                              "python": platform.python_version()},
-                  "versions": {pkg: _version(pkg) for pkg in (*VERSIONS, "uvloop", "httptools")},
-                  "concurrency": 1, "wire": "json", "seconds": args.seconds, "rounds": rounds, "summary": summary}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_one_client_report("bench.speculation", argv, args, rounds, summary, delay_ms=args.delay_ms)
     return 0
 
 
