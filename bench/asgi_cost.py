@@ -5,7 +5,10 @@
 Per round, CPU and wall time per request of ``--requests`` sequential single digits sent as ASGI calls
 through the whole app (middleware, routing, session, metrics, the defended route), then of the route's own
 work alone (decode, the pipeline with the embedded classifier, encode): the difference is what the web
-framework and the bookkeeping cost. ``--fastapi-routes`` removes the plain routes that ``service.app``
+framework and the bookkeeping cost. ``--lean-chain`` times a third path: the gateway's own middleware
+(``AccessGuard``) straight in front of the ``/classify`` handler, without FastAPI's and Starlette's
+layers (error middleware, telemetry, body limit, exception handlers, routing): what bypassing them would
+save. ``--fastapi-routes`` removes the plain routes that ``service.app``
 puts ahead of FastAPI's, to compare with FastAPI's own route handling. One onnxruntime thread
 (``MAGNET_ORT_THREADS=1`` unless set). Figures in docs/results/throughput.md.
 """
@@ -31,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--fastapi-routes", action="store_true",
                    help="drop the plain routes ahead of FastAPI's (service.app.hot_routes)")
+    p.add_argument("--lean-chain", action="store_true",
+                   help="also time AccessGuard straight in front of the /classify handler (no framework layers)")
     p.add_argument("--out", type=Path, default=None, help="write the rounds as JSON here")
     return p
 
@@ -47,7 +52,12 @@ async def _run(args) -> list[dict]:
     os.environ.setdefault("MAGNET_ORT_THREADS", "1")
     from fastapi.routing import APIRoute
 
+    from starlette.requests import Request
+
+    from service.access import AccessGuard
     from service.app import HOT_ROUTES, create_app
+    from service.errors import MagnetError, handle_magnet_error
+    from service.routes import classify
     from service.codecs import decode_classify_request
     from service.dataplane import encode_results
     from service.settings import Settings
@@ -69,7 +79,7 @@ async def _run(args) -> list[dict]:
     if started["type"] != "lifespan.startup.complete":
         raise SystemExit(f"the app did not start: {started}")
 
-    async def through_app(body: bytes) -> list[dict]:
+    async def through_app(body: bytes, target=app) -> list[dict]:
         delivered = False
 
         async def receive() -> dict:
@@ -84,7 +94,7 @@ async def _run(args) -> list[dict]:
         async def send(message: dict) -> None:
             out.append(message)
 
-        await app(_scope(body), receive, send)
+        await target(_scope(body), receive, send)
         if out[0]["status"] != 200:
             raise SystemExit(f"/classify answered {out[0]['status']}: {out[-1].get('body', b'')[:200]!r}")
         return out
@@ -94,20 +104,37 @@ async def _run(args) -> list[dict]:
         outcome = await gw.pipeline.classify(x, member=0, shadow=False)
         return orjson.dumps({"results": encode_results(outcome, False, gw.probabilities)})
 
-    for f in (through_app, route_work):  # warm-up
+    async def classify_only(scope, receive, send) -> None:
+        """The /classify handler with the app's MagNet error handler, as the framework would call it."""
+        scope["app"] = app
+        request = Request(scope, receive, send)
+        try:
+            response = await classify(request)
+        except MagnetError as e:
+            response = await handle_magnet_error(request, e)
+        await response(scope, receive, send)
+
+    lean = AccessGuard(classify_only, app.state.gateway.settings, None, gw.metrics)
+
+    async def lean_chain(body: bytes) -> list[dict]:
+        return await through_app(body, lean)
+
+    paths = [("app", through_app), ("route_work", route_work)] + ([("lean_chain", lean_chain)] if args.lean_chain else [])
+    for _, f in paths:  # warm-up
         for body in bodies:
             await f(body)
     rounds = []
     for r in range(args.rounds):
         row = {"round": r}
-        for name, f in (("app", through_app), ("route_work", route_work)):
+        for name, f in paths:
             cpu, wall = time.process_time(), time.perf_counter()
             for i in range(args.requests):
                 await f(bodies[i % len(bodies)])
             row[f"{name}_cpu_ms"] = 1e3 * (time.process_time() - cpu) / args.requests
             row[f"{name}_wall_ms"] = 1e3 * (time.perf_counter() - wall) / args.requests
         print(f"round {r}: through the app {row['app_cpu_ms']:.3f} ms CPU per request, the route's own work "
-              f"{row['route_work_cpu_ms']:.3f} ms", flush=True)
+              f"{row['route_work_cpu_ms']:.3f} ms" + (f", AccessGuard and the handler alone {row['lean_chain_cpu_ms']:.3f} ms"
+                                                      if args.lean_chain else ""), flush=True)
         rounds.append(row)
     lifespan.cancel()
     return rounds

@@ -102,13 +102,16 @@ def test_the_connection_spread_counts_every_connection_on_a_worker(mnist, capsys
 def test_the_in_process_cost_benchmark_runs_both_route_kinds(tmp_path, mnist):
     from bench.asgi_cost import main
 
-    for extra in ([], ["--fastapi-routes"]):
-        out = tmp_path / f"cost{len(extra)}.json"
+    for extra in ([], ["--fastapi-routes"], ["--lean-chain"]):
+        out = tmp_path / f"cost{len(extra)}{extra[:1]}.json"
         assert main(["--data-dir", str(DATA_DIR), "--requests", "20", "--rounds", "2", "--out", str(out), *extra]) == 0
         report = json.loads(out.read_text())
-        assert report["fastapi_routes"] is bool(extra) and len(report["rounds"]) == 2
+        assert report["fastapi_routes"] is (extra == ["--fastapi-routes"]) and len(report["rounds"]) == 2
         for row in report["rounds"]:
             assert 0 < row["route_work_cpu_ms"] and 0 < row["app_cpu_ms"] < 1000
+            assert ("lean_chain_cpu_ms" in row) is (extra == ["--lean-chain"])
+            if "lean_chain_cpu_ms" in row:  # the handler ran and answered 200 (checked per request)
+                assert 0 < row["lean_chain_cpu_ms"] < 1000
 
 
 def test_the_stage_breakdown_reports_cpu_per_request_under_a_closed_loop(mnist, capsys):
