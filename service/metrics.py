@@ -53,6 +53,10 @@ class Metrics:
         self.upstream_errors = _Labelled(Counter(
             "magnet_upstream_errors", "Failed upstream calls by reason (timeout, unavailable, bad_response).",
             ["reason"], registry=registry))
+        self.rows_discarded = Counter(
+            "magnet_upstream_rows_discarded", "Rows sent to the model server ahead of the verdict (speculative "
+            "forwarding, MAGNET_SPECULATE) that a detector then rejected: the model server's answers to them were "
+            "dropped. The extra work speculation gives the model server.", registry=registry)
         self.unexpected = Counter("magnet_unexpected_errors", "Requests that raised an error the gateway did not "
                                   "expect (answered 500); any is a bug worth a report.", registry=registry)
         self.throttled = _Labelled(Counter(

@@ -191,12 +191,14 @@ class Pipeline:
             t_rest = time.perf_counter() - t0
             if not needs:
                 verdict = self.defense.decide(screening)
+                self.metrics.rows_discarded.inc(n - int(verdict.accepted.sum()))
                 if not verdict.accepted.any():
                     self._let_go(sent)
                     return verdict, np.full((n, len(self.defense.manifest.classifier.classes)), np.nan), t_rest
                 out = await sent
                 return verdict, np.where(verdict.accepted[:, None], out, np.nan), t_rest
             kept = ~self.defense.screened_out(screening)
+            self.metrics.rows_discarded.inc(2 * (n - int(kept.sum())))  # x and ae(x) of each row not kept
             if not kept.any():
                 self._let_go(sent)
                 unscored = np.full((n, len(self.defense.manifest.classifier.classes)), np.nan)

@@ -27,7 +27,7 @@ TRITON_CONFIG = ROOT / "docker" / "triton" / "models" / "mnist" / "config.pbtxt"
 CLASSIFIER = ROOT / "models" / "mnist" / "classifier.onnx"
 METRICS = ("magnet_requests_total", "magnet_inputs_total", "magnet_detector_rejections_total",
            "magnet_stage_seconds_bucket", "magnet_upstream_errors_total", "magnet_pool_selections_total",
-           "magnet_throttled_total")
+           "magnet_throttled_total", "magnet_upstream_rows_discarded_total")
 
 
 @pytest.fixture(scope="module")

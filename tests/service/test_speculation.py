@@ -81,6 +81,9 @@ def test_speculation_answers_as_the_sequential_order_does(tmp_path, detectors):
     factor = 2 if detectors is DIVERGENCE else 1
     assert len(up_on.batches[0]) == factor * len(x)
     assert len(up_off.batches[0]) < len(up_on.batches[0])
+    # the rows sent beyond the sequential order's are counted as discarded, on the speculating side only
+    assert on.metrics.rows_discarded._value.get() == len(up_on.batches[0]) - len(up_off.batches[0])
+    assert off.metrics.rows_discarded._value.get() == 0
 
 
 def test_the_upstream_call_goes_out_before_the_rest_of_the_screen(tmp_path):
