@@ -1,11 +1,12 @@
 """The classify pipeline: defense (off the event loop) -> one upstream call -> results in input order.
 
-Inputs rejected by a reconstruction detector are not answered with the classifier's output. When the
+Inputs rejected by a reconstruction detector never go upstream (unless speculative forwarding, below, is
+turned on), and are not answered with the classifier's output. When the
 member has divergence detectors, the accepted-so-far rows go upstream twice in one call (x, then ae(x)):
 2N rows. In shadow mode (``MAGNET_MODE=shadow``) every row goes upstream as it came and nothing is
 rejected; the verdict is still computed and counted, so the metrics show what enforcing would do.
 
-Speculative forwarding (``MAGNET_SPECULATE``): in front of a model server over the network, the reformed
+Speculative forwarding (``MAGNET_SPECULATE``, off by default): in front of a model server, the reformed
 rows go upstream as soon as the reformer has run, and the other autoencoders and the detector scores run
 while the model server works; the verdict then picks which answers are kept. Verdicts and answers are
 the same as without it; what changes is that the model server also classifies rows that end up rejected

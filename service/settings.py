@@ -104,12 +104,13 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(0.0, ge=0, description="Micro-batching: wait this long before a batch starts, "
                                    "to gather more requests (0: batch what is queued, no waiting).")
     speculate: Literal["auto", "on", "off"] = Field(
-        "auto", description="Speculative forwarding: send the reformed rows to the model server as soon as the "
-                            "reformer has run and score the detectors while it works (lower latency; the same "
-                            "verdicts and answers). The model server then also classifies rows that end up "
-                            "rejected; their answers are dropped. 'auto': in front of a model server, while at "
-                            "most max(5 %, twice the bundle's calibrated clean rejection) of the recent rows "
-                            "were rejected; 'off': rejected rows never reach the model server.")
+        "off", description="Speculative forwarding: send the reformed rows to the model server as soon as the "
+                           "reformer has run and score the detectors while it works (lower latency when the model "
+                           "server has cores of its own; the same verdicts and answers). The model server then also "
+                           "classifies rows that end up rejected; their answers are dropped. 'off' (the default): "
+                           "rejected rows never reach the model server; 'auto': in front of a model server, while "
+                           "at most max(5 %, twice the bundle's calibrated clean rejection) of the recent rows were "
+                           "rejected; 'on': the same with any upstream.")
     log_level: str = Field("info", description="Log level of the gateway and uvicorn.")
     operator_port: int = Field(
         8002, ge=0, le=65535, description="Port of the operator endpoints (/metrics, and /docs and /openapi.json "

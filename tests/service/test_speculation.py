@@ -149,13 +149,31 @@ def test_auto_never_speculates_with_an_embedded_classifier(tmp_path):
         Speculation("sometimes")
 
 
-def test_the_app_speculates_in_front_of_a_model_server_only(tmp_path):
+def test_the_app_speculates_only_when_asked_and_in_front_of_a_model_server(tmp_path):
     bundle = fakes.make_bundle(tmp_path / "b")
-    for upstream, expected in ((None, False), ("http://127.0.0.1:9", True)):
-        app = create_app(Settings(bundle=bundle, upstream=upstream), registry=CollectorRegistry())
-        gw = app.state.gateway
-        pipeline = getattr(gw.pipeline, "pipeline", gw.pipeline)  # behind the micro-batcher
-        assert isinstance(gw.upstream, OipUpstream if expected else EmbeddedUpstream)
-        assert pipeline.speculation() is expected
-        off = create_app(Settings(bundle=bundle, upstream=upstream, speculate="off"), registry=CollectorRegistry())
-        assert not getattr(off.state.gateway.pipeline, "pipeline", off.state.gateway.pipeline).speculation()
+
+    def speculates(**settings) -> bool:
+        gw = create_app(Settings(bundle=bundle, **settings), registry=CollectorRegistry()).state.gateway
+        assert isinstance(gw.upstream, OipUpstream if settings.get("upstream") else EmbeddedUpstream)
+        return getattr(gw.pipeline, "pipeline", gw.pipeline).speculation()  # behind the micro-batcher
+
+    remote = "http://127.0.0.1:9"
+    # the default keeps the API's promise: a rejected input never goes upstream
+    assert not speculates(upstream=remote) and not speculates(upstream=None)
+    assert speculates(upstream=remote, speculate="auto") and not speculates(upstream=None, speculate="auto")
+    assert speculates(upstream=remote, speculate="on")
+
+
+def test_by_default_rejected_inputs_never_reach_the_model_server(tmp_path):
+    bundle = fakes.make_bundle(tmp_path / "b")
+    defense = Defense(bundle, device="cpu")
+    upstream = RemoteUpstream(defense)
+    app = create_app(Settings(bundle=bundle), defense=defense, upstream=upstream, registry=CollectorRegistry())
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        for values in ([0.0, 1.0], [0.5, 0.0, 0.3]):
+            assert client.post("/classify", json={"inputs": fakes.images(*values).tolist()}).status_code == 200
+    sent = np.concatenate(upstream.batches)[:, 0, 0, 0]
+    # only the two accepted rows of the second request went, reformed (0.5 -> 0.5, 0.3 -> 0.4)
+    np.testing.assert_allclose(sorted(sent), [0.4, 0.5], atol=1e-6)
