@@ -79,11 +79,12 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     metrics = Metrics(registry or CollectorRegistry())
     metrics.declare_detectors(sorted({d.name for m in defense.members for d in m.detectors}))
     metrics.declare_members([m.name for m in defense.members])
-    metrics.declare_mode(settings.mode == "shadow", expected_rejection(defense))
+    clean_rejection = expected_rejection(defense)
+    metrics.declare_mode(settings.mode == "shadow", clean_rejection)
     metrics.declare_bundle(defense.manifest.name, manifest_version(defense.bundle_dir),
                            sha256_of(defense.bundle_dir / MANIFEST))
     speculation = Speculation(settings.speculate, remote=getattr(upstream, "remote", False),
-                              max_rejected=max(0.05, 2 * expected_rejection(defense)))
+                              max_rejected=max(0.05, 2 * clean_rejection))
     pipeline = Pipeline(defense, upstream, metrics, executor, speculation)
     if settings.batch_rows > 0:
         pipeline = MicroBatcher(pipeline, metrics, settings.batch_rows, settings.batch_window_ms / 1000)

@@ -113,10 +113,28 @@ class Pipeline:
             raise
         return S.logits_from_probabilities(out) if self.upstream.outputs == "probabilities" else out
 
-    async def _upstream_rows(self, rows: np.ndarray) -> np.ndarray:
-        if len(rows) == 0:  # everything rejected: nothing goes upstream
+    def _sent_parts(self, screening: Screening) -> tuple[np.ndarray, ...]:
+        """What goes upstream for a screening's rows, in this order: ae(x), or x then ae(x) (2N rows) when
+        the member has divergence detectors."""
+        if self.defense.needs_logits(screening.member):
+            return screening.x, screening.reformed
+        return (screening.reformed,)
+
+    async def _upstream_rows(self, parts: tuple[np.ndarray, ...], idx: np.ndarray,
+                             sent: asyncio.Future | None = None) -> np.ndarray:
+        """Upstream logits on the rows ``idx`` of each of ``parts``, part after part: one call for them, or,
+        with ``sent`` (a speculative call already out on every row of every part), its answers to those
+        rows; the rest of its answers are dropped and counted."""
+        n = len(parts[0])
+        if sent is not None:
+            self.metrics.rows_discarded.inc(len(parts) * (n - len(idx)))
+            if len(idx) == 0:
+                self._let_go(sent)
+            else:
+                return (await sent)[np.concatenate([idx + k * n for k in range(len(parts))])]
+        if len(idx) == 0:  # everything rejected: nothing goes upstream (or nothing is waited for)
             return np.empty((0, len(self.defense.manifest.classifier.classes)))
-        return await self._call_upstream(rows)
+        return await self._call_upstream(parts[0][idx] if len(parts) == 1 else np.concatenate([p[idx] for p in parts]))
 
     @staticmethod
     def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
@@ -124,15 +142,16 @@ class Pipeline:
         full[idx] = values
         return full
 
-    async def _decide(self, screening: Screening) -> tuple[Verdict, np.ndarray]:
-        """Final verdict and the logits of the reformed rows (NaN where not classified)."""
-        n = len(screening.x)
-        if not self.defense.needs_logits(screening.member):
+    async def _decide(self, screening: Screening, sent: asyncio.Future | None = None) -> tuple[Verdict, np.ndarray]:
+        """Final verdict and the logits of the reformed rows (NaN where not classified). ``sent``: the
+        speculative upstream call on every row (``_speculate``), whose answers replace a call of its own."""
+        n, parts = len(screening.x), self._sent_parts(screening)
+        if len(parts) == 1:
             verdict = self.defense.decide(screening)
             idx = np.flatnonzero(verdict.accepted)
-            return verdict, self._scatter(await self._upstream_rows(screening.reformed[idx]), idx, n)
+            return verdict, self._scatter(await self._upstream_rows(parts, idx, sent), idx, n)
         idx = np.flatnonzero(~self.defense.screened_out(screening))
-        out = await self._upstream_rows(np.concatenate([screening.x[idx], screening.reformed[idx]]))
+        out = await self._upstream_rows(parts, idx, sent)
         logits_x = self._scatter(out[: len(idx)], idx, n)
         logits_reformed = self._scatter(out[len(idx):], idx, n)
         return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed
@@ -178,39 +197,22 @@ class Pipeline:
         sent.add_done_callback(done)
 
     async def _speculate(self, head: Screening) -> tuple[Verdict, np.ndarray, float]:
-        """``_decide``'s verdict and logits, with the upstream call sent right after the reformer and the
-        rest of the screen run while it is out. Rows ``_decide`` would not have sent get NaN logits here
-        too, so verdicts and answers are the same; returns the screen's time as well."""
-        n, member = len(head.x), head.member
-        needs = self.defense.needs_logits(member)
-        sent = asyncio.ensure_future(self._call_upstream(np.concatenate([head.x, head.reformed]) if needs
-                                                         else head.reformed))
+        """``_decide``'s verdict and logits, with the upstream call sent on every row right after the
+        reformer and the rest of the screen run while it is out (the rows ``_decide`` would not have sent
+        get no logits either, so verdicts and answers are the same); returns the rest's time as well."""
+        parts = self._sent_parts(head)
+        sent = asyncio.ensure_future(self._call_upstream(parts[0] if len(parts) == 1 else np.concatenate(parts)))
         try:
             await asyncio.sleep(0)  # the call encodes and writes its request before the rest of the screen runs
             t0 = time.perf_counter()
             screening = await self.offload(self.defense.complete, head)
             t_rest = time.perf_counter() - t0
-            if not needs:
-                verdict = self.defense.decide(screening)
-                self.metrics.rows_discarded.inc(n - int(verdict.accepted.sum()))
-                if not verdict.accepted.any():
-                    self._let_go(sent)
-                    return verdict, np.full((n, len(self.defense.manifest.classifier.classes)), np.nan), t_rest
-                out = await sent
-                return verdict, np.where(verdict.accepted[:, None], out, np.nan), t_rest
-            kept = ~self.defense.screened_out(screening)
-            self.metrics.rows_discarded.inc(2 * (n - int(kept.sum())))  # x and ae(x) of each row not kept
-            if not kept.any():
-                self._let_go(sent)
-                unscored = np.full((n, len(self.defense.manifest.classifier.classes)), np.nan)
-                return self.defense.decide(screening, unscored, unscored), unscored, t_rest
-            out = await sent
+            verdict, logits = await self._decide(screening, sent)
         except BaseException:
             if not sent.done():
                 sent.cancel()
             raise
-        logits_x, logits_reformed = np.where(kept[:, None], out[:n], np.nan), np.where(kept[:, None], out[n:], np.nan)
-        return self.defense.decide(screening, logits_x, logits_reformed), logits_reformed, t_rest
+        return verdict, logits, t_rest
 
     async def classify(self, x: np.ndarray, member: int = 0, shadow: bool = False) -> Outcome:
         """Defend and classify a batch ``x`` (N x C x H x W float32 in [0, 1]); ``shadow``: score and count,
