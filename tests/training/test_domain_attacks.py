@@ -208,3 +208,45 @@ def test_detector_views_learned_combination_uses_a_view_that_separates():
     for cal in ("jpeg", "originals"):
         assert c[cal]["fgsm"] > 0.95 and c[cal]["orig_fgsm"] > 0.95
         assert c[cal]["clean"] > 0.9
+
+
+def test_residual_structure_statistics_tell_a_dense_perturbation_from_edge_detail():
+    R = _script_module("residual_structure")
+    dx = np.full((2, 3, 32, 32), 0.2, np.float32)
+    dx[:, :, :, 16:] = 0.8  # one vertical edge
+    eps = 6 / 255
+    dense = dx.copy()
+    dense[0] += eps * np.where(np.random.default_rng(0).random((3, 32, 32)) < 0.5, -1, 1)
+    edge = dx.copy()
+    edge[0, :, :, 15] += 32 * eps  # the same L1 as the dense one, all of it on the column where the edge starts
+    d, e = R.statistics(dense, dx), R.statistics(edge, dx)
+    assert d["l1"][0] == pytest.approx(e["l1"][0], rel=1e-4)  # MagNet's mean |r| cannot tell them apart
+    for s in ("q25", "q50", "frac3", "flat_l1"):
+        assert d[s][0] > e[s][0] + 1e-6, s
+    assert e["flat_l1"][0] == pytest.approx(0, abs=1e-7)  # the edge's residual lies outside the flat half
+    assert d["r_lapmad"][0] > e["r_lapmad"][0]
+    for s in set(d) - {"x_lapmad"}:  # the second image is D(x) itself: no residual to see
+        assert d[s][1] == pytest.approx(0, abs=1e-7) and e[s][1] == pytest.approx(0, abs=1e-7)
+    assert d["x_lapmad"][0] > d["x_lapmad"][1]  # the input's own noise level rises with the dense perturbation
+
+
+def test_residual_structure_tables_judge_rejections_and_separation():
+    R = _script_module("residual_structure")
+    rng = np.random.default_rng(2)
+    n = 1000
+    sets = R.SETS
+    # the statistic is high on attacks and low on clean images; the divergence carries nothing
+    stats = {k: {"s": rng.normal(0 if k.endswith("clean") else 5, 1, n)} for k in sets}
+    jsd = {k: rng.random(n) for k in sets}
+    right = {k: np.ones(n, bool) if k.endswith("clean") else np.zeros(n, bool) for k in sets}
+    mask = {k: np.ones(n, bool) for k in sets if not k.endswith("clean")}
+    t = R.tables(stats, jsd, right, mask)
+    assert t["separation_at_2pct_of_clean_originals"]["s"] > 0.99
+    only_jsd = next(r for r in t["combined"] if r["statistic"] is None and r["jsd_fpr"] == 0.0)
+    assert only_jsd["clean"] == 1.0 and only_jsd["fgsm"] == 0.0  # nothing rejected: every attack gets through
+    with_s = next(r for r in t["combined"] if r["statistic"] == "s" and r["jsd_fpr"] == 0.0 and r["fpr"] == 0.02)
+    assert with_s["clean"] == pytest.approx(0.98, abs=0.002) and with_s["orig_fgsm"] > 0.99
+    assert R.eligible(with_s, f_val=1.0, f_orig=1.0)
+    assert not R.eligible({**with_s, "orig_clean": 0.9}, f_val=1.0, f_orig=1.0)
+    alone = next(r for r in t["alone"] if r["statistic"] == "s" and r["fpr"] == 0.01)
+    assert alone["rejected"]["clean"] == pytest.approx(0.01, abs=0.002)
