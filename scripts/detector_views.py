@@ -225,16 +225,30 @@ def label(cfg: dict) -> str:
     return f"classify f({cfg['output']}); {dets}; thresholds {cfg['thresholds_from']}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def round_parser(doc: str, cache: str, cache_help: str) -> argparse.ArgumentParser:
+    """The arguments of a selection round on these validation sets (also scripts/residual_structure.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--set", type=Path, required=True, help="the selection set's .npz")
     p.add_argument("--originals", type=Path, required=True, help="validation originals, val-<row>-label-<c>.png")
-    p.add_argument("--cache", type=Path, default=None, help="keep the logits here (.npz) and reuse them")
+    p.add_argument(cache, type=Path, default=None, help=cache_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def round_data(defense: Defense, args: argparse.Namespace):
+    """The data set, the selection set and the validation originals (images, labels, file names)."""
+    data = load_for_manifest(defense.manifest, args.data_dir)
+    originals, oy, names = load_images(args.originals)
+    if any(not n.startswith("val-") for n in names):
+        raise SystemExit("--originals must hold validation originals only")
+    return data, np.load(args.set), originals, oy, names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = round_parser(__doc__, "--cache", "keep the logits here (.npz) and reuse them").parse_args(argv)
     started = time.perf_counter()
     defense = Defense(args.bundle, device="cpu")
     step = defense.manifest.input.jpeg_quality
@@ -243,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.bundle}: input step at JPEG quality {step}, the views use {QUALITY}")
         defense.manifest = defense.manifest.model_copy(
             update={"input": defense.manifest.input.model_copy(update={"jpeg_quality": None})})
-    data = load_for_manifest(defense.manifest, args.data_dir)
-    sel = np.load(args.set)
-    originals, oy, names = load_images(args.originals)
-    if any(not n.startswith("val-") for n in names):
-        raise SystemExit("--originals must hold validation originals only")
+    data, sel, originals, oy, names = round_data(defense, args)
     copies = dataset_copies(data, names, oy)
     y = {"clean": data.val.y, "fgsm": sel["y"], "pgd": sel["y"], "fgsm05": sel["y"], "orig_clean": oy,
          "copy_clean": oy, "orig_fgsm": oy, "orig_fgsm05": oy, "orig_pgd": oy}

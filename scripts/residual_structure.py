@@ -32,7 +32,6 @@ within the uncompressed domain, whatever the shift from JPEG.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -47,10 +46,8 @@ from service.defense import scores as S  # noqa: E402
 from service.defense.core import Defense  # noqa: E402
 from service.defense.thresholds import passes, threshold_at_fpr  # noqa: E402
 from training.bundles import run_batched  # noqa: E402
-from training.evaluate.originals import load_images  # noqa: E402
 from training.from_onnx import classifier_twin  # noqa: E402
 from training.provenance import provenance  # noqa: E402
-from training.specs import load_for_manifest  # noqa: E402
 
 FPRS = (0.005, 0.01, 0.02)
 JSD_FPRS = (0.0, 0.005, 0.01, 0.02)
@@ -142,24 +139,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--set", type=Path, required=True, help="the selection set's .npz")
-    p.add_argument("--originals", type=Path, required=True, help="validation originals, val-<row>-label-<c>.png")
-    p.add_argument("--logits", type=Path, default=None, help="round 17's cached logits (.npz), reused when present")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
     import detector_views as V  # the same sets and attacks as round 17
 
+    args = V.round_parser(__doc__, "--logits", "round 17's cached logits (.npz), reused when present").parse_args(argv)
     started = time.perf_counter()
     defense = Defense(args.bundle, device="cpu")
-    data = load_for_manifest(defense.manifest, args.data_dir)
-    sel = np.load(args.set)
-    originals, oy, names = load_images(args.originals)
-    if any(not n.startswith("val-") for n in names):
-        raise SystemExit("--originals must hold validation originals only")
+    data, sel, originals, oy, _ = V.round_data(defense, args)
     twin = classifier_twin(defense)
     crafted = V.craft(twin, originals, oy, args.seed)
     inputs = {"clean": data.val.x, "fgsm": sel["fgsm"], "pgd": sel["pgd"], "orig_clean": originals,
