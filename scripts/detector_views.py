@@ -58,10 +58,15 @@ CLEAN_BUDGET = 0.035  # points of accepted-and-right below the classifier alone,
 FGSM_FLOOR, PGD_FLOOR = 0.9323, 0.9878  # round 7's selection-set floors
 
 
+def reformed(defense: Defense, x: np.ndarray) -> np.ndarray:
+    """D(x), member 0's reformer, 500 images per call."""
+    return np.concatenate([defense.screen(x[i : i + 500]).reformed for i in range(0, len(x), 500)])
+
+
 def logits_of(defense: Defense, x: np.ndarray) -> dict[str, np.ndarray]:
     """The classifier's logits on x, J(x), D(x) and D(J(x))."""
     j = jpeg_round_trip(x, QUALITY)
-    reform = lambda a: np.concatenate([defense.screen(a[i : i + 500]).reformed for i in range(0, len(a), 500)])  # noqa: E731
+    reform = lambda a: reformed(defense, a)  # noqa: E731
     f = lambda a: run_batched(defense.classifier, a, 500)  # noqa: E731
     return {"x": f(x), "j": f(j), "dx": f(reform(x)), "dj": f(reform(j))}
 

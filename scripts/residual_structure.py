@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import detector_views as V  # noqa: E402  (the same sets, attacks and rule as round 17)
 from service.defense import scores as S  # noqa: E402
 from service.defense.core import Defense  # noqa: E402
 from service.defense.thresholds import passes, threshold_at_fpr  # noqa: E402
@@ -108,11 +109,10 @@ def tables(stats: dict, jsd: dict, right: dict, mask: dict) -> dict:
     return {"alone": alone, "combined": combined, "separation_at_2pct_of_clean_originals": separation}
 
 
-def eligible(row: dict, f_val: float, f_orig: float, budget: float = 0.035,
-             fgsm_floor: float = 0.9323, pgd_floor: float = 0.9878) -> bool:
-    """Round 17's rule: clean cost within ``budget`` on both domains, selection-set FGSM and PGD floors."""
-    return (f_val - row["clean"] <= budget and f_orig - row["orig_clean"] <= budget
-            and row["fgsm"] >= fgsm_floor and row["pgd"] >= pgd_floor)
+def eligible(row: dict, f_val: float, f_orig: float) -> bool:
+    """Round 17's rule (``detector_views``' budget and floors) on a row of ``tables``' ``combined``."""
+    return (f_val - row["clean"] <= V.CLEAN_BUDGET and f_orig - row["orig_clean"] <= V.CLEAN_BUDGET
+            and row["fgsm"] >= V.FGSM_FLOOR and row["pgd"] >= V.PGD_FLOOR)
 
 
 def markdown(result: dict) -> str:
@@ -139,8 +139,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import detector_views as V  # the same sets and attacks as round 17
-
     args = V.round_parser(__doc__, "--logits", "round 17's cached logits (.npz), reused when present").parse_args(argv)
     started = time.perf_counter()
     defense = Defense(args.bundle, device="cpu")
@@ -150,11 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"clean": data.val.x, "fgsm": sel["fgsm"], "pgd": sel["pgd"], "orig_clean": originals,
               **{f"orig_{k}": v for k, v in crafted.items()}}
     y = {"clean": data.val.y, "fgsm": sel["y"], "pgd": sel["y"], **{k: oy for k in inputs if k.startswith("orig_")}}
-    reform = lambda a: np.concatenate([defense.screen(a[i : i + 500]).reformed for i in range(0, len(a), 500)])  # noqa: E731
     stored = np.load(args.logits) if args.logits is not None and args.logits.exists() else None
     stats, logits = {}, {}
     for k in SETS:
-        dx = reform(inputs[k])
+        dx = V.reformed(defense, inputs[k])
         stats[k] = statistics(inputs[k], dx)
         if stored is not None:
             logits[k] = {"x": stored[f"{k}/x"], "dx": stored[f"{k}/dx"]}
