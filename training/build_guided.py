@@ -82,6 +82,9 @@ def parser():
                    help="pools warm-started from one reformer: each member gets Gaussian noise of this times each "
                         "weight tensor's std, so the diversity term can pull them apart")
     p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (resume later)")
+    p.add_argument("--schedule-minutes", type=float, default=0,
+                   help="guided: the learning-rate schedule also runs on training time and training ends after "
+                        "this long (counted across resumes), its decay finished, even short of --steps")
     p.add_argument("--recon-fpr", type=float, default=0.005, help="FPR of the reconstruction detector (0: none)")
     p.add_argument("--jsd-fpr", type=float, nargs="+", default=[0.01],
                    help="FPR of each divergence detector: one value for all, or one per temperature (0: none)")
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                          mix=args.mix, noise_max=args.noise_max,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
                          preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
+                         schedule_minutes=args.schedule_minutes,
                          device=args.device, seed=args.seed)
     B.save_config(args.work_dir, args, reformer=cfg)
     classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)

@@ -76,6 +76,7 @@ class ReformerConfig:
     preimage_max: float = 0.5  # ``preimage``: spread ~ U(0, this) of training.domain_sim.jpeg_preimage
     preimage_quality: int = 75  # ``preimage``: the JPEG quality the training images were saved at
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed in this run
+    schedule_minutes: float = 0.0  # > 0: the cosine schedule also runs on training time and ends after this long
     checkpoint_minutes: float = 10.0
     val_every: int = 100
     bf16: bool | None = None  # the classifier under bf16 autocast; None: where it pays (loops.native_bf16)
@@ -160,11 +161,21 @@ def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
     return np.array([False] * n_clean + [k in ("preimage", "original") for k in kinds])
 
 
-def _lr(cfg: ReformerConfig, step: int) -> float:
+def _progress(cfg: ReformerConfig, step: int, seconds: float = 0.0) -> float:
+    """How far through its schedule training is, 0..1: by steps, or by training time where that is further
+    (``schedule_minutes``: a run sized to a fixed time, e.g. a lent GPU's, still ends its decay)."""
+    warm = min(100, cfg.steps // 10)
+    frac = (step - warm) / max(1, cfg.steps - warm)
+    if cfg.schedule_minutes > 0:
+        frac = max(frac, seconds / (cfg.schedule_minutes * 60))
+    return min(1.0, max(0.0, frac))
+
+
+def _lr(cfg: ReformerConfig, step: int, seconds: float = 0.0) -> float:
     warm = min(100, cfg.steps // 10)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * _progress(cfg, step, seconds))))
 
 
 @torch.no_grad()
@@ -286,7 +297,18 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     started, last_save = time.perf_counter(), time.perf_counter()
     run_seconds0, step0 = history["seconds"], step
     sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "quiet": 0.0, "n": 0}
-    while step < cfg.steps:
+
+    def seconds() -> float:
+        return run_seconds0 + time.perf_counter() - started
+
+    warm = min(100, cfg.steps // 10)
+    # a time-scheduled run ends once a step past the warm-up has run at the end of the decay
+    last = {"lr": cfg.lr, "progress": _progress(cfg, step - 1, seconds()) if step > warm else 0.0}
+
+    def done() -> bool:
+        return step >= cfg.steps or (cfg.schedule_minutes > 0 and last["progress"] >= 1.0)
+
+    while not done():
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
         xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
         kinds = kinds_for(len(idx), cfg.mix, gen)
@@ -301,8 +323,10 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             xo[rows] = orig_x[pick]
         x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
+        now = seconds()
+        last.update(lr=_lr(cfg, step, now), progress=_progress(cfg, step, now) if step >= warm else 0.0)
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = last["lr"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             x_cl = x_in.contiguous(memory_format=torch.channels_last)
             out = torch.stack([m(x_cl) for m in models]).float()  # M x 2B x C x H x W
@@ -327,19 +351,21 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         sums["pixel"] += pixel.item()
         sums["diversity"] += diversity.item()
         sums["n"] += 1
-        if step % cfg.val_every == 0 or step == cfg.steps:
+        if step % cfg.val_every == 0 or done():
             vals = [_val_row(m, classifier, val_x_in, val_y, val_adv, val_x) for m in models]
             row = {"step": step, "kl": sums["kl"] / sums["n"], "pixel_l1": sums["pixel"] / sums["n"],
                    **({"quiet": sums["quiet"] / sums["n"]} if cfg.quiet_weight else {}),
                    **({"diversity": sums["diversity"] / sums["n"]} if len(models) > 1 else {}),
-                   "lr": _lr(cfg, step - 1), "seconds": run_seconds0 + time.perf_counter() - started,
+                   "lr": last["lr"], "seconds": seconds(),
                    **{k: float(np.mean([v[k] for v in vals])) for k in vals[0]}}
             history["rows"].append(row)
             sums = {"kl": 0.0, "pixel": 0.0, "diversity": 0.0, "quiet": 0.0, "n": 0}
             left = (time.perf_counter() - started) / max(step - step0, 1) * (cfg.steps - step)
+            if cfg.schedule_minutes > 0:
+                left = min(left, max(0.0, cfg.schedule_minutes * 60 - seconds()))
             log("reformer " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
                 + f"  ~{duration(left)} left")
-        history["seconds"] = run_seconds0 + time.perf_counter() - started
+        history["seconds"] = seconds()
         if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
             save()
             last_save = time.perf_counter()
@@ -348,6 +374,6 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             break
     save()
     models.to("cpu", memory_format=torch.contiguous_format).eval()
-    history["finished"] = step >= cfg.steps
+    history["finished"] = done()
     (work / "reformer.history.json").write_text(json.dumps(history, indent=1))
     return history

@@ -132,6 +132,27 @@ def test_a_chunked_run_cut_short_picks_up_where_it_stopped(tmp_path, mnist, caps
                                atol=1e-6)
 
 
+def test_shards_craft_disjoint_chunks_without_judging_and_a_plain_run_then_judges_them_all(tmp_path, mnist, capsys):
+    cache = tmp_path / "cache"
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "fgsm_eps0.01", "--n", "12",
+            "--kappas", "--cache", str(cache), "--cache-chunk", "4"]
+    assert run.main([*args, "--cache-shard", "1/2", "--out", str(tmp_path / "s1")]) == 0
+    assert [len(np.load(f)["x_adv"]) for f in cache.glob("*.npz")] == [4]  # chunk 1 of 0, 1, 2
+    assert not (tmp_path / "s1" / "report.json").exists()
+    assert "4 of 12 examples now in the cache" in capsys.readouterr().out
+    assert run.main([*args, "--cache-shard", "0/2", "--out", str(tmp_path / "s0")]) == 0
+    assert len(list(cache.glob("*.npz"))) == 3 and "12 of 12 examples" in capsys.readouterr().out
+    assert run.main([*args, "--cache-shard", "0/2", "--out", str(tmp_path / "s0")]) == 0  # nothing left to craft
+    assert "crafted 0 chunk(s)" in capsys.readouterr().out
+    assert run.main([*args, "--out", str(tmp_path / "all")]) == 0
+    row = json.loads((tmp_path / "all" / "report.json").read_text())["rows"][0]
+    assert (row["chunks_reused"], row["reused_examples"], row["examples"]) == (3, True, 12)
+    with pytest.raises(SystemExit):
+        run.main([*args, "--cache-shard", "2/2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):
+        run.main([*args[:-2], "--cache-shard", "0/2", "--out", str(tmp_path / "bad")])
+
+
 def test_plan_lists_what_would_run_with_estimates_and_runs_nothing(tmp_path, mnist, capsys):
     out = tmp_path / "never"
     assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(out), "--plan",

@@ -14,7 +14,7 @@ from training.export import export_onnx  # noqa: E402
 from training.from_onnx import torch_twin  # noqa: E402
 from training.nets import GuidedReformer, MagnetAE32, ResNet9  # noqa: E402
 from service.defense.domain import jpeg_round_trip  # noqa: E402
-from training.reformer import ReformerConfig, kinds_for, parse_mix, perturb, train_reformer  # noqa: E402
+from training.reformer import ReformerConfig, _lr, kinds_for, parse_mix, perturb, train_reformer  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 
 
@@ -155,6 +155,25 @@ def test_training_lowers_the_loss_and_resumes_where_it_stopped(tmp_path):
     assert [r["step"] for r in second["rows"]] == [3, 6] and second["finished"]
     assert json.loads((tmp_path / "reformer.history.json").read_text())["rows"][-1]["step"] == 6
     assert not torch.equal(model(torch.rand(1, 3, 32, 32) * 0 + 0.5), torch.full((1, 3, 32, 32), 0.5))
+
+
+def test_a_time_schedule_decays_by_training_time_and_ends_the_run_short_of_its_steps(tmp_path):
+    cfg = ReformerConfig(width=8, depth=1, steps=1000, lr=1e-2, schedule_minutes=1.0, bf16=False)
+    # past the warm-up (100 steps) the decay follows whichever of steps and time is further along
+    assert _lr(cfg, 100, seconds=0.0) == pytest.approx(1e-2)
+    assert _lr(cfg, 100, seconds=30.0) == pytest.approx(1e-2 * (0.05 + 0.95 * 0.5))
+    assert _lr(cfg, 100, seconds=60.0) == pytest.approx(1e-2 * 0.05)
+    assert _lr(cfg, 550, seconds=0.0) == pytest.approx(_lr(cfg, 100, seconds=30.0))
+    assert _lr(ReformerConfig(steps=1000, lr=1e-2, bf16=False), 100, seconds=60.0) == pytest.approx(1e-2)
+    classifier, train, val = _tiny_classifier(), _data(256), _data(64, seed=1)
+    run = ReformerConfig(width=8, depth=1, steps=100000, batch_size=16, val_every=1000, mix={"noise": 1},
+                         bf16=False, lr=1e-2, schedule_minutes=0.01)
+    history = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, run, tmp_path)
+    last = history["rows"][-1]
+    assert history["finished"] and 100 <= last["step"] < 100000
+    assert last["lr"] <= 0.5 * run.lr and history["seconds"] >= 0.6
+    again = train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, run, tmp_path)  # resumes: nothing left
+    assert again["finished"] and again["rows"][-1]["step"] == last["step"]
 
 
 def test_the_quiet_term_counts_the_rows_that_are_not_attacks_only(tmp_path):

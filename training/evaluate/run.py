@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with --cache: attack the examples N at a time and keep each chunk as soon as it is done, "
                         "so that a long run cut short (a session's end, a device's time limit) picks up where it "
                         "stopped when run again with the same flags")
+    p.add_argument("--cache-shard", type=_shard, default=None, metavar="I/K",
+                   help="with --cache and --cache-chunk: craft only the missing chunks whose number is I modulo K, "
+                        "then stop without judging, so that K processes (on one GPU, or several machines) share a "
+                        "long row; a run without it then judges the row from the cache")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its time, then stop")
     return p
@@ -212,6 +216,36 @@ def seen_attacks(manifest) -> bool:
     return bool(reformer.get("trained_on_adversarial_examples"))
 
 
+def _shard(text: str) -> tuple[int, int]:
+    i, sep, k = text.partition("/")
+    try:
+        shard = (int(i), int(k))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"want I/K with 0 <= I < K, got {text!r}")
+    return shard
+
+
+def craft_shard(attack: Attack, twin, defense, x, y, device, cache: Path, idx: np.ndarray, chunk: int,
+                shard: tuple[int, int]) -> int:
+    """Craft and keep the missing chunks numbered ``shard[0]`` modulo ``shard[1]``; returns how many it made."""
+    made = 0
+    for k, part in enumerate(_chunks(len(x), chunk)):
+        path = _cache_file(cache, defense, attack, idx[part])
+        if k % shard[1] != shard[0] or path.exists():
+            continue
+        started = time.perf_counter()
+        x_adv = attack(twin, x[part], y[part], device=device)
+        took = time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x_adv=x_adv, seconds=took)
+        made += 1
+        print(f"{attack.name}: chunk {k} ({part.stop - part.start} examples) crafted in {took:.0f} s -> {path}",
+              flush=True)
+    return made
+
+
 def _chunks(n: int, chunk: int | None) -> list[slice]:
     size = chunk if chunk and chunk > 0 else max(n, 1)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -325,6 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [{"name": f"adaptive PGD ε {eps:g} ({'EOT' if len(g) > 1 else 'member 0'})",
                   "examples": min(args.n_adaptive, len(correct)), "gradients": args.adaptive_pgd_steps * (len(g) + 1),
                   "quality": "exact", "cached": False} for g in groups]
+    if args.cache_shard is not None:
+        if args.cache is None or not args.cache_chunk:
+            raise SystemExit("--cache-shard needs --cache and --cache-chunk")
+        for _, attack, idx in chosen:
+            made = craft_shard(attack, twin, defense, test.x[idx], test.y[idx], args.device, args.cache, idx,
+                               args.cache_chunk, args.cache_shard)
+            print(f"{attack.name}: shard {args.cache_shard[0]}/{args.cache_shard[1]} crafted {made} chunk(s); "
+                  f"{_cached_chunks(args.cache, defense, attack, idx, args.cache_chunk)} of {len(idx)} examples "
+                  "now in the cache", flush=True)
+        return 0
     print(plan(jobs, seconds_per_gradient(twin, test.x[correct[:64]], args.device), args.device), flush=True)
     if args.plan:
         return 0
