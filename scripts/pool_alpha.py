@@ -55,7 +55,7 @@ SHAPE = (3, 32, 32)
 
 def members_of(ckpt: Path) -> list[GuidedReformer]:
     """The reformers of a training checkpoint (or ``init_checkpoint``'s), in evaluation mode."""
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     members = [GuidedReformer(3, 32, 2) for _ in state.get("models", [None])]
     _load_states(torch.nn.ModuleList(members), state)
     return [m.eval() for m in members]

@@ -43,7 +43,7 @@ def stage(work: Path, name: str, models: list[nn.Module], fresh: bool, train_fn:
                                          "config": config, "epochs": hist.epochs}, indent=1))
     else:
         print(f"{name}: reusing {weights}", flush=True)
-    for model, state in zip(models, torch.load(weights)):
+    for model, state in zip(models, torch.load(weights, map_location="cpu")):
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         model.eval()
     return json.loads(hist_path.read_text())

@@ -251,7 +251,7 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     start, first, elapsed = time.perf_counter(), 0, 0.0
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         for m, state in zip(models, saved["models"]):
             m.load_state_dict(state)
         opt.load_state_dict(saved["optimizer"])

@@ -260,14 +260,14 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     history = {"config": asdict(cfg), "rows": [], "seconds": 0.0}
     step = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _load_states(models, ckpt)
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
         log(f"reformer: resuming at step {step}/{cfg.steps} from {ckpt_path}")
     elif init_from is not None:
-        _load_states(models, torch.load(init_from, weights_only=False), spread=init_spread, seed=cfg.seed)
+        _load_states(models, torch.load(init_from, map_location="cpu", weights_only=False), spread=init_spread, seed=cfg.seed)
         history["init_from"] = str(init_from)
         if init_spread and len(models) > 1:
             history["init_spread"] = init_spread
