@@ -97,12 +97,12 @@ def test_run_on_the_shipped_bundle(tmp_path):
     assert e["rejected_90"][0] <= e["rejected"] <= e["rejected_90"][1]
     # originals score higher than their JPEG copies on this bundle (README, input domain)
     assert jsd["log_ratio"]["median"] > 0
-    # round 6's reformer (c6, trained with JPEG pre-images) moves the classifier's output between an
-    # original and its copy about as much as the images themselves do (c3: twice as much, up to 2
-    # thresholds); README, input domain
+    # round 19's reformer (c15) moves the classifier's output between an original and its copy about
+    # twice as much as the images themselves do, below 1.5 thresholds (c6: about as much, below 0.75;
+    # c3: twice, up to 2 thresholds); README, input domain
     shift = jsd["shift_over_threshold"]
-    assert 0 < shift["reformed"]["median"] < 2 * shift["classifier"]["median"]
-    assert shift["reformed"]["max"] < 1.0
+    assert 0 < shift["reformed"]["median"] < 3 * shift["classifier"]["median"]
+    assert shift["reformed"]["max"] < 1.5
     assert e["rejected"] > row["measured_on_jpeg_test"]["rejected"]
     lin = row["estimated_uncompressed_loglinear"]
     assert lin["rejected_90"][0] <= lin["rejected"] <= lin["rejected_90"][1]
