@@ -161,10 +161,17 @@ def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
     return np.array([False] * n_clean + [k in ("preimage", "original") for k in kinds])
 
 
+def _warm(cfg: ReformerConfig) -> int:
+    """The linear warm-up's steps."""
+    return min(100, cfg.steps // 10)
+
+
 def _progress(cfg: ReformerConfig, step: int, seconds: float = 0.0) -> float:
-    """How far through its schedule training is, 0..1: by steps, or by training time where that is further
-    (``schedule_minutes``: a run sized to a fixed time, e.g. a lent GPU's, still ends its decay)."""
-    warm = min(100, cfg.steps // 10)
+    """How far through its decay training is, 0..1 (0 during the warm-up): by steps, or by training time where
+    that is further (``schedule_minutes``: a run sized to a fixed time, e.g. a lent GPU's, still ends its decay)."""
+    warm = _warm(cfg)
+    if step < warm:
+        return 0.0
     frac = (step - warm) / max(1, cfg.steps - warm)
     if cfg.schedule_minutes > 0:
         frac = max(frac, seconds / (cfg.schedule_minutes * 60))
@@ -172,7 +179,7 @@ def _progress(cfg: ReformerConfig, step: int, seconds: float = 0.0) -> float:
 
 
 def _lr(cfg: ReformerConfig, step: int, seconds: float = 0.0) -> float:
-    warm = min(100, cfg.steps // 10)
+    warm = _warm(cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * _progress(cfg, step, seconds))))
@@ -301,9 +308,8 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     def seconds() -> float:
         return run_seconds0 + time.perf_counter() - started
 
-    warm = min(100, cfg.steps // 10)
     # a time-scheduled run ends once a step past the warm-up has run at the end of the decay
-    last = {"lr": cfg.lr, "progress": _progress(cfg, step - 1, seconds()) if step > warm else 0.0}
+    last = {"lr": cfg.lr, "progress": _progress(cfg, step - 1, seconds())}
 
     def done() -> bool:
         return step >= cfg.steps or (cfg.schedule_minutes > 0 and last["progress"] >= 1.0)
@@ -324,7 +330,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         now = seconds()
-        last.update(lr=_lr(cfg, step, now), progress=_progress(cfg, step, now) if step >= warm else 0.0)
+        last.update(lr=_lr(cfg, step, now), progress=_progress(cfg, step, now))
         for group in opt.param_groups:
             group["lr"] = last["lr"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

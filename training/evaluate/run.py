@@ -235,15 +235,22 @@ def craft_shard(attack: Attack, twin, defense, x, y, device, cache: Path, idx: n
         path = _cache_file(cache, defense, attack, idx[part])
         if k % shard[1] != shard[0] or path.exists():
             continue
-        started = time.perf_counter()
-        x_adv = attack(twin, x[part], y[part], device=device)
-        took = time.perf_counter() - started
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x_adv=x_adv, seconds=took)
+        _, took = _craft_chunk(attack, twin, x[part], y[part], device, path)
         made += 1
         print(f"{attack.name}: chunk {k} ({part.stop - part.start} examples) crafted in {took:.0f} s -> {path}",
               flush=True)
     return made
+
+
+def _craft_chunk(attack: Attack, twin, x, y, device, path: Path | None, progress=None) -> tuple[np.ndarray, float]:
+    """Attack one chunk and keep it at ``path`` (when given) with the seconds it took."""
+    started = time.perf_counter()
+    x_adv = attack(twin, x, y, device=device, progress=progress)
+    took = time.perf_counter() - started
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x_adv=x_adv, seconds=took)
+    return x_adv, took
 
 
 def _chunks(n: int, chunk: int | None) -> list[slice]:
@@ -276,14 +283,10 @@ def run_attack(attack: Attack, twin, defense, x, y, device, cache: Path | None =
             print(f"{attack.name}: reusing {path} ({part.stop - part.start} examples, crafted in "
                   f"{float(stored['seconds']):.0f} s)", flush=True)
             continue
-        started = time.perf_counter()
         offset = lambda done, _total, start=part.start: progress(start + done, len(x))  # noqa: E731 (row's count)
-        pieces.append(attack(twin, x[part], y[part], device=device, progress=offset))
-        took = time.perf_counter() - started
+        x_adv, took = _craft_chunk(attack, twin, x[part], y[part], device, path, progress=offset)
+        pieces.append(x_adv)
         seconds += took
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, x_adv=pieces[-1], seconds=took)
     x_adv = np.concatenate(pieces) if pieces else x.copy()
     reused = bool(parts) and reused_parts == len(parts)
     judged = judge(defense, x_adv, y)
