@@ -12,8 +12,9 @@ gateway's ``input.jpeg_quality`` step) and D the bundle's reformer, this scores 
 
 - the image classified: D(x) (MagNet's) or D(J(x));
 - one or two detectors, each a Jensen-Shannon divergence at temperature T between the classifier's
-  outputs on two views: ``x|Dx`` (MagNet's), ``x|DJx``, ``x|Jx`` (feature squeezing by JPEG) or
-  ``Jx|DJx`` (both views after the step, i.e. the input step in front of the whole defense);
+  outputs on two views: ``x|Dx`` (MagNet's), ``x|DJx``, ``x|Jx`` (feature squeezing by JPEG),
+  ``Jx|DJx`` (both views after the step, i.e. the input step in front of the whole defense) or ``Jx|Dx``
+  (the step on the classifier's side only: the reformer still sees the raw input; round 20);
 - an FPR per detector, its threshold set on the clean JPEG validation images (``jpeg``) or the larger of
   that and the same FPR on the validation originals (``max``),
 
@@ -49,8 +50,8 @@ from training.from_onnx import classifier_twin
 from training.provenance import provenance
 from training.specs import load_for_manifest
 
-VIEWS = {"x|Dx": ("x", "dx"), "x|DJx": ("x", "dj"), "x|Jx": ("x", "j"), "Jx|DJx": ("j", "dj")}
-TEMPERATURES = {"x|Dx": (40,), "x|DJx": (10, 40), "x|Jx": (1, 10, 40), "Jx|DJx": (40,)}
+VIEWS = {"x|Dx": ("x", "dx"), "x|DJx": ("x", "dj"), "x|Jx": ("x", "j"), "Jx|DJx": ("j", "dj"), "Jx|Dx": ("j", "dx")}
+TEMPERATURES = {"x|Dx": (40,), "x|DJx": (10, 40), "x|Jx": (1, 10, 40), "Jx|DJx": (40,), "Jx|Dx": (10, 40)}
 FPRS = (0.005, 0.01, 0.02)
 OUTPUTS = {"Dx": "dx", "DJx": "dj"}
 QUALITY = 75
@@ -372,7 +373,7 @@ def markdown(result: dict) -> str:
     c = result.get("learned_combination")
     if c:
         lines += ["", "## Could a learned weighting of the views do better?", "",
-                  "A logistic regression on the log of all seven detectors' scores, fitted on half of each set, "
+                  f"A logistic regression on the log of all {len(c['weights'])} detectors' scores, fitted on half of each set, "
                   "judged on the other half (clean: accepted and right; attacks: defended), the image classified "
                   f"D(x), its threshold at FPR {c['fpr']:g} of the held-out clean JPEG images or of the fitting half "
                   "of the originals. Not a candidate: a check of whether the views hold the difference at all.", "",

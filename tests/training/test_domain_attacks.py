@@ -179,6 +179,15 @@ def test_detector_views_score_the_named_views_and_thresholds():
     # the other view leaves originals alone: D(J(x)) was not shifted
     r_dj = V.evaluate({**cfg, "detectors": [{"view": "x|DJx", "temperature": 10, "fpr": 0.02}]}, sets, ys, masks)
     assert r_dj["orig_clean"]["rejected"] < 0.1
+    # Jx|Dx compares J(x) with D(x): an original whose raw view alone moves the classifier passes it, and
+    # fails MagNet's x|Dx
+    base = onehot + rng.normal(0, 0.5, (n, k))
+    raw_moved = {"x": base + shift, "j": base, "dx": base + rng.normal(0, 0.3, (n, k)), "dj": base}
+    moved = {"clean": sets["clean"], "orig_clean": raw_moved}
+    jd = {**cfg, "detectors": [{"view": "Jx|Dx", "temperature": 10, "fpr": 0.02}]}
+    assert V.evaluate(jd, moved, ys, masks)["orig_clean"]["rejected"] < 0.1
+    assert V.evaluate({**jd, "detectors": [{"view": "x|Dx", "temperature": 40, "fpr": 0.02}]},
+                      moved, ys, masks)["orig_clean"]["rejected"] > 0.5
     # the frontier keeps only configurations no other beats on both counts
     def row(orig, fgsm, n_det=1):
         return {"clean": {"accepted_and_right": 0.9}, "pgd": {"defended": 1.0}, "orig_clean": {"accepted_and_right": orig},
