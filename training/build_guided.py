@@ -63,6 +63,11 @@ def parser():
     p.add_argument("--quiet-rows", choices=QUIET_ROWS, default="calm",
                    help="the detector term's rows: clean images and every copy that is not an attack, or the "
                         "clean pre-image copies only")
+    p.add_argument("--augment-pad", type=int, default=0,
+                   help="move each training image (and its original) by a random crop of it reflect-padded by this "
+                        "many pixels; the target is f on the moved image")
+    p.add_argument("--augment-flip", action="store_true",
+                   help="flip each training image (and its original) left-right with probability 1/2")
     p.add_argument("--mix", type=parse_mix, default={"noise": 1.0},
                    help="perturbed copies by kind and share: noise, fgsm, pgd, clean (e.g. fgsm=1,pgd=1)")
     p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                          temperature=args.temperature, quiet_weight=args.quiet_weight,
                          quiet_temperature=args.quiet_temperature, quiet_rows=args.quiet_rows,
                          mix=args.mix, noise_max=args.noise_max,
+                         augment_pad=args.augment_pad, augment_flip=args.augment_flip,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
                          preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
                          schedule_minutes=args.schedule_minutes,

@@ -18,6 +18,10 @@ the uncompressed original), the target staying the JPEG image's output. ``origin
 from the training images that have an original, the original (or the attack crafted from it) is the
 input, and the target and the L1 stay the JPEG image's.
 
+``augment_pad`` / ``augment_flip`` move every training image (a random crop of it reflect-padded, a
+left-right flip) before anything else, its original with it, the target becoming f on the moved JPEG
+image: more distinct inputs from the few thousand real originals at hand.
+
 ``quiet_weight`` > 0 adds a term for the divergence detector that judges the reformer: on the rows that
 are not attacks (the clean images, and the ``preimage``, ``noise`` and ``clean`` copies),
 T_q^2 * KL(softmax(f(x)/T_q) || softmax(f(D(x_in))/T_q)) at ``quiet_temperature`` T_q (the detector's, 40).
@@ -47,7 +51,7 @@ from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
 from training.domain_sim import jpeg_preimage
-from training.loops import duration, native_bf16, predict_logits
+from training.loops import augment, duration, native_bf16, predict_logits
 
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
 ORIGINAL_KINDS = ("original", "fgsm_orig", "pgd_orig")  # start from a real uncompressed original
@@ -81,6 +85,8 @@ class ReformerConfig:
     val_every: int = 100
     bf16: bool | None = None  # the classifier under bf16 autocast; None: where it pays (loops.native_bf16)
     jpeg_quality: int | None = None  # the bundle's input step: every input (clean or perturbed) goes through it
+    augment_pad: int = 0  # > 0: each training image (and its original) is a random crop of it reflect-padded by this
+    augment_flip: bool = False  # each training image (and its original) flipped left-right with probability 1/2
     device: str = "cpu"
     seed: int = 0
 
@@ -90,8 +96,21 @@ class ReformerConfig:
         unknown = set(self.mix) - set(KINDS)
         if unknown or not self.mix or any(v < 0 for v in self.mix.values()):
             raise ValueError(f"mix wants shares >= 0 of {KINDS}, got {self.mix}")
+        if self.augment_pad < 0:
+            raise ValueError(f"augment_pad is >= 0, not {self.augment_pad}")
         if self.bf16 is None:
             self.bf16 = native_bf16(self.device)
+
+
+def augment_pair(x: torch.Tensor, originals: torch.Tensor | None, gen: torch.Generator, pad: int,
+                 flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same random crop (of the image reflect-padded by ``pad``) and left-right flip for each image
+    and its uncompressed original, so that the original still lines up with the JPEG image whose
+    output and pixels are its target."""
+    if originals is None:
+        return augment(x, gen, pad, flip), None
+    both = augment(torch.cat([x, originals], 1), gen, pad, flip)
+    return both[:, : x.shape[1]].contiguous(), both[:, x.shape[1] :].contiguous()
 
 
 def parse_mix(text: str) -> dict:
@@ -327,6 +346,10 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
             xo = xb.clone()
             xo[rows] = orig_x[pick]
+        if cfg.augment_pad or cfg.augment_flip:  # the targets are the classifier's outputs on the moved images
+            xb, xo = augment_pair(xb, xo, gen, cfg.augment_pad, cfg.augment_flip)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                zb = classifier(xb.contiguous(memory_format=torch.channels_last)).float()
         x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         now = seconds()

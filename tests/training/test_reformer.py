@@ -130,6 +130,46 @@ def test_training_draws_the_original_kinds_from_the_images_that_have_one(tmp_pat
         train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / "b")
 
 
+def test_augmentation_moves_an_image_and_its_original_alike_and_retargets_the_classifier(tmp_path, monkeypatch):
+    import training.reformer as R
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    xo = (x + 0.01 * torch.randn(x.shape)).clamp(0, 1)
+    a, ao = R.augment_pair(x, xo, gen, 4, True)
+    assert a.shape == x.shape and ao.shape == xo.shape
+    moved = [i for i in range(len(x)) if not torch.equal(a[i], x[i])]
+    assert len(moved) > 48  # 81 crops x 2 flips: nearly every image moves
+    for i in range(len(x)):  # the original moved exactly as its image: their difference is the same pixels'
+        assert float((ao[i] - a[i]).abs().max()) <= float((xo[i] - x[i]).abs().max()) + 1e-6
+        assert torch.allclose((ao[i] - a[i]).abs().sum(), (xo[i] - x[i]).abs().sum(), rtol=0.35)
+    flip_only, _ = R.augment_pair(x, None, torch.Generator().manual_seed(1), 0, True)
+    assert all(torch.equal(flip_only[i], x[i]) or torch.equal(flip_only[i], x[i].flip(2)) for i in range(len(x)))
+    assert any(not torch.equal(flip_only[i], x[i]) for i in range(len(x)))
+    with pytest.raises(ValueError, match="augment_pad"):
+        ReformerConfig(augment_pad=-1)
+
+    # in training, the targets are the classifier's logits on the moved images, not the stored ones
+    classifier, train, val = _tiny_classifier(), _data(64), _data(500, seed=1)
+    seen = []
+    real = R._kl
+
+    def spy(target, logits, t):
+        seen.append(target.detach().clone())
+        return real(target, logits, t)
+
+    monkeypatch.setattr(R, "_kl", spy)
+    stored = R.predict_logits(classifier, train.x, batch_size=500)
+    for pad, flip, retargeted in ((0, False, False), (2, True, True)):
+        seen.clear()
+        cfg = ReformerConfig(width=8, depth=1, steps=1, batch_size=16, mix={"noise": 1}, bf16=False,
+                             augment_pad=pad, augment_flip=flip, val_every=100)
+        train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path / f"w{pad}")
+        rows = seen[0][:16].numpy()
+        from_store = [any(np.allclose(r, s, atol=1e-5) for s in stored) for r in rows]
+        assert all(from_store) != retargeted and (not retargeted or sum(from_store) < 8)
+
+
 def test_reformer_starts_as_the_identity_and_exports_to_a_verified_twin(tmp_path):
     model = GuidedReformer(3, 8, 2).eval()
     x = torch.rand(3, 3, 32, 32)
