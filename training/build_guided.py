@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"denoising noise {args.ae_noise:g}"), "width": args.width, "depth": args.depth,
                      "parameters": sum(p.numel() for p in reformers[0].parameters()), "mix": args.mix,
                      "members": len(reformers), "diversity_alpha": args.alpha if len(reformers) > 1 else None,
+                     **({"augment": {"pad": args.augment_pad, "flip": args.augment_flip}}
+                        if args.augment_pad or args.augment_flip else {}),
                      "trained_on_adversarial_examples": attacks_seen},
         "training_seconds": history["seconds"], "training_steps": cfg.steps if args.kind == "guided" else None,
         **({"warm_start": history["init_from"]} if history.get("init_from") else {}),

@@ -273,11 +273,13 @@ def test_smoke_guided_recipe_writes_a_bundle_on_the_shared_classifier(tmp_path, 
     out = tmp_path / "models" / "guided"
     args = ["--data-dir", str(DATA_DIR), "--classifier", str(classifier), "--work-dir", str(tmp_path / "w"),
             "--out", str(out), "--width", "8", "--depth", "1", "--steps", "2", "--batch-size", "8",
-            "--mix", "fgsm=1,pgd=1", "--train-limit", "200", "--candidate", "--jpeg-quality", "auto"]
+            "--mix", "fgsm=1,pgd=1", "--train-limit", "200", "--candidate", "--jpeg-quality", "auto",
+            "--augment-flip"]
     assert build_guided.main(args) == 0
     manifest = read_manifest(out)
     assert manifest.classifier.file == "../shared/tiny.onnx"
     assert manifest.measurements["reformer"]["trained_on_adversarial_examples"] is True
+    assert manifest.measurements["reformer"]["augment"] == {"pad": 0, "flip": True}
     assert "defense_clean_test_accuracy" not in manifest.measurements  # a candidate touches no test image
     assert {d.name for d in manifest.members[0].detectors} == {"recon", "jsd_t10", "jsd_t40"}
     verdict = Defense(out).inspect(cifar10.val.x[:16])
