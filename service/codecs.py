@@ -102,6 +102,10 @@ def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
         image = Image.open(io.BytesIO(blob))  # reads the header only
         if image.format not in IMAGE_FORMATS:
             raise BadInput(f"images[{index}] is {image.format}; expected PNG or JPEG")
+        # wrong either way round: refused before getexif(), which decodes a PNG's pixel data to reach an
+        # EXIF chunk stored after it (a header claiming 12000 x 12000 pixels would be decoded)
+        if image.size not in ((w, h), (h, w)):
+            raise BadInput(f"images[{index}] is {image.size[0]}x{image.size[1]} pixels; expected {w}x{h}")
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         width, height = image.size[::-1] if orientation in SWAPS_AXES else image.size
         if (width, height) != (w, h):
