@@ -260,7 +260,8 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
                    init_from: Path | None = None, init_spread: float = 0.0,
                    originals: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
-    ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images).
+    ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images;
+    not with augmentation, whose targets are f on each moved image).
 
     A list of models trains a diverse pool (MagNet section 4.3): each member's loss, averaged, minus
     ``alpha`` times the mean squared distance of each member's output from the members' mean.
@@ -303,10 +304,13 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
         torch.save({**_states(models), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
                     "history": history}, ckpt_path)
 
-    logits_path = work / "train_logits.npy"
-    if not logits_path.exists():
-        np.save(logits_path, predict_logits(classifier, train.x, batch_size=500))
-    train_logits = torch.from_numpy(np.load(logits_path)).to(device)
+    moving = bool(cfg.augment_pad or cfg.augment_flip)  # then the targets are f on each moved image, as drawn
+    train_logits = None
+    if not moving:
+        logits_path = work / "train_logits.npy"
+        if not logits_path.exists():
+            np.save(logits_path, predict_logits(classifier, train.x, batch_size=500))
+        train_logits = torch.from_numpy(np.load(logits_path)).to(device)
     x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
     wants_originals = any(cfg.mix.get(k, 0) > 0 for k in ORIGINAL_KINDS)
     if wants_originals and (originals is None or len(originals[0]) == 0):
@@ -335,7 +339,6 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
 
     while not done():
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).to(device)
-        xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
         kinds = kinds_for(len(idx), cfg.mix, gen)
         xo = None
         if wants_originals:  # the rows of those kinds are drawn again, among the images that have an original
@@ -343,13 +346,15 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             pick = torch.randint(len(orig_rows), (len(rows),), generator=gen).to(device)
             idx = idx.clone()
             idx[rows] = orig_rows[pick]
-            xb, yb, zb = x_all[idx], y_all[idx], train_logits[idx]
-            xo = xb.clone()
+            xo = x_all[idx]
             xo[rows] = orig_x[pick]
-        if cfg.augment_pad or cfg.augment_flip:  # the targets are the classifier's outputs on the moved images
+        xb, yb = x_all[idx], y_all[idx]
+        if moving:
             xb, xo = augment_pair(xb, xo, gen, cfg.augment_pad, cfg.augment_flip)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 zb = classifier(xb.contiguous(memory_format=torch.channels_last)).float()
+        else:
+            zb = train_logits[idx]
         x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         now = seconds()
