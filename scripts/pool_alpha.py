@@ -25,12 +25,27 @@ order given; a finished one is kept in ``--out`` and not rerun).
 
 The chosen α is the largest whose mean reformed accuracy stays within ``--max-drop`` points of the
 control's. Training resumes from each run's ``--work-dir`` (killed runs continue).
+
+``--variants NAME=FLAGS`` adds runs with other training flags than the pool's (α = 1 and the pool's mix
+unless FLAGS say otherwise), e.g. the ``pgd_member`` mix kind, attacks crafted through a member drawn
+each step (``training.reformer``):
+
+    python scripts/pool_alpha.py --data-dir ../shared/data --work-dir runs/pool-alpha --steps 60 \
+        --alphas 1 --n-val 500 --n-transfer 100 --out docs/results/cifar10-pool-alpha.json \
+        --variants "member-others=--mix fgsm=3,pgd=1,pgd_member=2 --member-attack others" \
+                   "member-all=--mix fgsm=3,pgd=1,pgd_member=2 --member-attack all"
+
+A variant is eligible when its mean reformed accuracy is within ``--max-drop`` points of the α = 1
+control's and its mean FGSM reformed accuracy within ``--max-fgsm-drop``; of those, the one with the
+highest mean over the whole transfer grid (the graybox case: an attack aimed at one member, judged on a
+member drawn at random) is chosen if that mean beats the control's by ``--min-gain`` points.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -103,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=1000, help="validation images measured")
     p.add_argument("--n-transfer", type=int, default=200, help="validation images in the transfer grid")
     p.add_argument("--max-drop", type=float, default=0.5, help="points of mean reformed accuracy α may cost")
+    p.add_argument("--variants", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="more runs: a name, then training flags replacing the pool's (quoted)")
+    p.add_argument("--max-fgsm-drop", type=float, default=1.0, help="points of mean FGSM reformed accuracy a variant may cost")
+    p.add_argument("--min-gain", type=float, default=5.0,
+                   help="points of mean transfer-grid accuracy a variant must add to the control's to be chosen")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -120,25 +140,31 @@ def main(argv: list[str] | None = None) -> int:
     if "shipped" not in report["runs"]:
         report["runs"]["shipped"] = {"alpha": 1.0, "steps": 0, **measure(members_of(ckpt), classifier, x, y, args.n_transfer)}
         args.out.write_text(json.dumps(report, indent=1))
-    for alpha in args.alphas:
-        name = f"alpha={alpha:g}"
+    runs = [(f"alpha={alpha:g}", alpha, []) for alpha in args.alphas]
+    for spec in args.variants:
+        name, _, flags = spec.partition("=")
+        runs.append((name.strip(), None, shlex.split(flags)))
+    for name, alpha, flags in runs:
         if name in report["runs"]:
             continue
         work = args.work_dir / name
         started = time.perf_counter()
-        logits = sorted(args.work_dir.glob("alpha=*/train_logits.npy"))  # f on the training split: the same for all
+        logits = sorted(args.work_dir.glob("*/train_logits.npy"))  # f on the training split: the same for all
         if logits and not (work / "train_logits.npy").exists():
             work.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(logits[0], work / "train_logits.npy")
+        pool_flags = {"--alpha": str(1.0 if alpha is None else alpha), "--mix": "fgsm=3,pgd=1"}  # unless flags say
+        base = [a for k, v in pool_flags.items() if k not in flags for a in (k, v)]
         build_guided.main(["--data-dir", str(args.data_dir), "--work-dir", str(work), "--out", str(work / "unused"),
-                           "--train-only", "--members", "8", "--alpha", str(alpha), "--mix", "fgsm=3,pgd=1",
+                           "--train-only", "--members", "8", *base, *flags,
                            "--steps", str(args.steps), "--lr", str(args.lr), "--init-from", str(ckpt),
                            "--device", args.device])
         history = json.loads((work / "reformer.history.json").read_text())
         if not history.get("finished"):
             print(f"{name}: stopped before {args.steps} steps; run again to continue")
             return 1
-        report["runs"][name] = {"alpha": alpha, "steps": args.steps, "train_seconds": history["seconds"],
+        report["runs"][name] = {"alpha": alpha, **({"flags": " ".join(flags)} if alpha is None else {}),
+                                "steps": args.steps, "train_seconds": history["seconds"],
                                 "last_training_row": history["rows"][-1],
                                 **measure(members_of(work / "reformer.ckpt"), classifier, x, y, args.n_transfer),
                                 "wall_seconds": time.perf_counter() - started}
@@ -146,13 +172,31 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps({k: v for k, v in report["runs"][name].items() if k != "transfer_pgd_0.025"}))
     control = report["runs"].get("alpha=1")
     if control:
-        ok = [r["alpha"] for r in report["runs"].values() if r["steps"] == args.steps
-              and r["reformed_acc_mean"] >= control["reformed_acc_mean"] - args.max_drop / 100]
+        ok = [r["alpha"] for r in report["runs"].values() if r["steps"] == args.steps and r.get("alpha") is not None
+              and not r.get("flags") and r["reformed_acc_mean"] >= control["reformed_acc_mean"] - args.max_drop / 100]
         report["chosen_alpha"] = max(ok)
         report["rule"] = (f"the largest alpha whose mean reformed validation accuracy is within {args.max_drop:g} "
                           f"points of the alpha = 1 control after the same {args.steps} steps")
         args.out.write_text(json.dumps(report, indent=1))
         print("chosen alpha", report["chosen_alpha"])
+        variants = {n: r for n, r in report["runs"].items() if r.get("flags") is not None and r["steps"] == args.steps}
+        if variants:
+            def grid_mean(r: dict) -> float:
+                return float(np.mean(r["transfer_pgd_0.025"]["grid_aimed_row_judged_column"]))
+
+            eligible = {n: r for n, r in variants.items()
+                        if r["reformed_acc_mean"] >= control["reformed_acc_mean"] - args.max_drop / 100
+                        and r["fgsm_0.025_reformed_acc_mean"] >= control["fgsm_0.025_reformed_acc_mean"] - args.max_fgsm_drop / 100}
+            best = max(eligible, key=lambda n: grid_mean(eligible[n]), default=None)
+            report["variant_grid_means"] = {n: grid_mean(r) for n, r in {"alpha=1": control, **variants}.items()}
+            report["chosen_variant"] = (best if best is not None and grid_mean(eligible[best]) >= grid_mean(control)
+                                        + args.min_gain / 100 else None)
+            report["variant_rule"] = (f"eligible: mean reformed accuracy within {args.max_drop:g} points and mean FGSM "
+                                      f"reformed accuracy within {args.max_fgsm_drop:g} points of the alpha = 1 control; "
+                                      f"chosen: the eligible variant with the highest mean over the transfer grid, if it "
+                                      f"beats the control's by {args.min_gain:g} points")
+            args.out.write_text(json.dumps(report, indent=1))
+            print("chosen variant", report["chosen_variant"], report["variant_grid_means"])
     return 0
 
 

@@ -32,7 +32,7 @@ from training.images import load_cifar10
 from training.loops import AutoencoderConfig, train_autoencoder
 from training.nets import GuidedReformer, MagnetAE32
 from training.provenance import provenance
-from training.reformer import ATTACKS, QUIET_ROWS, ReformerConfig, parse_mix, train_reformer
+from training.reformer import ATTACKS, MEMBER_ATTACK, QUIET_ROWS, ReformerConfig, parse_mix, train_reformer
 
 SHAPE = (3, 32, 32)
 REFORMER_FILE = "reformer.onnx"
@@ -69,7 +69,8 @@ def parser():
     p.add_argument("--augment-flip", action="store_true",
                    help="flip each training image (and its original) left-right with probability 1/2")
     p.add_argument("--mix", type=parse_mix, default={"noise": 1.0},
-                   help="perturbed copies by kind and share: noise, fgsm, pgd, clean (e.g. fgsm=1,pgd=1)")
+                   help="perturbed copies by kind and share: noise, fgsm, pgd, clean, pgd_member (PGD through a pool "
+                        "member), ... (training.reformer; e.g. fgsm=1,pgd=1)")
     p.add_argument("--noise-max", type=float, default=0.05, help="Gaussian std drawn from U(0, this)")
     p.add_argument("--eps-max", type=float, default=8 / 255, help="attack eps drawn from U(0, this)")
     p.add_argument("--pgd-steps", type=int, default=3, help="PGD steps (of eps/2, random start)")
@@ -98,6 +99,9 @@ def parser():
     p.add_argument("--members", type=int, default=1,
                    help="a diverse pool of this many reformers, trained jointly (each its own detectors)")
     p.add_argument("--alpha", type=float, default=0.0, help="weight of the pool's diversity term")
+    p.add_argument("--member-attack", choices=MEMBER_ATTACK, default="all",
+                   help="mix kind pgd_member (PGD crafted through a member drawn each step): every member learns "
+                        "from those copies, or the others only")
     p.add_argument("--figures-limit", type=int, default=0, help="test images for the manifest's figures (0: all)")
     p.add_argument("--candidate", action="store_true",
                    help="a candidate for selection: touch no test image (no test figures in the manifest, "
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                          augment_pad=args.augment_pad, augment_flip=args.augment_flip,
                          eps_max=args.eps_max, pgd_steps=args.pgd_steps, preimage_max=args.preimage_max,
                          preimage_quality=args.preimage_quality, max_minutes=args.max_minutes,
-                         schedule_minutes=args.schedule_minutes,
+                         schedule_minutes=args.schedule_minutes, member_attack=args.member_attack,
                          device=args.device, seed=args.seed)
     B.save_config(args.work_dir, args, reformer=cfg)
     classifier = torch_twin(args.classifier, "cifar10", "classifier", SHAPE)

@@ -18,6 +18,13 @@ the uncompressed original), the target staying the JPEG image's output. ``origin
 from the training images that have an original, the original (or the attack crafted from it) is the
 input, and the target and the L1 stay the JPEG image's.
 
+``pgd_member`` is an attack crafted through a pool member's reformer and the classifier (PGD, as
+``pgd``), a member drawn at random each step: what an attacker who holds one member's weights sends to
+the others (the graybox case). ``member_attack`` = "others" keeps those copies out of the loss of the
+member they were crafted through, so each member learns to defend the others' attacks and not its own:
+the diversity that matters for a pool is in what fools each member, which pixel distance between the
+members' outputs does not measure (``docs/results/pools.md``).
+
 ``augment_pad`` / ``augment_flip`` move every training image (a random crop of it reflect-padded, a
 left-right flip) before anything else, its original with it, the target becoming f on the moved JPEG
 image: more distinct inputs from the few thousand real originals at hand.
@@ -55,9 +62,10 @@ from training.loops import augment, duration, native_bf16, predict_logits
 
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
 ORIGINAL_KINDS = ("original", "fgsm_orig", "pgd_orig")  # start from a real uncompressed original
-ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS, "fgsm_orig", "pgd_orig")  # the kinds that make a reformer one that has seen attacks
+ATTACKS = ("fgsm", "pgd", *PREIMAGE_ATTACKS, "fgsm_orig", "pgd_orig", "pgd_member")  # the kinds that make a reformer one that has seen attacks
 KINDS = ("clean", "noise", "preimage", *ATTACKS, "original")
 QUIET_ROWS = ("calm", "preimage")  # the quiet term's rows: see the module's text
+MEMBER_ATTACK = ("all", "others")  # which members learn from a ``pgd_member`` copy: see the module's text
 
 
 @dataclass
@@ -87,10 +95,13 @@ class ReformerConfig:
     jpeg_quality: int | None = None  # the bundle's input step: every input (clean or perturbed) goes through it
     augment_pad: int = 0  # > 0: each training image (and its original) is a random crop of it reflect-padded by this
     augment_flip: bool = False  # each training image (and its original) flipped left-right with probability 1/2
+    member_attack: str = "all"  # "all" members learn from the ``pgd_member`` copies, or the "others" only
     device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.member_attack not in MEMBER_ATTACK:
+            raise ValueError(f"member_attack is one of {MEMBER_ATTACK}, not {self.member_attack!r}")
         if self.quiet_rows not in QUIET_ROWS:
             raise ValueError(f"quiet_rows is one of {QUIET_ROWS}, not {self.quiet_rows!r}")
         unknown = set(self.mix) - set(KINDS)
@@ -133,9 +144,11 @@ def kinds_for(n: int, mix: dict, gen: torch.Generator) -> list[str]:
 
 
 def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list[str], cfg: ReformerConfig,
-            gen: torch.Generator, originals: torch.Tensor | None = None) -> torch.Tensor:
+            gen: torch.Generator, originals: torch.Tensor | None = None,
+            through: nn.Module | None = None) -> torch.Tensor:
     """The perturbed copies of ``x``, each of its kind; ``originals``: the uncompressed original of each row
-    (read on the rows of ``ORIGINAL_KINDS`` only)."""
+    (read on the rows of ``ORIGINAL_KINDS`` only); ``through``: the model the ``pgd_member`` rows are
+    crafted against (a member's reformer followed by the classifier)."""
     out = x.clone()
     u = torch.rand(len(x), generator=gen).to(x.device)
     kinds_arr = np.array(kinds)
@@ -161,16 +174,31 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
             out[idx] = xs
         elif attack == "fgsm":
             out[idx] = fgsm(classifier, xs, ys, u[idx] * cfg.eps_max, bf16=cfg.bf16)
-        elif attack == "pgd":
+        elif attack in ("pgd", "pgd_member"):
+            if attack == "pgd_member" and through is None:
+                raise ValueError("mix kind 'pgd_member' needs the member to craft through")
             eps = u[idx] * cfg.eps_max
-            out[idx] = pgd_linf(classifier, xs, ys, eps, steps=cfg.pgd_steps, step_size=eps / 2,
-                                generator=gen, bf16=cfg.bf16)
+            out[idx] = pgd_linf(classifier if attack == "pgd" else through, xs, ys, eps, steps=cfg.pgd_steps,
+                                step_size=eps / 2, generator=gen, bf16=cfg.bf16)
     return out
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` (one per row) over the rows ``keep`` marks (all without a mask)."""
+    if keep is None:
+        return values.mean()
+    return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
 def _kl(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
     p_log = F.log_softmax(target_logits / t, 1)
     return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="batchmean")
+
+
+def _kl_rows(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+    """``_kl`` row by row (its mean over the rows is ``_kl``)."""
+    p_log = F.log_softmax(target_logits / t, 1)
+    return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="none").sum(1)
 
 
 def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
@@ -349,13 +377,18 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             xo = x_all[idx]
             xo[rows] = orig_x[pick]
         xb, yb = x_all[idx], y_all[idx]
+        crafter, through = None, None
+        if "pgd_member" in kinds:  # the member this step's pgd_member copies are crafted through
+            crafter = int(torch.randint(len(models), (1,), generator=gen))
+            through = nn.Sequential(models[crafter], classifier)
         if moving:
             xb, xo = augment_pair(xb, xo, gen, cfg.augment_pad, cfg.augment_flip)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 zb = classifier(xb.contiguous(memory_format=torch.channels_last)).float()
         else:
             zb = train_logits[idx]
-        x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo)]), cfg.jpeg_quality)
+        x_in = jpeg_inputs(torch.cat([xb, perturb(classifier, xb, yb, kinds, cfg, gen, xo, through)]),
+                           cfg.jpeg_quality)
         target, clean = torch.cat([zb, zb]), torch.cat([xb, xb])
         now = seconds()
         last.update(lr=_lr(cfg, step, now), progress=_progress(cfg, step, now))
@@ -366,8 +399,17 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
             out = torch.stack([m(x_cl) for m in models]).float()  # M x 2B x C x H x W
             z = classifier(out.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         z = z.float().view(len(models), len(x_in), -1)
-        kl = torch.stack([_kl(target, z[i], cfg.temperature) for i in range(len(models))]).mean()
-        pixel = (out - clean).abs().mean()
+        if crafter is not None and cfg.member_attack == "others" and len(models) > 1:
+            # the crafting member does not learn from its own attack: a per-member, per-row loss
+            keep = torch.ones(len(models), len(x_in), device=device)
+            keep[crafter, len(xb) + torch.from_numpy(np.flatnonzero(np.array(kinds) == "pgd_member")).to(device)] = 0
+            kl = torch.stack([_masked_mean(_kl_rows(target, z[i], cfg.temperature), keep[i])
+                              for i in range(len(models))]).mean()
+            pixel = torch.stack([_masked_mean((out[i] - clean).abs().flatten(1).mean(1), keep[i])
+                                 for i in range(len(models))]).mean()
+        else:
+            kl = torch.stack([_kl(target, z[i], cfg.temperature) for i in range(len(models))]).mean()
+            pixel = (out - clean).abs().mean()
         diversity = (out - out.mean(0, keepdim=True)).pow(2).mean() if len(models) > 1 else out.new_zeros(())
         loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel - alpha * diversity
         if cfg.quiet_weight:

@@ -111,9 +111,9 @@ def test_training_draws_the_original_kinds_from_the_images_that_have_one(tmp_pat
     seen = []
     real = R.perturb
 
-    def spy(classifier, x, y, kinds, cfg, gen, xo=None):
+    def spy(classifier, x, y, kinds, cfg, gen, xo=None, through=None):
         seen.append((x.clone(), list(kinds), None if xo is None else xo.clone()))
-        return real(classifier, x, y, kinds, cfg, gen, xo)
+        return real(classifier, x, y, kinds, cfg, gen, xo, through)
 
     monkeypatch.setattr(R, "perturb", spy)
     cfg = ReformerConfig(width=8, depth=1, steps=2, batch_size=16, mix={"fgsm": 1, "original": 1}, bf16=False, val_every=1)
@@ -319,6 +319,52 @@ def test_smoke_guided_pool_recipe_calibrates_each_member(tmp_path, cifar10):
     assert manifest.members[0].detectors[0].threshold != manifest.members[1].detectors[0].threshold
     assert set(manifest.measurements["member_clean_figures"]) == {"member-0", "member-1"}
     assert manifest.measurements["reformer"]["trained_on_adversarial_examples"] is False
+
+
+def test_member_attacks_are_crafted_through_the_member_and_stay_within_their_budget():
+    model, gen = _tiny_classifier(), torch.Generator().manual_seed(0)
+    member = GuidedReformer(3, 8, 1)
+    torch.nn.init.normal_(member.out.weight, std=0.5)  # a member that changes its input, unlike the identity
+    through = torch.nn.Sequential(member, model).eval()
+    x = torch.rand(8, 3, 32, 32)
+    y = through(x).argmax(1)
+    cfg = ReformerConfig(mix={"pgd": 1, "pgd_member": 1}, eps_max=0.05, bf16=False)
+    kinds = ["pgd_member"] * 8
+    with pytest.raises(ValueError, match="pgd_member"):
+        perturb(model, x, y, kinds, cfg, torch.Generator().manual_seed(0))
+    aimed = perturb(model, x, y, kinds, cfg, torch.Generator().manual_seed(0), through=through)
+    plain = perturb(model, x, y, ["pgd"] * 8, cfg, torch.Generator().manual_seed(0))
+    assert torch.all((aimed - x).abs().flatten(1).max(1).values <= 0.05 + 1e-6)
+    assert not torch.equal(aimed, plain)  # the same draws, another model's gradient
+    loss = lambda m, z: torch.nn.functional.cross_entropy(m(z), y)  # noqa: E731
+    assert loss(through, aimed) > loss(through, plain)
+    with pytest.raises(ValueError, match="member_attack"):
+        ReformerConfig(member_attack="self")
+
+
+def test_with_member_attack_others_the_crafting_member_does_not_learn_from_its_own_attack(tmp_path):
+    """Two members that start alike get the same gradients, and stay alike, when every member learns from
+    the pgd_member copies; when the member they were crafted through leaves them out, they part."""
+    classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=1, batch_size=8, val_every=1, mix={"pgd_member": 1}, bf16=False,
+                         lr=1e-2, eps_max=0.1)
+    seed = GuidedReformer(3, 8, 1)
+    torch.nn.init.normal_(seed.out.weight, std=0.1)
+    x = torch.rand(4, 3, 32, 32)
+
+    def pool_after(member_attack: str, work: str) -> list[torch.Tensor]:
+        pool = [GuidedReformer(3, 8, 1) for _ in range(2)]
+        for m in pool:
+            m.load_state_dict(seed.state_dict())
+        run = ReformerConfig(**{**cfg.__dict__, "member_attack": member_attack})
+        train_reformer(pool, classifier, train, val, run, tmp_path / work)
+        with torch.no_grad():
+            return [m(x) for m in pool]
+
+    alike = pool_after("all", "all")
+    assert torch.equal(alike[0], alike[1])
+    apart = pool_after("others", "others")
+    assert not torch.equal(apart[0], apart[1])
 
 
 def test_one_reformer_seeds_a_pool_only_with_a_spread_and_the_members_then_differ(tmp_path):
