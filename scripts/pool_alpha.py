@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in classifier.parameters():
         q.requires_grad_(False)
     report = {"pool": str(args.pool), "steps": args.steps, "lr": args.lr, "validation_images": args.n_val,
-              "command": "python scripts/pool_alpha.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python scripts/pool_alpha.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "runs": {}}
     if args.out.exists():
         report["runs"] = json.loads(args.out.read_text()).get("runs", {})
