@@ -183,22 +183,20 @@ def perturb(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, kinds: list
     return out
 
 
-def _masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The mean of ``values`` (one per row) over the rows ``keep`` marks (all without a mask)."""
-    if keep is None:
-        return values.mean()
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` (one per row) over the rows ``keep`` marks."""
     return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
-def _kl(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
-    p_log = F.log_softmax(target_logits / t, 1)
-    return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="batchmean")
-
-
 def _kl_rows(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
-    """``_kl`` row by row (its mean over the rows is ``_kl``)."""
+    """KL(softmax(target / t) || softmax(logits / t)), one value per row."""
     p_log = F.log_softmax(target_logits / t, 1)
     return F.kl_div(F.log_softmax(logits / t, 1), p_log, log_target=True, reduction="none").sum(1)
+
+
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+    """``_kl_rows`` averaged over the rows (the batch mean)."""
+    return _kl_rows(target_logits, logits, t).mean()
 
 
 def _quiet_mask(rows: str, n_clean: int, kinds: list[str]) -> np.ndarray:
