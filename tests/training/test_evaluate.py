@@ -329,6 +329,27 @@ def test_summary_leaves_out_reports_of_earlier_rounds(tmp_path, capsys):
     assert "eval-x-round1" in printed and "eval-x-built" in printed
 
 
+def test_summary_list_keeps_every_report_it_names_and_refuses_missing_ones(tmp_path, capsys, monkeypatch):
+    from training.evaluate.summary import main as summary_main
+
+    source = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw" / "report.json").read_text())
+    for name, value in (("eval-x", 0.123), ("eval-x-round19", 0.987)):
+        report = json.loads(json.dumps(source))
+        report["rows"][0]["full_defense"] = value
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text("# what ships\neval-x-round19/report.json  # the current round\n\n")
+    out = tmp_path / "summary.md"
+    assert summary_main(["--out", str(out), "--list", "list.txt"]) == 0
+    text = out.read_text()
+    assert "98.7" in text and "12.3" not in text and "superseded" not in capsys.readouterr().out
+    (tmp_path / "list.txt").write_text("eval-x/report.json\neval-y/report.json\n")
+    with pytest.raises(SystemExit):
+        summary_main(["--out", str(out), "--list", "list.txt"])
+    assert "eval-y/report.json" in capsys.readouterr().err
+
+
 def test_the_confidence_curve_reuses_cached_examples_too(tmp_path, mnist, capsys):
     args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "--kappas", "0", "5",
             "--n-kappa", "3", "--carlini-steps", "1", "--carlini-iterations", "5", "--cache", str(tmp_path / "cache")]
@@ -352,3 +373,16 @@ def test_the_plot_draws_a_full_strength_row_over_a_reduced_one_listed_first():
     rows = plotted_rows([(Path("a"), reduced_run), (Path("b"), full)], "mnist")
     assert rows[full["bundle"]]["carlini_l2"]["full_defense"] == full["rows"][0]["full_defense"] != 0.25
     assert plotted_rows([(Path("a"), reduced_run)], "mnist")[full["bundle"]]["carlini_l2"]["full_defense"] == 0.25
+
+
+def test_the_plot_draws_a_faster_schedule_under_its_family_until_the_full_attack_comes():
+    from training.evaluate.summary import plotted_rows
+
+    fast = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw-l0" / "report.json").read_text())
+    full = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw-l0-carlini" / "report.json").read_text())
+    assert fast["rows"][0]["attack"] == "carlini_l0_fast" and full["rows"][0]["attack"] == "carlini_l0"
+    assert fast["rows"][0]["full_defense"] != full["rows"][0]["full_defense"]
+    drawn = plotted_rows([(Path("a"), fast)], "mnist")[fast["bundle"]]
+    assert drawn["carlini_l0"]["full_defense"] == fast["rows"][0]["full_defense"] and "carlini_l0_fast" not in drawn
+    drawn = plotted_rows([(Path("a"), fast), (Path("b"), full)], "mnist")[fast["bundle"]]
+    assert drawn["carlini_l0"]["full_defense"] == full["rows"][0]["full_defense"]

@@ -1,6 +1,6 @@
 """One page from several ``magnet evaluate`` reports: every row beside the paper's, per data set.
 
-    python -m training.evaluate.summary --out docs/results/evaluation.md docs/results/eval-*/report.json
+    python -m training.evaluate.summary --out docs/results/evaluation.md --list docs/results/evaluation-reports.txt
 
 Rows keep the report they came from (its directory is linked), so budgets and commands stay one click
 away. When two reports hold the same attack, both rows are listed; the bar plot (``<out>.png``) takes
@@ -121,12 +121,15 @@ def plotted_rows(reports: list[tuple[Path, dict]], dataset: str) -> dict[str, di
         if r["dataset"] != dataset:
             continue
         for row in r["rows"]:
-            if row["attack"] not in PAPER[dataset]:
+            # an attack of the paper's under its own name, else under its family's (carlini_l0_fast is a
+            # faster schedule of carlini_l0, drawn in its place unless a full-strength carlini_l0 is there)
+            name = row["attack"] if row["attack"] in PAPER[dataset] else row.get("family")
+            if name not in PAPER[dataset]:
                 continue
             rows = per_bundle.setdefault(r["bundle"], {})
-            held = rows.get(row["attack"])
+            held = rows.get(name)
             if held is None or (stored_reduced(held, dataset) and not stored_reduced(row, dataset)):
-                rows[row["attack"]] = row
+                rows[name] = row
     return per_bundle
 
 
@@ -144,8 +147,8 @@ def plot(reports: list[tuple[Path, dict]], path: Path) -> bool:
             panels.append((dataset, per_bundle))
     if not panels:
         return False
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), dpi=120, squeeze=False)
-    colors = ["#3b75af", "#e1812c", "#3a923a", "#c03d3e"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), dpi=120, squeeze=False)
+    colors = ["#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#8a63b3", "#8c564b", "#d17fc0"]
     for ax, (dataset, per_bundle) in zip(axes[:, 0], panels):
         names = [n for n in PAPER[dataset] if any(n in rows for rows in per_bundle.values())]
         xs = range(len(names))
@@ -162,7 +165,7 @@ def plot(reports: list[tuple[Path, dict]], path: Path) -> bool:
         ax.set_ylim(0, 105)
         ax.set_title("MNIST" if dataset == "mnist" else "CIFAR-10 (JPEG re-encoding)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -180,13 +183,25 @@ def _link(path: Path, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate.summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", type=Path, help="report.json files")
+    p.add_argument("reports", nargs="*", type=Path, help="report.json files")
+    p.add_argument("--list", type=Path, metavar="FILE",
+                   help="a file naming the report.json files to show, one per line ('#' starts a comment), "
+                        "in the page's order; taken as given: it names what ships, so no report in it is "
+                        "left out as superseded")
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     args = p.parse_args(argv)
+    listed = [] if args.list is None else [
+        Path(line) for raw in args.list.read_text().splitlines() if (line := raw.split("#", 1)[0].strip())]
+    if not args.reports and not listed:
+        p.error("name report.json files, or a --list of them")
+    missing = [str(r) for r in listed if not r.is_file()]
+    if missing:
+        p.error(f"--list {args.list} names reports that do not exist: {', '.join(missing)}")
     # reports of earlier rounds of a bundle (eval-cifar10-round1/, ...-round2/) and of a bundle's
     # configuration as it was built before its detectors were changed (...-built/) are kept for the
-    # record but superseded: the summary shows the bundle as it ships
-    current = [r for r in args.reports if not re.search(r"-(round\d+|built)$", r.parent.name)]
+    # record but superseded: the summary shows the bundle as it ships (named one by one, e.g. by a
+    # glob; a --list is the page as chosen and keeps every report it names)
+    current = listed + [r for r in args.reports if not re.search(r"-(round\d+|built)$", r.parent.name)]
     skipped = sorted(set(args.reports) - set(current))
     if skipped:
         print(f"left out (superseded): {', '.join(str(r.parent.name) for r in skipped)}")
