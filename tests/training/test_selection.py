@@ -72,3 +72,32 @@ def test_a_candidate_with_an_input_step_is_scored_as_the_core_judges_it(tmp_path
     cand = Candidate(bundle, sets, logits, cache=tmp_path / "cache")
     np.testing.assert_allclose(cand.scores["clean"]["recon"], Defense(bundle).inspect(x).scores["R"], atol=1e-6)
     assert [p.name for p in (tmp_path / "cache").iterdir()][0].endswith("-jpeg50.npz")
+
+
+def test_each_member_of_a_pool_is_scored_with_its_own_detectors(tmp_path):
+    """--every-member: a pool's member k is its own candidate, NAME-mk, scored through member k's reformer
+    and judged at member k's thresholds."""
+    from service.defense.bundle import read_manifest, write_manifest
+
+    bundle = fakes.make_bundle(tmp_path / "pool", members=2, thresholds=[0.07, 0.5])
+    manifest = read_manifest(bundle)  # member 1 reforms with the steep autoencoder, 2 x - 0.5
+    steep = manifest.members[1].model_copy(update={"reformer": "steep.onnx"})
+    write_manifest(bundle, manifest.model_copy(update={"members": [manifest.members[0], steep]}))
+    v = np.array([0.30, 0.34, 0.38, 0.42, 0.46, 0.54, 0.58, 0.62, 0.66, 0.70])
+    sets = {"clean": fakes.images(*v), "fgsm": fakes.images(1.0, 0.52), "pgd": fakes.images(1.0, 0.52)}
+    logits = {k: np.zeros((len(x), 3), np.float32) for k, x in sets.items()}
+    y = {"clean": np.zeros(10, np.int64), "fgsm": np.array([1, 1]), "pgd": np.array([1, 1])}
+    right = {k: np.ones(len(y[k]), bool) for k in y}
+    first, second = (Candidate(bundle, sets, logits, member=k) for k in (0, 1))
+    assert (first.name, second.name) == ("pool-m0", "pool-m1")
+    np.testing.assert_allclose(first.scores["clean"]["recon"], np.abs(0.5 * v - 0.25), atol=1e-6)
+    np.testing.assert_allclose(second.scores["clean"]["recon"], np.abs(v - 0.5), atol=1e-6)
+    assert first.shipped()["recon"][0] == 0.07 and second.shipped()["recon"][0] == 0.5
+    # member 0 rejects the 4 clean images scored above 0.07 and the white attack image; member 1 rejects nothing
+    row0 = first.judge({k: t for k, (t, _) in first.shipped().items()}, y, right)
+    row1 = second.judge({k: t for k, (t, _) in second.shipped().items()}, y, right)
+    assert row0["clean_rejected"] == pytest.approx(0.4) and row0["fgsm_defended"] == 0.5
+    assert row1["clean_rejected"] == 0.0 and row1["fgsm_defended"] == 0.0
+    assert Candidate(bundle, sets, logits).name == "pool"  # no member named: the first, under the bundle's name
+    with pytest.raises(ValueError, match="no member 2"):
+        Candidate(bundle, sets, logits, member=2)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from service.defense import scores as S
+from service.defense.bundle import read_manifest
 from service.defense.core import Defense
 from service.defense.thresholds import passes, threshold_at_fpr
 from training.bundles import run_batched
@@ -70,11 +71,18 @@ class Candidate:
     (reconstruction L1 and JSD at the bundle's temperatures) on the clean images and the attack sets."""
 
     def __init__(self, bundle: Path, sets: dict[str, np.ndarray], logits_x: dict[str, np.ndarray],
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None, member: int | None = None) -> None:
+        """``member``: which member of a pool bundle is scored (its reformer and detectors); None scores the
+        first under the bundle's own name, an index names the candidate ``<bundle>-m<index>``."""
         self.defense = Defense(bundle, device="cpu")
-        spec = self.defense.members[0]
+        if member is not None and not 0 <= member < len(self.defense.members):
+            raise ValueError(f"{bundle}: no member {member} (the bundle has {len(self.defense.members)})")
+        self.member = member or 0
+        spec = self.defense.members[self.member]
         temps = sorted({d.temperature for d in spec.detectors if d.kind == "divergence"})
         self.name, self.bundle = bundle.name if bundle.name != "bundle" else bundle.parent.name, bundle
+        if member is not None:
+            self.name = f"{self.name}-m{member}"
         self.jsd = [f"jsd_t{t:g}" for t in temps]
         self.labels, self.scores = {}, {}
         # scores depend on the reformer file and the (fixed) sets: keep them by the reformer's sha256
@@ -88,7 +96,7 @@ class Candidate:
                 self.scores[key] = {d: stored[f"{key}/{d}"] for d in ("recon", *self.jsd)}
             return
         for key, x in sets.items():
-            screens = [self.defense.screen(x[i : i + 1000]) for i in range(0, len(x), 1000)]
+            screens = [self.defense.screen(x[i : i + 1000], self.member) for i in range(0, len(x), 1000)]
             judged = np.concatenate([s.x for s in screens])  # x after the bundle's input step, as the core judges
             reformed = np.concatenate([s.reformed for s in screens])
             logits_r = run_batched(self.defense.classifier, reformed, 500)
@@ -102,11 +110,11 @@ class Candidate:
                      **{f"{k}/{d}": s for k, scores in self.scores.items() for d, s in scores.items()})
 
     def shipped(self) -> dict[str, tuple[float, float]]:
-        """The first member's own detectors as the bundle ships them: score key ("recon", "jsd_t40", ...)
+        """The scored member's own detectors as the bundle ships them: score key ("recon", "jsd_t40", ...)
         -> (threshold, FPR at calibration), calibrated however the bundle was built (e.g. on two input
         domains). A detector this table does not score the same way is an error."""
         out = {}
-        for d in self.defense.members[0].detectors:
+        for d in self.defense.members[self.member].detectors:
             key = ("recon" if d.kind == "reconstruction" and getattr(d, "p", None) == 1 else
                    f"jsd_t{d.temperature:g}" if d.kind == "divergence" else None)
             if key is None or key not in self.scores["clean"]:
@@ -146,7 +154,8 @@ def grid(candidate: Candidate) -> list[dict]:
 
 
 def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels: dict[str, str],
-          cache: Path | None = None) -> dict:
+          cache: Path | None = None, every_member: bool = False) -> dict:
+    """Score each bundle (with ``every_member``, each member of a pool bundle as its own candidate)."""
     val = load_cifar10(data_dir).val
     sel = np.load(set_path)
     sets = {"clean": val.x, "fgsm": sel["fgsm"], "pgd": sel["pgd"]}
@@ -159,12 +168,19 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
              "pgd": clean_pred[sel["idx"]] == sel["y"]}
     undefended = {k: float((logits_x[k].argmax(1) == y[k])[right[k]].mean()) for k in ("fgsm", "pgd")}
     rows, as_shipped = [], []
-    for bundle in bundles:
+    sizes = {b: len(read_manifest(b).members) for b in bundles}
+    jobs = [(b, m) for b in bundles for m in (range(sizes[b]) if every_member and sizes[b] > 1 else [None])]
+    labels = dict(labels)
+    for bundle, member in jobs:
         started = time.perf_counter()
-        cand = Candidate(bundle, sets, logits_x, cache)
+        cand = Candidate(bundle, sets, logits_x, cache, member)
+        base = cand.name.removesuffix(f"-m{member}") if member is not None else cand.name
+        if member is not None and base in labels:
+            labels.setdefault(cand.name, f"{labels[base]}, member {member}")
         best = None
         for fprs in grid(cand):
-            r = {"candidate": cand.name, "bundle": str(bundle), "fprs": fprs, **cand.evaluate(fprs, y, right)}
+            r = {"candidate": cand.name, "bundle": str(bundle), "member": cand.member, "fprs": fprs,
+                 **cand.evaluate(fprs, y, right)}
             r["clean_cost"] = f_acc - r["clean_defended"]
             r["within_budget"] = r["clean_cost"] <= MAX_CLEAN_COST
             r["attack_min"] = min(r["fgsm_defended"], r["pgd_defended"])
@@ -174,7 +190,7 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
                 best = r
         shipped = cand.shipped()
         thresholds = {k: t for k, (t, _) in shipped.items()}
-        as_shipped.append({"candidate": cand.name, "bundle": str(bundle), "thresholds": thresholds,
+        as_shipped.append({"candidate": cand.name, "bundle": str(bundle), "member": cand.member, "thresholds": thresholds,
                            "fprs": {k: f for k, (_, f) in shipped.items()},
                            **cand.judge(thresholds, y, right)})
         if best is None:  # nothing fits the budget: show the candidate at its cheapest FPRs, marked
@@ -270,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True, help="directory for table.json and table.md")
     t.add_argument("--cache", type=Path, default=None,
                    help="keep each candidate's scores here (by its reformer's sha256) and reuse them")
+    t.add_argument("--every-member", action="store_true",
+                   help="score each member of a pool bundle as its own candidate, NAME-m0 ... (default: the "
+                        "first member, under the bundle's name)")
     args = p.parse_args(argv)
     if args.cmd == "make-set":
         print(json.dumps(make_set(args.classifier, args.data_dir, args.n, args.out)))
         return 0
     labels = dict(item.split("=", 1) for item in args.label)
-    result = table(args.data_dir, args.set, args.bundles, args.out, labels, args.cache)
+    result = table(args.data_dir, args.set, args.bundles, args.out, labels, args.cache, args.every_member)
     result["provenance"] = provenance(["python", "-m", "training.evaluate.selection", *(argv or sys.argv[1:])], 0)
     (args.out / "table.json").write_text(json.dumps(result, indent=1) + "\n")
     selection = {k: v for k, v in result.items() if k != "rows"}
