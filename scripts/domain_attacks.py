@@ -40,10 +40,10 @@ from training.from_onnx import classifier_twin
 from training.specs import load_for_manifest
 
 
-def judge(defense: Defense, x: np.ndarray, y: np.ndarray) -> dict:
+def judge(defense: Defense, x: np.ndarray, y: np.ndarray, member: int = 0) -> dict:
     accepted, labels = [], []
     for i in range(0, len(x), 500):
-        v = defense.inspect(x[i : i + 500])
+        v = defense.inspect(x[i : i + 500], member)
         accepted.append(v.accepted)
         labels.append(np.asarray(v.logits_reformed if v.logits_reformed is not None
                                  else defense.classifier(v.reformed)).argmax(1))
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread-chroma", type=float, default=None,
                    help="Cb and Cr at this spread, the luma at --spread's (default: the same)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every-member", action="store_true",
+                   help="judge with each member of a pool bundle (the same attacks: they target the classifier); "
+                        "the report's keys are then BUNDLE-mK")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.images is None and args.data_dir is None:
@@ -96,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                 pre = chroma_detail(pre, args.chroma, rng)
         twin = classifier_twin(defense)
         gen = torch.Generator().manual_seed(args.seed)
-        rows = {}
+        members = range(len(defense.members)) if args.every_member else [0]
+        rows = {k: {} for k in members}
         for domain, images in (("jpeg", x), ("original" if args.images is not None else "preimage", pre)):
             xt, yt = torch.from_numpy(images), torch.from_numpy(y)
             with torch.no_grad():
                 right = float((twin(xt).argmax(1) == yt).float().mean())
-            row = {"clean": judge(defense, images, y), "classifier_right": right}
+            row = {k: {"clean": judge(defense, images, y, k), "classifier_right": right} for k in members}
             for attack in args.attacks:
                 kind, eps = attack.split(":")
                 e = torch.full((len(xt),), float(eps))
@@ -109,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                      pgd_linf(twin, xt, yt, e, steps=10, step_size=e / 4, generator=gen)).detach().numpy()
                 with torch.no_grad():
                     no_defense = float((twin(torch.from_numpy(a)).argmax(1) == yt).float().mean())
-                row[f"{kind}_eps{eps}"] = {**judge(defense, a, y), "no_defense": no_defense}
-            rows[domain] = row
-            print(f"{bundle} {domain}: " + "; ".join(
-                f"{k} " + (f"accepted and right {100 * v['accepted_and_right']:.1f} %" if k == "clean" else
-                           f"{100 * v['no_defense']:.1f} -> {100 * v['defended']:.1f} % (rejected {100 * v['rejected']:.1f})")
-                for k, v in row.items() if isinstance(v, dict)), flush=True)
-        report["bundles"][str(bundle)] = rows
+                for k in members:
+                    row[k][f"{kind}_eps{eps}"] = {**judge(defense, a, y, k), "no_defense": no_defense}
+            for k in members:
+                rows[k][domain] = row[k]
+                name = f"{bundle}-m{k}" if args.every_member else str(bundle)
+                print(f"{name} {domain}: " + "; ".join(
+                    f"{a} " + (f"accepted and right {100 * v['accepted_and_right']:.1f} %" if a == "clean" else
+                               f"{100 * v['no_defense']:.1f} -> {100 * v['defended']:.1f} % (rejected {100 * v['rejected']:.1f})")
+                    for a, v in row[k].items() if isinstance(v, dict)), flush=True)
+        for k in members:
+            report["bundles"][f"{bundle}-m{k}" if args.every_member else str(bundle)] = rows[k]
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

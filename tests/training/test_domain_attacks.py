@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import DATA_DIR, SHIPPED_CIFAR10
+from tests.conftest import DATA_DIR, SHIPPED_CIFAR10, SHIPPED_CIFAR10_POOL
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGINALS = ROOT / "tests" / "data" / "cifar10-originals"
@@ -259,3 +259,35 @@ def test_residual_structure_tables_judge_rejections_and_separation():
     assert not R.eligible({**with_s, "orig_clean": 0.9}, f_val=1.0, f_orig=1.0)
     alone = next(r for r in t["alone"] if r["statistic"] == "s" and r["fpr"] == 0.01)
     assert alone["rejected"]["clean"] == pytest.approx(0.01, abs=0.002)
+
+
+def test_each_member_of_a_pool_judges_with_its_own_thresholds(tmp_path):
+    """--every-member: the same inputs judged by each member (here told apart by their thresholds)."""
+    from service.defense.core import Defense
+    from tests import fakes
+
+    judge = _script_module("domain_attacks").judge
+    defense = Defense(fakes.make_bundle(tmp_path / "pool", members=2, thresholds=[0.07, 0.5]))
+    v = np.array([0.30, 0.34, 0.38, 0.42, 0.46, 0.54, 0.58, 0.62, 0.66, 0.70])
+    y = np.zeros(len(v), np.int64)  # every one 'bright' once reformed: right unless rejected
+    first, second = judge(defense, fakes.images(*v), y, 0), judge(defense, fakes.images(*v), y, 1)
+    assert first["rejected"] == pytest.approx(0.4) and first["accepted_and_right"] == pytest.approx(0.6)
+    assert second["rejected"] == 0.0 and second["accepted_and_right"] == 1.0
+    assert judge(defense, fakes.images(*v), y) == first  # no member named: the first
+
+
+def test_every_member_of_the_shipped_pool_is_reported(tmp_path):
+    pool = SHIPPED_CIFAR10_POOL
+    if not (pool / "manifest.json").is_file():
+        pytest.skip("models/cifar10-pool is not shipped in this checkout")
+    out = tmp_path / "attacks.json"
+    run = _script("domain_attacks.py", "--bundle", str(pool), "--images", str(ORIGINALS), "--attacks", "fgsm:0.05",
+                  "--every-member", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    bundles = json.loads(out.read_text())["bundles"]
+    members = json.loads((pool / "manifest.json").read_text())["members"]
+    assert sorted(bundles) == sorted(f"{pool}-m{k}" for k in range(len(members))) and len(members) == 8
+    for rows in bundles.values():
+        _check_rows(rows, "fgsm_eps0.05")
+    # the attacks target the classifier, so every member is judged on the same examples
+    assert len({rows["original"]["fgsm_eps0.05"]["no_defense"] for rows in bundles.values()}) == 1
