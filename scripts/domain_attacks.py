@@ -100,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         twin = classifier_twin(defense)
         gen = torch.Generator().manual_seed(args.seed)
         members = range(len(defense.members)) if args.every_member else [0]
+        names = {k: f"{bundle}-m{k}" if args.every_member else str(bundle) for k in members}
         rows = {k: {} for k in members}
         for domain, images in (("jpeg", x), ("original" if args.images is not None else "preimage", pre)):
             xt, yt = torch.from_numpy(images), torch.from_numpy(y)
             with torch.no_grad():
                 right = float((twin(xt).argmax(1) == yt).float().mean())
-            row = {k: {"clean": judge(defense, images, y, k), "classifier_right": right} for k in members}
+            for k in members:
+                rows[k][domain] = {"clean": judge(defense, images, y, k), "classifier_right": right}
             for attack in args.attacks:
                 kind, eps = attack.split(":")
                 e = torch.full((len(xt),), float(eps))
@@ -113,17 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                      pgd_linf(twin, xt, yt, e, steps=10, step_size=e / 4, generator=gen)).detach().numpy()
                 with torch.no_grad():
                     no_defense = float((twin(torch.from_numpy(a)).argmax(1) == yt).float().mean())
-                for k in members:
-                    row[k][f"{kind}_eps{eps}"] = {**judge(defense, a, y, k), "no_defense": no_defense}
+                for k in members:  # the attacks target the classifier: crafted once, judged by each member
+                    rows[k][domain][f"{kind}_eps{eps}"] = {**judge(defense, a, y, k), "no_defense": no_defense}
             for k in members:
-                rows[k][domain] = row[k]
-                name = f"{bundle}-m{k}" if args.every_member else str(bundle)
-                print(f"{name} {domain}: " + "; ".join(
+                print(f"{names[k]} {domain}: " + "; ".join(
                     f"{a} " + (f"accepted and right {100 * v['accepted_and_right']:.1f} %" if a == "clean" else
                                f"{100 * v['no_defense']:.1f} -> {100 * v['defended']:.1f} % (rejected {100 * v['rejected']:.1f})")
-                    for a, v in row[k].items() if isinstance(v, dict)), flush=True)
-        for k in members:
-            report["bundles"][f"{bundle}-m{k}" if args.every_member else str(bundle)] = rows[k]
+                    for a, v in rows[k][domain].items() if isinstance(v, dict)), flush=True)
+        report["bundles"].update({names[k]: rows[k] for k in members})
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -80,9 +80,9 @@ class Candidate:
         self.member = member or 0
         spec = self.defense.members[self.member]
         temps = sorted({d.temperature for d in spec.detectors if d.kind == "divergence"})
-        self.name, self.bundle = bundle.name if bundle.name != "bundle" else bundle.parent.name, bundle
-        if member is not None:
-            self.name = f"{self.name}-m{member}"
+        self.bundle_name = bundle.name if bundle.name != "bundle" else bundle.parent.name
+        self.name = self.bundle_name if member is None else f"{self.bundle_name}-m{member}"
+        self.bundle = bundle
         self.jsd = [f"jsd_t{t:g}" for t in temps]
         self.labels, self.scores = {}, {}
         # scores depend on the reformer file and the (fixed) sets: keep them by the reformer's sha256
@@ -174,9 +174,8 @@ def table(data_dir: Path, set_path: Path, bundles: list[Path], out: Path, labels
     for bundle, member in jobs:
         started = time.perf_counter()
         cand = Candidate(bundle, sets, logits_x, cache, member)
-        base = cand.name.removesuffix(f"-m{member}") if member is not None else cand.name
-        if member is not None and base in labels:
-            labels.setdefault(cand.name, f"{labels[base]}, member {member}")
+        if member is not None and cand.bundle_name in labels:
+            labels.setdefault(cand.name, f"{labels[cand.bundle_name]}, member {member}")
         best = None
         for fprs in grid(cand):
             r = {"candidate": cand.name, "bundle": str(bundle), "member": cand.member, "fprs": fprs,
