@@ -10,13 +10,17 @@
 #   scripts/rebuild_cifar10_pool.sh rule       # validation only: selection table, domain attacks, the rule
 #   scripts/rebuild_cifar10_pool.sh ship       # only if the rule holds: the bundle into models/cifar10-pool,
 #                                              #   with the per-member clean figures on 2,000 test images
+#   scripts/rebuild_cifar10_pool.sh verify     # (part of ship) models/cifar10-pool holds the candidate's
+#                                              #   members byte for byte, and its thresholds
 #   scripts/rebuild_cifar10_pool.sh graybox    # the graybox 8 x 8 table on the test set (200 per column)
 #   scripts/rebuild_cifar10_pool.sh adaptive   # whitebox and pool-EOT attacks at the shipped pool's budget
 #
 # Needs the uncompressed CIFAR-10 originals written by scripts/cifar10_originals.py ($ORIG, default
-# runs/cifar10-originals). Every stage logs to runs/rebuild-cifar10-pool-<stage>.log as well as stdout.
+# runs/cifar10-originals). Every stage logs to $LOGS/rebuild-cifar10-pool-<stage>.log (LOGS=runs) as well
+# as stdout. The paths are variables (DATA, WORK, CAND, POOL, RESULTS, WIP, ...) for tests and other layouts.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 
 DATA=${DATA:-../shared/data}
 PY=${PY:-.venv/bin/python}
@@ -28,7 +32,8 @@ SEL=${SEL:-runs/selection}
 RESULTS=${RESULTS:-docs/results/cifar10-pool15-selection}
 MINUTES=${MINUTES:-0}
 WIP=${WIP:-wip/cifar10-pool15}
-POOL=models/cifar10-pool
+POOL=${POOL:-models/cifar10-pool}
+LOGS=${LOGS:-runs}
 
 # the recipe; the only difference between the candidate and the shipped build is --candidate / --out
 RECIPE=(--data-dir "$DATA" --work-dir "$WORK" --name cifar10-pool --init-from models/cifar10/reformer.onnx
@@ -36,9 +41,9 @@ RECIPE=(--data-dir "$DATA" --work-dir "$WORK" --name cifar10-pool --init-from mo
         --originals "$ORIG/train" --quiet-weight 3 --quiet-rows preimage --steps 300 --lr 3e-4
         --recon-fpr 0 --jsd-fpr 0 0.02 --figures-limit 2000)
 
-stage=${1:?"usage: $0 train|stash|rule|ship|graybox|adaptive"}
-mkdir -p runs
-exec > >(tee -a "runs/rebuild-cifar10-pool-$stage.log") 2>&1
+stage=${1:?"usage: $0 train|stash|rule|ship|verify|graybox|adaptive"}
+mkdir -p "$LOGS"
+exec > >(tee -a "$LOGS/rebuild-cifar10-pool-$stage.log") 2>&1
 echo "== $stage $(date -u +%FT%TZ) $(git rev-parse --short HEAD)"
 
 case "$stage" in
@@ -75,21 +80,25 @@ if not verdict.get("replace"):
     sys.exit(f"the rule does not hold ({sys.argv[1]}): the shipped pool stays")
 EOF
     "$MAGNET" train cifar10-guided "${RECIPE[@]}" --out "$POOL"
+    "$SELF" verify
+    ;;
+verify)
     # what ships must be what the rule measured: the same members and thresholds as the candidate
     "$PY" - "$CAND" "$POOL" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
 cand, pool = (Path(p) for p in sys.argv[1:3])
 a, b = (json.loads((p / "manifest.json").read_text()) for p in (cand, pool))
+if a["members"] != b["members"]:
+    sys.exit(f"the members' files, detectors or thresholds differ between {cand} and {pool}")
 digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
-for k in range(8):
-    f = f"reformer_{k}.onnx"
+for f in sorted({m["reformer"] for m in a["members"]}):
     if digest(cand / f) != digest(pool / f):
         sys.exit(f"{f} differs between {cand} and {pool}")
-th = lambda m: [[d.get("threshold") for d in member["detectors"]] for member in m["members"]]
-if th(a) != th(b):
-    sys.exit(f"thresholds differ: {th(a)} against {th(b)}")
-print(f"{pool}: the candidate's eight members and thresholds, as measured by the rule")
+classifier = lambda m: [f["sha256"] for f in m["files"] if f.get("role") == "classifier"]
+if classifier(a) != classifier(b):
+    sys.exit(f"the classifiers differ between {cand} and {pool}")
+print(f"{pool}: the candidate's {len(a['members'])} members and thresholds, as measured by the rule")
 EOF
     ;;
 graybox)
@@ -105,6 +114,6 @@ adaptive)
         --attacks --kappas --n-adaptive 100 --adaptive-pgd 0.03137 --adaptive-pgd-steps 50
     ;;
 *)
-    echo "unknown stage $stage: train|stash|rule|ship|graybox|adaptive"; exit 2
+    echo "unknown stage $stage: train|stash|rule|ship|verify|graybox|adaptive"; exit 2
     ;;
 esac
