@@ -85,15 +85,15 @@ EOF
 verify)
     # what ships must be what the rule measured: the same members and thresholds as the candidate
     "$PY" - "$CAND" "$POOL" <<'EOF'
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
+from service.defense.bundle import sha256_of
 cand, pool = (Path(p) for p in sys.argv[1:3])
 a, b = (json.loads((p / "manifest.json").read_text()) for p in (cand, pool))
 if a["members"] != b["members"]:
     sys.exit(f"the members' files, detectors or thresholds differ between {cand} and {pool}")
-digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
 for f in sorted({m["reformer"] for m in a["members"]}):
-    if digest(cand / f) != digest(pool / f):
+    if sha256_of(cand / f) != sha256_of(pool / f):
         sys.exit(f"{f} differs between {cand} and {pool}")
 classifier = lambda m: [f["sha256"] for f in m["files"] if f.get("role") == "classifier"]
 if classifier(a) != classifier(b):
