@@ -128,6 +128,21 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def fingerprint(manifest: Manifest) -> str:
+    """A hash of what decides the bundle's answers: its input, classifier and members (detectors,
+    thresholds, temperatures), each file named by its sha256 rather than its path, so a packed or moved
+    copy keeps its fingerprint; the measurements and provenance are left out. Evaluation reports record
+    it, so a report can be told apart from one measured on an earlier version of the same bundle."""
+    digest = {f.path: f.sha256 for f in manifest.files}
+    data = manifest.model_dump(mode="json", include={"input", "classifier", "members"})
+    data["classifier"]["file"] = digest[data["classifier"]["file"]]
+    for member in data["members"]:
+        member["reformer"] = digest[member["reformer"]]
+        for d in member["detectors"]:
+            d["autoencoder"] = digest[d["autoencoder"]]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def migrate(data: dict) -> dict:
     """A manifest of any earlier ``format_version`` as the current version would write it (in memory;
     ``magnet migrate`` rewrites the file). Raises BundleError for a version this code does not know."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.defense import BundleError, Defense, read_manifest, verify_files
-from service.defense.bundle import FORMAT_VERSION, MemberSpec, manifest_version, pack, sha256_of
+from service.defense.bundle import FORMAT_VERSION, MemberSpec, fingerprint, manifest_version, pack, sha256_of
 from tests import fakes
 from tests.conftest import SHIPPED_MNIST
 
@@ -163,6 +163,22 @@ def test_pack_makes_a_self_contained_copy(toy_bundle, tmp_path):
     assert np.array_equal(after.reformed, before.reformed)
     with pytest.raises(BundleError, match="not empty"):
         pack(packed, packed)
+
+
+def test_fingerprint_follows_what_decides_the_answers_not_paths_or_figures(toy_bundle, tmp_path):
+    before = fingerprint(read_manifest(toy_bundle))
+    assert len(before) == 64
+    _share_classifier(toy_bundle)  # the classifier moves to another folder: same files, other paths
+    assert fingerprint(read_manifest(toy_bundle)) == before
+    assert fingerprint(read_manifest(pack(toy_bundle, tmp_path / "packed"))) == before
+    _edit_manifest(toy_bundle, lambda d: d.update(measurements={"clean": 0.5}, provenance={"date": "today"}))
+    assert fingerprint(read_manifest(toy_bundle)) == before
+    _edit_manifest(toy_bundle, lambda d: d["members"][0]["detectors"][0].update(
+        threshold=d["members"][0]["detectors"][0]["threshold"] * 1.01))
+    changed = fingerprint(read_manifest(toy_bundle))
+    assert changed != before
+    _edit_manifest(toy_bundle, lambda d: d["files"][0].update(sha256="0" * 64))  # another model under the same name
+    assert fingerprint(read_manifest(toy_bundle)) not in (before, changed)
 
 
 def test_absolute_file_paths_are_refused(toy_bundle):

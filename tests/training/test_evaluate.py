@@ -86,6 +86,10 @@ def test_smoke_evaluation_report(tmp_path, mnist, capsys):
     md = (out / "report.md").read_text()
     assert "| deepfool | 24 (reduced: 24 examples < 1000) |" in md and "19.1 → 99.4" in md
     assert report["rows"][1]["residual"] is not None and report["rows"][1]["residual"] > 0
+    from service.defense.bundle import fingerprint, read_manifest
+
+    assert report["bundle_fingerprint"] == fingerprint(read_manifest(SHIPPED_MNIST))
+    assert f"`{report['bundle_fingerprint']}`" in md
 
     from training.evaluate.summary import summary
 
@@ -327,6 +331,60 @@ def test_summary_leaves_out_reports_of_earlier_rounds(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "12.3" in text and "98.7" not in text and "45.6" not in text
     assert "eval-x-round1" in printed and "eval-x-built" in printed
+
+
+def _report_on(bundle, name, root, value, **fields):
+    source = json.loads((ROOT / "docs" / "results" / "eval-mnist-cw" / "report.json").read_text())
+    source.pop("bundle_fingerprint", None)
+    source.update(bundle=str(bundle), **fields)
+    source["rows"][0]["full_defense"] = value
+    (root / name).mkdir(parents=True)
+    (root / name / "report.json").write_text(json.dumps(source))
+    return root / name / "report.json"
+
+
+def test_summary_marks_reports_of_an_earlier_version_of_their_bundle_stale(toy_bundle, tmp_path, capsys):
+    from service.defense.bundle import fingerprint, read_manifest
+    from training.evaluate.summary import main as summary_main
+
+    now = fingerprint(read_manifest(toy_bundle))
+    fresh = _report_on(toy_bundle, "eval-fresh", tmp_path, 0.111, bundle_fingerprint=now)
+    old = _report_on(toy_bundle, "eval-old", tmp_path, 0.222, bundle_fingerprint="f" * 64)
+    unknown = _report_on(toy_bundle, "eval-unknown", tmp_path, 0.333)  # no fingerprint, no git revision
+    out = tmp_path / "summary.md"
+    assert summary_main(["--out", str(out), str(fresh), str(unknown)]) == 0
+    assert "stale" not in out.read_text().lower() and "stale" not in capsys.readouterr().err
+    assert summary_main(["--out", str(out), str(fresh), str(old), str(unknown)]) == 0  # marked, not refused
+    text = out.read_text()
+    rows = {line.split("|")[4].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "(stale)" in rows["**22.2**"] and "(stale)" not in rows["**11.1**"] + rows["**33.3**"]
+    assert "**Stale:** [eval-old](eval-old/report.md) measured an earlier version" in text
+    assert "eval-old/report.json" in capsys.readouterr().err
+    assert summary_main(["--out", str(out), "--check", str(fresh), str(old)]) == 1
+    assert summary_main(["--out", str(out), "--check", str(fresh), str(unknown)]) == 0
+
+
+def test_a_report_older_than_the_fingerprint_is_judged_by_its_bundle_in_git(toy_bundle, tmp_path, monkeypatch):
+    import subprocess
+
+    from training.evaluate.summary import freshness
+
+    repo = toy_bundle.parent
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "bundle"], check=True)
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    report = {"bundle": toy_bundle.name, "provenance": {"git_revision": rev}}
+    assert freshness(report) == "current"
+    assert freshness({**report, "provenance": {"git_revision": rev + "+dirty"}}) == "unknown"  # not what was committed
+    assert freshness({**report, "provenance": {"git_revision": "0" * 40}}) == "unknown"
+    manifest = toy_bundle / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["members"][0]["detectors"][0]["threshold"] *= 1.01
+    manifest.write_text(json.dumps(data))
+    assert freshness(report) == "stale"
 
 
 def test_summary_list_keeps_every_report_it_names_and_refuses_missing_ones(tmp_path, capsys, monkeypatch):

@@ -52,6 +52,8 @@ def markdown(report: dict) -> str:
     clean = report["clean"]
     lines = [
         f"# Adversarial evaluation: `{report['bundle']}`", "", *([report["note"], ""] if report.get("note") else []),
+        *([f"Bundle fingerprint (`service.defense.bundle.fingerprint`): `{report['bundle_fingerprint']}`.", ""]
+          if report.get("bundle_fingerprint") else []),
         f"Examples: {report['examples']}. Accuracy on adversarial examples, in %: an example counts as "
         "defended when a detector rejects it or the reformed example gets its true label.", "",
         "Distortions are means over the examples that fool the undefended classifier.", "",

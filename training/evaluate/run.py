@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.defense.bundle import fingerprint
 from service.defense.core import Defense
 from training.bundle_report import clean_figures
 from training.bundles import run_batched
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return 0
     rows, curve = [], []
-    report = {"bundle": str(args.bundle), "dataset": manifest.dataset,
+    report = {"bundle": str(args.bundle), "bundle_fingerprint": fingerprint(manifest), "dataset": manifest.dataset,
               "examples": "first test images the classifier gets right", "clean": clean_figures(defense, test),
               "rows": rows, "carlini_confidence_curve": curve, "judge_providers": defense.providers,
               **({"note": SEEN_ATTACKS_NOTE} if seen_attacks(manifest) else {}),

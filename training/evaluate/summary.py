@@ -5,6 +5,11 @@
 Rows keep the report they came from (its directory is linked), so budgets and commands stay one click
 away. When two reports hold the same attack, both rows are listed; the bar plot (``<out>.png``) takes
 the row of the first report that has it.
+
+A report measured on an earlier version of its bundle is marked stale: its bundle fingerprint
+(``service.defense.bundle.fingerprint``, recorded by ``magnet evaluate``; for a report older than that
+field, the fingerprint of the bundle's manifest in git at the report's ``provenance.git_revision``)
+differs from the bundle's at its path now. ``--check`` exits 1 when any is.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.defense.bundle import BundleError, Manifest, fingerprint, migrate, read_manifest
 
 from training.evaluate.paper import PAPER, PAPER_GRAYBOX
 from training.evaluate.report import _num, _pct, stored_reduced
@@ -28,8 +39,40 @@ def _distortion(row: dict) -> str:
     return "—" if row.get("mean_l2") is None else f"L2 {_num(row['mean_l2'])}"
 
 
+def measured_on(report: dict) -> str | None:
+    """The fingerprint of the bundle the report measured: as recorded, else that of the bundle's manifest
+    in git at the report's revision (reports written before the field), else None (not known)."""
+    if report.get("bundle_fingerprint"):
+        return report["bundle_fingerprint"]
+    rev = (report.get("provenance") or {}).get("git_revision")
+    bundle = Path(report["bundle"])
+    if not rev or not re.fullmatch(r"[0-9a-f]{7,40}", rev) or bundle.is_absolute():
+        return None
+    try:
+        shown = subprocess.run(["git", "show", f"{rev}:./{bundle.as_posix()}/manifest.json"], capture_output=True,
+                               text=True, timeout=60, check=True)
+        return fingerprint(Manifest.model_validate(migrate(json.loads(shown.stdout))))
+    except (OSError, subprocess.SubprocessError, ValueError, ValidationError, BundleError):
+        return None  # not a git checkout, a shallow one, or the bundle was not committed at that revision
+
+
+def freshness(report: dict) -> str:
+    """'current' when the report measured the bundle now at its path, 'stale' when an earlier version of
+    it, 'unknown' when either fingerprint cannot be had."""
+    try:
+        now = fingerprint(read_manifest(Path(report["bundle"])))
+    except BundleError:
+        return "unknown"
+    then = measured_on(report)
+    return "unknown" if then is None else ("current" if then == now else "stale")
+
+
 def summary(paths: list[Path], out: Path) -> str:
     reports = [(p, json.loads(p.read_text())) for p in paths]
+    fresh = {p: freshness(r) for p, r in reports}
+
+    def cite(p: Path) -> str:
+        return _link(p, out) + (" (stale)" if fresh[p] == "stale" else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Evaluation summary", "",
              "Accuracy on adversarial examples in %: rejected by a detector, or classified right after reforming. "
@@ -40,6 +83,11 @@ def summary(paths: list[Path], out: Path) -> str:
         mine = [(p, r) for p, r in reports if r["dataset"] == dataset and r["bundle"] == bundle]
         paper = PAPER[dataset]
         lines += [f"## {dataset.upper() if dataset == 'mnist' else 'CIFAR-10'}: `{bundle}`", ""]
+        stale = [p for p, _ in mine if fresh[p] == "stale"]
+        if stale:
+            lines += [f"**Stale:** {', '.join(_link(p, out) for p in stale)} measured an earlier version of "
+                      f"`{bundle}` (its fingerprint differs from the bundle's now); their figures, marked "
+                      "(stale) below, are not those of the bundle as it ships until rerun.", ""]
         notes = list(dict.fromkeys(para for p, r in mine if r.get("note")
                                    for para in _relink(r["note"], p.parent, out.parent).split("\n\n")))
         lines += [line for n in notes for line in (n, "")]
@@ -47,7 +95,7 @@ def summary(paths: list[Path], out: Path) -> str:
             lines += ["| attack | n | no defense | full defense | paper: no defense → full | detectors only | reformer only "
                       "| distortion | report |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p, r in mine:
-            link = _link(p, out)
+            link = cite(p)
             for row in r["rows"]:
                 ref = paper.get(row["attack"]) or paper.get(row.get("family", ""))
                 lines.append(f"| {row['attack']} | {row['examples']}{' (reduced)' if stored_reduced(row, dataset) else ''} | {_pct(row['no_defense'])} "
@@ -58,7 +106,7 @@ def summary(paths: list[Path], out: Path) -> str:
             if not r["rows"]:
                 continue
             clean = r["clean"]
-            lines += ["", f"Clean test accuracy ({_link(p, out)}): {_pct(clean['classifier_test_accuracy'], 2)} % "
+            lines += ["", f"Clean test accuracy ({cite(p)}): {_pct(clean['classifier_test_accuracy'], 2)} % "
                       f"without the defense, {_pct(clean['defense_clean_test_accuracy'], 2)} % with it."]
             break
         for p, r in mine:
@@ -67,7 +115,7 @@ def summary(paths: list[Path], out: Path) -> str:
                 lo, hi = g["off_diagonal_range"]
                 ref = PAPER_GRAYBOX.get(dataset)
                 lines += ["", f"Graybox ({len(g['members'])} members, Carlini L2, {g['examples']} examples per column, "
-                          f"{_link(p, out)}): diagonal mean {_pct(g['diagonal_mean'])} %, off-diagonal "
+                          f"{cite(p)}): diagonal mean {_pct(g['diagonal_mean'])} %, off-diagonal "
                           f"{_pct(lo)}–{_pct(hi)} %, random member {_pct(min(g['random']))}–{_pct(max(g['random']))} %"
                           + (f" (paper, CIFAR-10: diagonal ≈ {ref['diagonal']}, off-diagonal {ref['off_diagonal']}, "
                              f"random {ref['random']})." if ref else ".")]
@@ -77,13 +125,13 @@ def summary(paths: list[Path], out: Path) -> str:
                 for run in a["runs"]:
                     who = run["members"][0] if len(run["members"]) == 1 else f"all {len(run['members'])} members (EOT)"
                     lines += ["", f"Adaptive attack on {who} of `{r['bundle']}` ({run['examples']} examples, "
-                              f"{_link(p, out)}): accuracy with the defense {_pct(run['full_defense_random_member'])} % "
+                              f"{cite(p)}): accuracy with the defense {_pct(run['full_defense_random_member'])} % "
                               f"(random member), mean L2 of the successes {_num(run['mean_l2'])} against "
                               f"{_num(base['mean_l2'])} for Carlini L2 on the undefended classifier, same budget."]
             for run in (r.get("adaptive_pgd") or {}).get("runs", []):
                 who = run["members"][0] if len(run["members"]) == 1 else f"all {len(run['members'])} members (EOT)"
                 lines += ["", f"Adaptive PGD (ε = {run['eps']:g}, {run['params']['steps']} steps) on {who} of "
-                          f"`{r['bundle']}` ({run['examples']} examples, {_link(p, out)}): accuracy with the defense "
+                          f"`{r['bundle']}` ({run['examples']} examples, {cite(p)}): accuracy with the defense "
                           f"{_pct(run['full_defense_random_member'])} % (random member)."]
         lines.append("")
     png = out.with_suffix(".png")
@@ -189,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         "in the page's order; taken as given: it names what ships, so no report in it is "
                         "left out as superseded")
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a report measured an earlier version of its bundle (the page is written all the same)")
     args = p.parse_args(argv)
     listed = [] if args.list is None else [
         Path(line) for raw in args.list.read_text().splitlines() if (line := raw.split("#", 1)[0].strip())]
@@ -206,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"left out (superseded): {', '.join(str(r.parent.name) for r in skipped)}")
     summary(current, args.out)
-    return 0
+    stale = [str(r) for r in current if freshness(json.loads(r.read_text())) == "stale"]
+    if stale:
+        print(f"stale (measured an earlier version of the bundle): {', '.join(stale)}", file=sys.stderr)
+    return 1 if stale and args.check else 0
 
 
 if __name__ == "__main__":
