@@ -387,6 +387,25 @@ def test_a_report_older_than_the_fingerprint_is_judged_by_its_bundle_in_git(toy_
     assert freshness(report) == "stale"
 
 
+def test_the_shipped_evaluation_page_says_which_reports_measured_an_earlier_bundle(monkeypatch):
+    """A report that docs/results/evaluation.md shows and that measured an earlier version of its bundle
+    is listed with a '# stale' comment (the page marks it too), and a report so marked is stale: the mark
+    goes when the report is rerun. Where it cannot be told (a shallow clone and a report older than the
+    recorded fingerprint), it is not judged."""
+    from training.evaluate.summary import freshness
+
+    monkeypatch.chdir(ROOT)
+    listing = ROOT / "docs" / "results" / "evaluation-reports.txt"
+    listed = {line: "# stale" in raw for raw in listing.read_text().splitlines()
+              if (line := raw.split("#", 1)[0].strip())}
+    assert len(listed) > 10
+    judged = {line: freshness(json.loads((ROOT / line).read_text())) for line in listed}
+    unmarked = [line for line, verdict in judged.items() if verdict == "stale" and not listed[line]]
+    assert not unmarked, f"rerun these, or mark them '# stale' in {listing.name}: {unmarked}"
+    fresh = [line for line, verdict in judged.items() if verdict == "current" and listed[line]]
+    assert not fresh, f"these measured the bundle as it ships: take the '# stale' mark off: {fresh}"
+
+
 def test_summary_list_keeps_every_report_it_names_and_refuses_missing_ones(tmp_path, capsys, monkeypatch):
     from training.evaluate.summary import main as summary_main
 
