@@ -362,6 +362,14 @@ def test_summary_marks_reports_of_an_earlier_version_of_their_bundle_stale(toy_b
     assert "eval-old/report.json" in capsys.readouterr().err
     assert summary_main(["--out", str(out), "--check", str(fresh), str(old)]) == 1
     assert summary_main(["--out", str(out), "--check", str(fresh), str(unknown)]) == 0
+    # a --list can mark reports stale: shown so even where the fingerprints cannot tell, and known to --check
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{fresh}\n{old}  # stale: rerun queued\n{unknown}  # stale: an earlier bundle\n")
+    capsys.readouterr()
+    assert summary_main(["--out", str(out), "--check", "--list", str(listing)]) == 0
+    rows = {line.split("|")[4].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert "(stale)" in rows["**22.2**"] and "(stale)" in rows["**33.3**"] and "(stale)" not in rows["**11.1**"]
+    assert "stale" not in capsys.readouterr().err
 
 
 def test_a_report_older_than_the_fingerprint_is_judged_by_its_bundle_in_git(toy_bundle, tmp_path, monkeypatch):

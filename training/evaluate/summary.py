@@ -9,7 +9,8 @@ the row of the first report that has it.
 A report measured on an earlier version of its bundle is marked stale: its bundle fingerprint
 (``service.defense.bundle.fingerprint``, recorded by ``magnet evaluate``; for a report older than that
 field, the fingerprint of the bundle's manifest in git at the report's ``provenance.git_revision``)
-differs from the bundle's at its path now. ``--check`` exits 1 when any is.
+differs from the bundle's at its path now, or its line in ``--list`` carries a ``# stale``
+comment. ``--check`` exits 1 when any report is stale and not so marked.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def freshness(report: dict) -> str:
     return "unknown" if then is None else ("current" if then == now else "stale")
 
 
-def summary(paths: list[Path], out: Path) -> str:
+def summary(paths: list[Path], out: Path, marked_stale: frozenset[Path] = frozenset()) -> str:
+    """The page; ``marked_stale``: reports to show as stale whatever their fingerprints say (a --list's
+    '# stale' marks, for reports whose bundle version cannot be told)."""
     reports = [(p, json.loads(p.read_text())) for p in paths]
-    fresh = {p: freshness(r) for p, r in reports}
+    fresh = {p: "stale" if p in marked_stale else freshness(r) for p, r in reports}
 
     def cite(p: Path) -> str:
         return _link(p, out) + (" (stale)" if fresh[p] == "stale" else "")
@@ -235,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", type=Path, metavar="FILE",
                    help="a file naming the report.json files to show, one per line ('#' starts a comment), "
                         "in the page's order; taken as given: it names what ships, so no report in it is "
-                        "left out as superseded")
+                        "left out as superseded. A line with a '# stale' comment is shown as stale and is "
+                        "not counted by --check (it is known)")
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a report measured an earlier version of its bundle (the page is written all the same)")
     args = p.parse_args(argv)
-    listed = [] if args.list is None else [
-        Path(line) for raw in args.list.read_text().splitlines() if (line := raw.split("#", 1)[0].strip())]
+    raw_lines = [] if args.list is None else args.list.read_text().splitlines()
+    listed = [Path(line) for raw in raw_lines if (line := raw.split("#", 1)[0].strip())]
+    marked = frozenset(Path(line) for raw in raw_lines
+                       if (line := raw.split("#", 1)[0].strip()) and "# stale" in raw)
     if not args.reports and not listed:
         p.error("name report.json files, or a --list of them")
     missing = [str(r) for r in listed if not r.is_file()]
@@ -255,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sorted(set(args.reports) - set(current))
     if skipped:
         print(f"left out (superseded): {', '.join(str(r.parent.name) for r in skipped)}")
-    summary(current, args.out)
-    stale = [str(r) for r in current if freshness(json.loads(r.read_text())) == "stale"]
+    summary(current, args.out, marked)
+    stale = [str(r) for r in current if r not in marked and freshness(json.loads(r.read_text())) == "stale"]
     if stale:
         print(f"stale (measured an earlier version of the bundle): {', '.join(stale)}", file=sys.stderr)
     return 1 if stale and args.check else 0
