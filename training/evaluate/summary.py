@@ -89,8 +89,8 @@ def summary(paths: list[Path], out: Path, marked_stale: frozenset[Path] = frozen
         stale = [p for p, _ in mine if fresh[p] == "stale"]
         if stale:
             lines += [f"**Stale:** {', '.join(_link(p, out) for p in stale)} measured an earlier version of "
-                      f"`{bundle}` (its fingerprint differs from the bundle's now); their figures, marked "
-                      "(stale) below, are not those of the bundle as it ships until rerun.", ""]
+                      f"`{bundle}` (its fingerprint differs from the bundle's now); {'its' if len(stale) == 1 else 'their'} "
+                      "figures, marked (stale) below, are not those of the bundle as it ships until rerun.", ""]
         notes = list(dict.fromkeys(para for p, r in mine if r.get("note")
                                    for para in _relink(r["note"], p.parent, out.parent).split("\n\n")))
         lines += [line for n in notes for line in (n, "")]
