@@ -8,12 +8,14 @@ reversed in sign) and at L-infinity distance m / ||d||_1 (delta = eps * sign(d))
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from training.attacks.carlini import AttackResult, carlini_l0, carlini_l2, carlini_linf
+from training.attacks.carlini import AttackResult, carlini_l0, carlini_l0_stream, carlini_l2, carlini_linf
 
 FAST_L2 = dict(binary_search_steps=5, max_iterations=300)
 FAST_LI = dict(max_iterations=150, initial_const=1e-2)
@@ -209,3 +211,66 @@ def test_l0_knows_its_schedules(two_class):
     model, x, _, _ = two_class
     with pytest.raises(ValueError, match="schedule"):
         carlini_l0(model, x, np.zeros(4, np.int64), schedule="fast")
+
+
+class _Batches(nn.Module):
+    """Records the batch size of every forward pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("kw", [{}, {**CARLINI_L0, "max_iterations": 100}], ids=["geometric", "carlini"])
+def test_l0_stream_is_the_same_attack_with_slots_refilled(two_class, kw):
+    """Streaming keeps each example's own state: the same result as the batched attack, example by example,
+    with the batch full until the stream runs dry, and time shares that add up to the stream's time."""
+    model, x, _, _ = two_class
+    xs = np.concatenate([x, x[::-1]])  # 8 examples, different lengths of search side by side
+    ys = np.zeros(8, np.int64)
+    alone = carlini_l0(model, xs, ys, batch_size=1, **kw)
+    watched = _Batches(model)
+    got, order = {}, []
+
+    def done(key, x_adv, ok, seconds):
+        got[key] = (x_adv, ok, seconds)
+        order.append(key)
+
+    started = time.perf_counter()
+    count = carlini_l0_stream(watched, ((f"ex{i}", xs[i], ys[i]) for i in range(8)), done, slots=3, **kw)
+    took = time.perf_counter() - started
+    assert count == 8 and sorted(got) == [f"ex{i}" for i in range(8)]
+    for i in range(8):
+        x_adv, ok, seconds = got[f"ex{i}"]
+        assert x_adv.shape == xs[i].shape and x_adv.dtype == np.float32 and ok == alone.success[i]
+        np.testing.assert_allclose(x_adv, alone.x_adv[i], atol=1e-5)
+        assert (x_adv != xs[i]).any(0).sum() == (alone.x_adv[i] != xs[i]).any(0).sum()  # same pixels changed
+        assert seconds > 0
+    assert sum(s for _, _, s in got.values()) == pytest.approx(took, rel=0.2)
+    sizes = watched.sizes
+    assert max(sizes) == 3 and sizes[0] == 3
+    full_until = len(sizes) - sizes[::-1].index(3)  # the batch stays full until the last example has joined
+    assert min(sizes[:full_until]) == 3 and sizes[full_until:] == sorted(sizes[full_until:], reverse=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_l0_stream_rejects_bad_input(two_class):
+    model, x, _, _ = two_class
+    ignore = lambda *a: None  # noqa: E731
+    with pytest.raises(ValueError, match="slots"):
+        carlini_l0_stream(model, [(0, x[0], 0)], ignore, slots=0)
+    with pytest.raises(ValueError, match="twice"):
+        carlini_l0_stream(model, [(0, x[0], 0), (0, x[1], 0)], ignore, slots=2)
+    with pytest.raises(ValueError, match="C x H x W"):
+        carlini_l0_stream(model, [(0, x[:1], 0)], ignore)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        carlini_l0_stream(model, [(0, x[0] * 3, 0)], ignore)
+    with pytest.raises(TypeError, match="batch_size"):
+        carlini_l0_stream(model, [(0, x[0], 0)], ignore, batch_size=4)
+    with pytest.raises(ValueError, match="schedule"):
+        carlini_l0_stream(model, [(0, x[0], 0)], ignore, schedule="fast")
+    assert carlini_l0_stream(model, [], ignore) == 0

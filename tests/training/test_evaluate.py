@@ -157,6 +157,35 @@ def test_shards_craft_disjoint_chunks_without_judging_and_a_plain_run_then_judge
         run.main([*args[:-2], "--cache-shard", "0/2", "--out", str(tmp_path / "bad")])
 
 
+def test_slotted_shards_craft_l0_side_by_side_into_the_same_chunks(tmp_path, mnist, capsys):
+    """--cache-slots streams one-example chunks through a batch: the same files as a plain shard would
+    write, each with its share of the time, judged by a plain run like any other."""
+    cache = tmp_path / "cache"
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "carlini_l0_fast",
+            "--n-carlini", "5", "--kappas", "--cache", str(cache), "--cache-chunk", "1"]
+    assert run.main([*args, "--cache-shard", "0/2", "--cache-slots", "2", "--out", str(tmp_path / "s0")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("(its share of 2 slots)") == 3 and "3 of 5 examples now in the cache" in printed
+    slotted = set(cache.glob("*.npz"))
+    for f in slotted:
+        kept = np.load(f)
+        assert kept["x_adv"].shape == (1, 1, 28, 28) and int(kept["slots"]) == 2 and float(kept["seconds"]) > 0
+    assert run.main([*args, "--cache-shard", "1/2", "--out", str(tmp_path / "s1")]) == 0  # one at a time
+    assert len(list(cache.glob("*.npz"))) == 5 and "5 of 5 examples" in capsys.readouterr().out
+    assert run.main([*args, "--out", str(tmp_path / "all")]) == 0
+    row = json.loads((tmp_path / "all" / "report.json").read_text())["rows"][0]
+    assert (row["chunks_reused"], row["reused_examples"], row["examples"]) == (5, True, 5)
+    assert row["attack_success"] > 0.5  # the slotted examples are adversarial, not the images returned
+    for bad in (["--cache-slots", "2", "--cache-shard", "0/2", "--cache-chunk", "2"],  # chunks of one only
+                ["--cache-slots", "2"],  # crafting only, in shards
+                ["--cache-slots", "0", "--cache-shard", "0/2"]):
+        with pytest.raises(SystemExit):
+            run.main([*args, *bad, "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="cannot craft side by side"):
+        run.main([*args[:4], "--attacks", "fgsm_eps0.01", *args[6:], "--cache-shard", "0/2", "--cache-slots", "2",
+                  "--out", str(tmp_path / "bad")])
+
+
 def test_plan_lists_what_would_run_with_estimates_and_runs_nothing(tmp_path, mnist, capsys):
     out = tmp_path / "never"
     assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--out", str(out), "--plan",

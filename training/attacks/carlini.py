@@ -33,9 +33,11 @@ unchanged (``x_adv[i] == x[i]``, ``success[i] == False``, distances 0).
 
 from __future__ import annotations
 
+import inspect
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable, Iterable
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ from torch import nn
 Penalty = Callable[[torch.Tensor], torch.Tensor]
 SuccessFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
+StreamDone = Callable[[Hashable, np.ndarray, bool, float], None]
 
 
 @dataclass
@@ -111,6 +114,16 @@ class _Adam:
 
     def reset(self, rows: torch.Tensor) -> None:
         self.m[rows], self.v[rows], self.t[rows] = 0.0, 0.0, 0.0
+
+    def grow(self, n: int) -> None:
+        """Add ``n`` fresh rows at the end."""
+        self.m = torch.cat([self.m, self.m.new_zeros((n,) + self.m.shape[1:])])
+        self.v = torch.cat([self.v, self.v.new_zeros((n,) + self.v.shape[1:])])
+        self.t = torch.cat([self.t, self.t.new_zeros(n)])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows``, in that order."""
+        self.m, self.v, self.t = self.m[rows], self.v[rows], self.t[rows]
 
 
 @contextmanager
@@ -404,50 +417,168 @@ def carlini_l0(
 
     if schedule not in ("geometric", "carlini"):
         raise ValueError(f"schedule must be 'geometric' or 'carlini', not {schedule!r}")
+    settings = dict(confidence=confidence, targeted=targeted, max_iterations=max_iterations,
+                    learning_rate=learning_rate, initial_const=initial_const, largest_const=largest_const,
+                    const_factor=const_factor, shrink=shrink, schedule=schedule)
 
     def attack(xb, yb, tick):
-        n, dev = len(xb), xb.device
-        w, adam = _to_w(xb), _Adam(xb, learning_rate)
-        mask = torch.ones((n, 1) + tuple(xb.shape[2:]), device=dev)
-        c, steps, active, best, found = _machines(xb, initial_const)
-        while bool(active.any()):
-            tick(int((~active).sum()))
-            rows = active.nonzero().squeeze(1)
-            wa = w[rows].requires_grad_(True)
-            m, xr = mask[rows], xb[rows]
-            adv = m * _box(wa) + (1 - m) * xr
-            logits = model(adv)
-            f = _hinge(logits, yb[rows], targeted, confidence)
-            loss = (adv - xr).flatten(1).pow(2).sum(1) + c[rows] * f
-            grad_w, grad_adv = torch.autograd.grad(loss.sum(), [wa, adv])
-            with torch.no_grad():
-                ok = _margin_success(logits, yb[rows], targeted, confidence)
-                win, lose = rows[ok], rows[~ok]
-                best[win], found[win] = adv[ok], True
-                delta = (adv[ok] - xr[ok]).abs().sum(1, keepdim=True)
-                importance = delta * grad_adv[ok].abs().sum(1, keepdim=True)
-                changed = (delta > 1e-4).flatten(1)
-                if schedule == "carlini":
-                    # every masked pixel is a candidate, least important first; at most ceil(0.3 sqrt(k))
-                    # go, the first one above 0.01 being the last
-                    keep = (m[ok] > 0).flatten(1)
-                    small = (importance.flatten(1) <= 0.01) & keep
-                    drop = torch.minimum(torch.ceil(0.3 * changed.sum(1).float().sqrt()).clamp(min=1),
-                                         small.sum(1).float() + 1).long()
-                else:
-                    keep = changed & (m[ok] > 0).flatten(1)  # masked pixels this iterate changes
-                    drop = torch.ceil(shrink * keep.sum(1).float()).clamp(min=1).long()
-                score = importance.flatten(1).masked_fill(~keep, float("inf"))
-                order = score.argsort(1)
-                ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
-                keep &= ranks >= drop[:, None]
-                mask[win] = keep.view_as(delta).float()
-                w[win] = torch.where(mask[win] > 0, wa.detach()[ok], _to_w(xr[ok]))
-                steps[win] = 0
-                adam.reset(win)
-                active[win] = keep.any(1)
-                adam.step(w, grad_w[~ok], lose)
-                _count_failure(steps, c, active, lose, max_iterations, const_factor, largest_const)
+        search = _L0Search(model, **settings)
+        search.join(xb, yb, list(range(len(xb))))
+        best, found, finished = xb.clone(), torch.zeros(len(xb), dtype=torch.bool, device=xb.device), 0
+        while len(search):
+            for i, adv, ok in search.step()[0]:
+                best[i], found[i] = adv, ok
+                finished += 1
+            tick(finished)
         return best, found
 
     return _run(attack, model, x, y, batch_size, device, progress)
+
+
+def carlini_l0_stream(
+    model: nn.Module, examples: Iterable[tuple[Hashable, np.ndarray, int]], done: StreamDone, *, slots: int = 2,
+    device: str | torch.device = "cpu", schedule: str = "geometric", **settings,
+) -> int:
+    """:func:`carlini_l0` on a stream of examples, ``slots`` side by side, each slot refilled as soon as its
+    example finishes: the same per-example attack, with every forward and backward pass on a batch of
+    ``slots`` images for as long as the stream lasts (a ResNet-9 step on one CPU thread costs about 1.5 x
+    for 2 images what it costs for 1), where a fixed batch shrinks to its slowest example.
+
+    ``examples`` yields ``(key, x, y)`` with x one C x H x W float32 image in [0, 1]; for each,
+    ``done(key, x_adv, success, seconds)`` is called as soon as it finishes, with x_adv as
+    :func:`carlini_l0` returns it (``x`` where the attack failed) and ``seconds`` its share of the time:
+    every step's time split evenly among the examples in it, so that the shares add up to the time the
+    stream took. ``settings`` are :func:`carlini_l0`'s keywords (not ``batch_size`` or ``progress``).
+    Returns how many examples were attacked.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, not {slots}")
+    if schedule not in ("geometric", "carlini"):
+        raise ValueError(f"schedule must be 'geometric' or 'carlini', not {schedule!r}")
+    defaults = {k: v.default for k, v in inspect.signature(carlini_l0).parameters.items()
+                if k in _L0_SETTINGS and k not in ("schedule",)}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown setting(s) for the L0 attack: {', '.join(sorted(unknown))}")
+    search_settings = {**defaults, **settings, "schedule": schedule}
+    source, count = iter(examples), 0
+    spent: dict[Hashable, float] = {}
+    originals: dict[Hashable, torch.Tensor] = {}
+    with _eval_mode(model):
+        search = _L0Search(model, **search_settings)
+        while True:
+            while len(search) < slots:
+                item = next(source, None)
+                if item is None:
+                    break
+                key, xi, yi = item
+                xi = np.ascontiguousarray(xi, dtype=np.float32)
+                if xi.ndim != 3:
+                    raise ValueError(f"each example must be C x H x W; got {xi.shape}")
+                if xi.min() < 0 or xi.max() > 1:
+                    raise ValueError("x must lie in [0, 1]")
+                if key in spent:
+                    raise ValueError(f"key {key!r} appears twice in the stream")
+                xt = torch.from_numpy(xi[None]).to(device)
+                search.join(xt, torch.tensor([int(yi)], dtype=torch.long, device=device), [key])
+                spent[key], originals[key] = 0.0, xt[0]
+                count += 1
+            if not len(search):
+                return count
+            finished, took = search.step()
+            share = took / (len(search) + len(finished))
+            for key in search.keys:
+                spent[key] += share
+            for key, adv, ok in finished:
+                spent[key] += share
+                out = (adv if ok else originals.pop(key)).clamp(0.0, 1.0)
+                originals.pop(key, None)
+                done(key, out.detach().cpu().numpy().astype(np.float32), bool(ok), spent.pop(key))
+
+
+_L0_SETTINGS = ("confidence", "targeted", "max_iterations", "learning_rate", "initial_const", "largest_const",
+                "const_factor", "shrink", "schedule")
+
+
+class _L0Search:
+    """The L0 attack's per-example state machines, one row per example still running. Examples join
+    between steps and leave as soon as they finish, so a batch can stay full while a stream goes by
+    (:func:`carlini_l0_stream`); :func:`carlini_l0` lets a whole batch join at once."""
+
+    def __init__(self, model, *, confidence, targeted, max_iterations, learning_rate, initial_const,
+                 largest_const, const_factor, shrink, schedule):
+        self.model, self.confidence, self.targeted = model, confidence, targeted
+        self.max_iterations, self.learning_rate, self.initial_const = max_iterations, learning_rate, initial_const
+        self.largest_const, self.const_factor, self.shrink, self.schedule = largest_const, const_factor, shrink, schedule
+        self.keys: list = []
+        self.x = self.y = self.w = self.mask = self.adam = None
+        self.c = self.steps = self.active = self.best = self.found = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def join(self, xb: torch.Tensor, yb: torch.Tensor, keys: list) -> None:
+        """Start ``xb`` (N x C x H x W) with labels ``yb``, named by ``keys``."""
+        n, dev = len(xb), xb.device
+        c, steps, active, best, found = _machines(xb, self.initial_const)
+        fresh = dict(x=xb, y=yb, w=_to_w(xb), mask=torch.ones((n, 1) + tuple(xb.shape[2:]), device=dev),
+                     c=c, steps=steps, active=active, best=best, found=found)
+        if not self.keys:
+            for name, value in fresh.items():
+                setattr(self, name, value)
+            self.adam = _Adam(xb, self.learning_rate)
+        else:
+            for name, value in fresh.items():
+                setattr(self, name, torch.cat([getattr(self, name), value]))
+            self.adam.grow(n)
+        self.keys += list(keys)
+
+    def step(self) -> tuple[list[tuple], float]:
+        """One Adam step for every running example. Returns ``(key, best iterate, found)`` for the examples
+        that finished in it (they leave), and the seconds the step took."""
+        started = time.perf_counter()
+        w, m, xr, y = self.w, self.mask, self.x, self.y
+        wa = w.detach().clone().requires_grad_(True)
+        adv = m * _box(wa) + (1 - m) * xr
+        logits = self.model(adv)
+        f = _hinge(logits, y, self.targeted, self.confidence)
+        loss = (adv - xr).flatten(1).pow(2).sum(1) + self.c * f
+        grad_w, grad_adv = torch.autograd.grad(loss.sum(), [wa, adv])
+        with torch.no_grad():
+            dev = xr.device
+            ok = _margin_success(logits, y, self.targeted, self.confidence)
+            win, lose = ok.nonzero().squeeze(1), (~ok).nonzero().squeeze(1)
+            self.best[win], self.found[win] = adv[ok], True
+            delta = (adv[ok] - xr[ok]).abs().sum(1, keepdim=True)
+            importance = delta * grad_adv[ok].abs().sum(1, keepdim=True)
+            changed = (delta > 1e-4).flatten(1)
+            if self.schedule == "carlini":
+                # every masked pixel is a candidate, least important first; at most ceil(0.3 sqrt(k))
+                # go, the first one above 0.01 being the last
+                keep = (m[ok] > 0).flatten(1)
+                small = (importance.flatten(1) <= 0.01) & keep
+                drop = torch.minimum(torch.ceil(0.3 * changed.sum(1).float().sqrt()).clamp(min=1),
+                                     small.sum(1).float() + 1).long()
+            else:
+                keep = changed & (m[ok] > 0).flatten(1)  # masked pixels this iterate changes
+                drop = torch.ceil(self.shrink * keep.sum(1).float()).clamp(min=1).long()
+            score = importance.flatten(1).masked_fill(~keep, float("inf"))
+            order = score.argsort(1)
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
+            keep &= ranks >= drop[:, None]
+            m[win] = keep.view_as(delta).float()
+            w[win] = torch.where(m[win] > 0, wa.detach()[ok], _to_w(xr[ok]))
+            self.steps[win] = 0
+            self.adam.reset(win)
+            self.active[win] = keep.any(1)
+            self.adam.step(w, grad_w[~ok], lose)
+            _count_failure(self.steps, self.c, self.active, lose, self.max_iterations, self.const_factor,
+                           self.largest_const)
+            finished = [(self.keys[i], self.best[i], bool(self.found[i])) for i in (~self.active).nonzero().squeeze(1).tolist()]
+            if finished:
+                stay = self.active.nonzero().squeeze(1)
+                for name in ("x", "y", "w", "mask", "c", "steps", "active", "best", "found"):
+                    setattr(self, name, getattr(self, name)[stay])
+                self.adam.keep(stay)
+                self.keys = [self.keys[i] for i in stay.tolist()]
+        return finished, time.perf_counter() - started

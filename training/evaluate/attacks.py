@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attacks.carlini import carlini_l0, carlini_l2, carlini_linf
+from training.attacks.carlini import carlini_l0, carlini_l0_stream, carlini_l2, carlini_linf
 from training.attacks.deepfool import deepfool
 
 
@@ -78,6 +78,8 @@ def own_carlini(norm: str):
         return fn(model, x, y, device=device, **params).x_adv
 
     run.reports_progress = True
+    if norm == "l0":
+        run.stream = carlini_l0_stream
     return run
 
 
