@@ -21,6 +21,9 @@
 # (default 10, as the CPU run of Carlini L-infinity, so that chunks crafted on either machine are reused
 # by the other: `magnet evaluate --cache-chunk`), so a job cut by its cap (CAP_S, seconds per job) keeps
 # the chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
+# SLOTS=B (L0 jobs): one example a chunk, B of them side by side on the GPU, a finished one's slot
+# refilled at once (`magnet evaluate --cache-slots`; the CPU run's chunks are one example each too, so
+# they are reused), then a second run judges the row once every example is kept.
 set -uo pipefail
 data=$1; wheels=$2; out=$3; shift 3
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(cifar10-linf cifar10-l0)
@@ -42,6 +45,12 @@ for job in "${jobs[@]}"; do
     cifar10-l0) args=(--bundle models/cifar10 --attacks carlini_l0) ;;
     *) echo "unknown job $job"; exit 2 ;;
   esac
+  if [ -n "${SLOTS:-}" ] && [[ $job == *-l0 ]]; then
+    ( time timeout "$cap" python3 -m training.evaluate.run "${common[@]}" "${args[@]}" --cache-chunk 1 \
+        --cache-shard 0/1 --cache-slots "$SLOTS" --out "$out/eval-$job" ) > "$out/$job-slots.log" 2>&1
+    grep -q "200 of 200 examples now in the cache" "$out/$job-slots.log" || { echo "$job: not all crafted"; tail -n 4 "$out/$job-slots.log"; continue; }
+    args+=(--cache-chunk 1)
+  fi
   ( time timeout "$cap" python3 -m training.evaluate.run "${common[@]}" "${args[@]}" --out "$out/eval-$job" ) \
       > "$out/$job.log" 2>&1
   echo "$job: exit $?"; tail -n 4 "$out/$job.log"
