@@ -32,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # as it was (a test calls main in its own process)
+
+
+def _run(args, argv) -> int:
     classifier = torch_twin(args.classifier, "cifar10", "classifier", (3, 32, 32)).eval()
     for param in classifier.parameters():
         param.requires_grad_(False)

@@ -221,3 +221,18 @@ def test_the_optimization_level_bench_times_every_model_at_each_level(tmp_path):
     for r in rows:
         assert set(r["ms"]) == {"all", "extended", "basic"} and all(set(t) == {"1", "2"} for t in r["ms"].values())
         assert r["auto"] in ("all", "extended") and all(v > 0 for t in r["ms"].values() for v in t.values())
+
+
+def test_attack_batch_cost_reports_every_size_per_step_and_per_image(tmp_path):
+    import torch
+
+    from bench.attack_batch import main
+
+    out, threads = tmp_path / "cost.json", torch.get_num_threads()
+    assert main(["--sizes", "1", "2", "--steps", "1", "--repeats", "1", "--note", "smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 2] and report["threads"] == 1 and report["note"] == "smoke"
+    for r in report["rows"]:
+        assert r["ms_per_step"] > 0 and r["ms_per_image"] == pytest.approx(r["ms_per_step"] / r["batch"], abs=0.01)
+    assert report["rows"][0]["images_per_second_vs_batch_1"] == 1.0
+    assert torch.get_num_threads() == threads  # the process's setting is left as it was
