@@ -441,8 +441,8 @@ def carlini_l0_stream(
 ) -> int:
     """:func:`carlini_l0` on a stream of examples, ``slots`` side by side, each slot refilled as soon as its
     example finishes: the same per-example attack, with every forward and backward pass on a batch of
-    ``slots`` images for as long as the stream lasts (a ResNet-9 step on one CPU thread costs about 1.5 x
-    for 2 images what it costs for 1), where a fixed batch shrinks to its slowest example.
+    ``slots`` images for as long as the stream lasts (a ResNet-9 step on one CPU thread costs 1.3-1.65 x
+    for 2 images what it costs for 1: ``python -m bench.attack_batch``), where a fixed batch shrinks to its slowest example.
 
     ``examples`` yields ``(key, x, y)`` with x one C x H x W float32 image in [0, 1]; for each,
     ``done(key, x_adv, success, seconds)`` is called as soon as it finishes, with x_adv as
@@ -463,6 +463,7 @@ def carlini_l0_stream(
     search_settings = {**defaults, **settings, "schedule": schedule}
     source, count = iter(examples), 0
     spent: dict[Hashable, float] = {}
+    seen: set = set()
     originals: dict[Hashable, torch.Tensor] = {}
     with _eval_mode(model):
         search = _L0Search(model, **search_settings)
@@ -477,8 +478,9 @@ def carlini_l0_stream(
                     raise ValueError(f"each example must be C x H x W; got {xi.shape}")
                 if xi.min() < 0 or xi.max() > 1:
                     raise ValueError("x must lie in [0, 1]")
-                if key in spent:
+                if key in seen:
                     raise ValueError(f"key {key!r} appears twice in the stream")
+                seen.add(key)
                 xt = torch.from_numpy(xi[None]).to(device)
                 search.join(xt, torch.tensor([int(yi)], dtype=torch.long, device=device), [key])
                 spent[key], originals[key] = 0.0, xt[0]
