@@ -96,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-slots", type=int, default=1, metavar="B",
                    help="with --cache-shard and --cache-chunk 1, for Carlini L0: attack B examples side by side, "
                         "a finished one's slot refilled at once, each kept as soon as it is done (on one CPU "
-                        "thread a ResNet-9 step costs about 1.5 x for 2 images what it costs for 1); the seconds "
-                        "kept with each are its share of the steps it was in")
+                        "thread a ResNet-9 step costs 1.3-1.65 x for 2 images what it costs for 1: python -m "
+                        "bench.attack_batch); the seconds kept with each are its share of the steps it was in")
     p.add_argument("--seed", type=int, default=0, help="seed for torch")
     p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its time, then stop")
     return p
