@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _run(args, argv) -> int:
     rows = [{"batch": b, "ms_per_step": round(best[b], 2), "ms_per_image": round(best[b] / b, 2),
              "images_per_second_vs_batch_1": round(best[args.sizes[0]] / args.sizes[0] / (best[b] / b), 2)}
             for b in args.sizes]
-    out = {"command": "python -m bench.attack_batch " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    out = {"command": "python -m bench.attack_batch " + " ".join(argv if argv is not None else sys.argv[1:]),
            "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "cpus": os.cpu_count(),
            "torch": torch.__version__, "note": args.note, "rows": rows}
     for r in rows:

@@ -234,11 +234,10 @@ def test_l0_stream_is_the_same_attack_with_slots_refilled(two_class, kw):
     ys = np.zeros(8, np.int64)
     alone = carlini_l0(model, xs, ys, batch_size=1, **kw)
     watched = _Batches(model)
-    got, order = {}, []
+    got = {}
 
     def done(key, x_adv, ok, seconds):
         got[key] = (x_adv, ok, seconds)
-        order.append(key)
 
     started = time.perf_counter()
     count = carlini_l0_stream(watched, ((f"ex{i}", xs[i], ys[i]) for i in range(8)), done, slots=3, **kw)

@@ -437,7 +437,7 @@ def carlini_l0(
 
 def carlini_l0_stream(
     model: nn.Module, examples: Iterable[tuple[Hashable, np.ndarray, int]], done: StreamDone, *, slots: int = 2,
-    device: str | torch.device = "cpu", schedule: str = "geometric", **settings,
+    device: str | torch.device = "cpu", **settings,
 ) -> int:
     """:func:`carlini_l0` on a stream of examples, ``slots`` side by side, each slot refilled as soon as its
     example finishes: the same per-example attack, with every forward and backward pass on a batch of
@@ -453,20 +453,15 @@ def carlini_l0_stream(
     """
     if slots < 1:
         raise ValueError(f"slots must be at least 1, not {slots}")
-    if schedule not in ("geometric", "carlini"):
-        raise ValueError(f"schedule must be 'geometric' or 'carlini', not {schedule!r}")
-    defaults = {k: v.default for k, v in inspect.signature(carlini_l0).parameters.items()
-                if k in _L0_SETTINGS and k not in ("schedule",)}
+    defaults = {k: v.default for k, v in inspect.signature(carlini_l0).parameters.items() if k in _L0_SETTINGS}
     unknown = set(settings) - set(defaults)
     if unknown:
         raise TypeError(f"unknown setting(s) for the L0 attack: {', '.join(sorted(unknown))}")
-    search_settings = {**defaults, **settings, "schedule": schedule}
+    search = _L0Search(model, **{**defaults, **settings})
     source, count = iter(examples), 0
     spent: dict[Hashable, float] = {}
     seen: set = set()
-    originals: dict[Hashable, torch.Tensor] = {}
     with _eval_mode(model):
-        search = _L0Search(model, **search_settings)
         while True:
             while len(search) < slots:
                 item = next(source, None)
@@ -483,7 +478,7 @@ def carlini_l0_stream(
                 seen.add(key)
                 xt = torch.from_numpy(xi[None]).to(device)
                 search.join(xt, torch.tensor([int(yi)], dtype=torch.long, device=device), [key])
-                spent[key], originals[key] = 0.0, xt[0]
+                spent[key] = 0.0
                 count += 1
             if not len(search):
                 return count
@@ -491,11 +486,9 @@ def carlini_l0_stream(
             share = took / (len(search) + len(finished))
             for key in search.keys:
                 spent[key] += share
-            for key, adv, ok in finished:
+            for key, best, ok in finished:  # best is x itself where the attack failed
                 spent[key] += share
-                out = (adv if ok else originals.pop(key)).clamp(0.0, 1.0)
-                originals.pop(key, None)
-                done(key, out.detach().cpu().numpy().astype(np.float32), bool(ok), spent.pop(key))
+                done(key, best.clamp(0.0, 1.0).cpu().numpy().astype(np.float32), ok, spent.pop(key))
 
 
 _L0_SETTINGS = ("confidence", "targeted", "max_iterations", "learning_rate", "initial_const", "largest_const",
@@ -509,6 +502,8 @@ class _L0Search:
 
     def __init__(self, model, *, confidence, targeted, max_iterations, learning_rate, initial_const,
                  largest_const, const_factor, shrink, schedule):
+        if schedule not in ("geometric", "carlini"):
+            raise ValueError(f"schedule must be 'geometric' or 'carlini', not {schedule!r}")
         self.model, self.confidence, self.targeted = model, confidence, targeted
         self.max_iterations, self.learning_rate, self.initial_const = max_iterations, learning_rate, initial_const
         self.largest_const, self.const_factor, self.shrink, self.schedule = largest_const, const_factor, shrink, schedule
