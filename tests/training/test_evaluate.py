@@ -170,6 +170,7 @@ def test_slotted_shards_craft_l0_side_by_side_into_the_same_chunks(tmp_path, mni
     for f in slotted:
         kept = np.load(f)
         assert kept["x_adv"].shape == (1, 1, 28, 28) and int(kept["slots"]) == 2 and float(kept["seconds"]) > 0
+        assert str(kept["device"]) == "cpu"
     assert run.main([*args, "--cache-shard", "1/2", "--out", str(tmp_path / "s1")]) == 0  # one at a time
     assert len(list(cache.glob("*.npz"))) == 5 and "5 of 5 examples" in capsys.readouterr().out
     assert run.main([*args, "--out", str(tmp_path / "all")]) == 0

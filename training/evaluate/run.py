@@ -265,7 +265,7 @@ def _stream_shard(attack: Attack, twin, defense, x, y, device, cache: Path, idx:
     def done(k, x_adv, _ok, seconds):
         path = paths[k]
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x_adv=x_adv[None], seconds=seconds, slots=slots)
+        np.savez(path, x_adv=x_adv[None], seconds=seconds, slots=slots, device=str(device))
         print(f"{attack.name}: chunk {k} (1 examples) crafted in {seconds:.0f} s (its share of {slots} slots) -> "
               f"{path}", flush=True)
 
