@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("art")
 
 from training.evaluate import run  # noqa: E402
@@ -163,7 +163,14 @@ def test_slotted_shards_craft_l0_side_by_side_into_the_same_chunks(tmp_path, mni
     cache = tmp_path / "cache"
     args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "carlini_l0_fast",
             "--n-carlini", "5", "--kappas", "--cache", str(cache), "--cache-chunk", "1"]
-    assert run.main([*args, "--cache-shard", "0/2", "--cache-slots", "2", "--out", str(tmp_path / "s0")]) == 0
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default
+    try:
+        assert run.main([*args, "--cache-shard", "0/2", "--cache-slots", "2", "--out", str(tmp_path / "s0")]) == 0
+        # the attacks run in full float32 on a GPU: TF32 put 11 of 107 κ = 0 examples on the wrong side
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     printed = capsys.readouterr().out
     assert printed.count("(its share of 2 slots)") == 3 and "3 of 5 examples now in the cache" in printed
     slotted = set(cache.glob("*.npz"))
@@ -501,3 +508,46 @@ def test_the_plot_draws_a_faster_schedule_under_its_family_until_the_full_attack
     assert drawn["carlini_l0"]["full_defense"] == fast["rows"][0]["full_defense"] and "carlini_l0_fast" not in drawn
     drawn = plotted_rows([(Path("a"), fast), (Path("b"), full)], "mnist")[fast["bundle"]]
     assert drawn["carlini_l0"]["full_defense"] == full["rows"][0]["full_defense"]
+
+
+def test_cache_by_device_splits_a_row_and_drops_the_gpu_examples_that_do_not_fool(tmp_path, mnist, capsys):
+    """scripts/cache_by_device.py: groups a one-example-a-chunk row by the device each chunk names (older
+    chunks, without one, are the CPU's) and, with --drop-unfooled, deletes that device's chunks whose
+    example leaves the classifier right, so that a shard crafts them again."""
+    import importlib.util
+
+    from service.defense.core import Defense
+    from training.bundles import run_batched
+    from training.specs import load_for_manifest, spec_of_manifest
+
+    spec_ = importlib.util.spec_from_file_location("cache_by_device", ROOT / "scripts" / "cache_by_device.py")
+    split = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(split)
+    cache = tmp_path / "cache"
+    assert run.main(["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--attacks", "carlini_l0_fast",
+                     "--n-carlini", "3", "--kappas", "--cache", str(cache), "--cache-chunk", "1",
+                     "--cache-shard", "0/1", "--cache-slots", "3", "--out", str(tmp_path / "s")]) == 0
+    defense = Defense(SHIPPED_MNIST)
+    test = load_for_manifest(defense.manifest, DATA_DIR).test
+    idx = np.flatnonzero(run_batched(defense.classifier, test.x).argmax(1) == test.y)[:3]
+    attack = registry(spec_of_manifest(defense.manifest))["carlini_l0_fast"]
+    files = [run._cache_file(cache, defense, attack, idx[k : k + 1]) for k in range(3)]
+    kept = np.load(files[1])
+    np.savez(files[1], x_adv=test.x[idx[1:2]], seconds=kept["seconds"], slots=kept["slots"], device="cuda")
+    kept = np.load(files[2])
+    np.savez(files[2], x_adv=kept["x_adv"], seconds=kept["seconds"])  # as the chunks before --cache-slots
+    fools = run_batched(defense.classifier, np.concatenate([np.load(f)["x_adv"] for f in files])).argmax(1) != test.y[idx]
+    assert fools[0] and not fools[1]
+    out = tmp_path / "split.json"
+    args = ["--bundle", str(SHIPPED_MNIST), "--data-dir", str(DATA_DIR), "--cache", str(cache), "--attack",
+            "carlini_l0_fast", "--n-carlini", "3", "--out", str(out)]
+    assert split.main(args) == 0
+    groups = json.loads(out.read_text())["groups"]
+    assert (groups["cpu"]["examples"], groups["cuda"]["examples"]) == (2, 1)
+    assert groups["cuda"]["unfooled"] == [1] and groups["cuda"]["no_defense"] == 1.0
+    assert groups["cpu"]["fool_classifier"] == int(fools[0]) + int(fools[2])
+    assert split.main([*args, "--drop-unfooled", "cuda"]) == 0
+    assert [f.exists() for f in files] == [True, False, True]
+    assert json.loads(out.read_text())["dropped"] == {"device": "cuda", "examples": [1]}
+    with pytest.raises(SystemExit, match="not in the cache"):
+        split.main(args)
