@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = test.x[idx], test.y[idx]
     judged = judge(defense, x_adv, y)
     fooled = judged["fooled"]
+    logits = run_batched(defense.classifier, x_adv)
+    others = logits.copy()
+    others[np.arange(len(y)), y] = -np.inf
+    lead = logits[np.arange(len(y)), y] - others.max(1)  # > 0: the classifier is still right
     out = {"bundle": str(args.bundle), "attack": attack.name, "params": attack.params, "groups": {}}
     for device, members in sorted(groups.items()):
         m = np.asarray(members)
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             "mean_changed_pixels": float(moved[ok].mean()) if ok.any() else None,
             "mean_l2": float(np.linalg.norm(diff.reshape(len(m), -1), axis=1)[ok].mean()) if ok.any() else None,
             **{k: part[k] for k in ("no_defense", "detectors_only", "reformer_only", "full_defense")},
-            "unfooled": [int(k) for k in m[~ok]]}
+            "unfooled": [int(k) for k in m[~ok]],
+            # how far those are from the boundary: the true class's lead in the logits, and their size
+            "unfooled_lead": [round(float(lead[k]), 6) for k in m[~ok]],
+            "unfooled_logit_size": [round(float(np.abs(logits[k]).max()), 3) for k in m[~ok]]}
     out["all"] = {k: judged[k] for k in ("no_defense", "detectors_only", "reformer_only", "full_defense")}
     if args.drop_unfooled:
         dropped = out["groups"].get(args.drop_unfooled, {}).get("unfooled", [])

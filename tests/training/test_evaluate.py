@@ -545,6 +545,8 @@ def test_cache_by_device_splits_a_row_and_drops_the_gpu_examples_that_do_not_foo
     groups = json.loads(out.read_text())["groups"]
     assert (groups["cpu"]["examples"], groups["cuda"]["examples"]) == (2, 1)
     assert groups["cuda"]["unfooled"] == [1] and groups["cuda"]["no_defense"] == 1.0
+    assert groups["cuda"]["unfooled_lead"][0] > 0
+    assert len(groups["cpu"]["unfooled_lead"]) == 2 - groups["cpu"]["fool_classifier"]
     assert groups["cpu"]["fool_classifier"] == int(fools[0]) + int(fools[2])
     assert split.main([*args, "--drop-unfooled", "cuda"]) == 0
     assert [f.exists() for f in files] == [True, False, True]
