@@ -23,7 +23,15 @@
 # the chunks it finished, and the same call run again (OUT carried back) picks up where it stopped.
 # SLOTS=B (L0 jobs): one example a chunk, B of them side by side on the GPU, a finished one's slot
 # refilled at once (`magnet evaluate --cache-slots`; the CPU run's chunks are one example each too, so
-# they are reused), then a second run judges the row once every example is kept.
+# they are reused), then a second run judges the row once every example is kept. On 2026-12-04,
+# SLOTS=200 crafted the L0 row's last 107 examples side by side on an H200 in 277 s.
+# SEED=DIR: copy the chunks already kept in DIR (e.g. docs/results/eval-cifar10-cw-l0-full/adv-cache)
+# into OUT/adv-cache first, so that only the missing examples are crafted.
+# At the end OUT/adv-cache is packed into OUT/adv-cache.tgz (the device tool brings back only so many
+# files; 200 chunk files were too many): unpack it here, then check the GPU's examples against the
+# float32 classifier (scripts/cache_by_device.py --drop-unfooled cuda) before judging them.
+# The attacks run in full float32 (magnet evaluate turns TF32 off): with cuDNN's default TF32, 11 of
+# those 107 κ = 0 examples did not fool the float32 classifier that judges them.
 set -uo pipefail
 data=$1; wheels=$2; out=$3; shift 3
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(cifar10-linf cifar10-l0)
@@ -32,6 +40,7 @@ chunk=${CHUNK:-10}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
 export PYTHONPATH=/tmp/site-ort:/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out/adv-cache"
+[ -n "${SEED:-}" ] && cp -n "$SEED"/*.npz "$out/adv-cache/" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' | tee -a "$out/gpu.txt"
 judge=cpu
@@ -55,4 +64,6 @@ for job in "${jobs[@]}"; do
       > "$out/$job.log" 2>&1
   echo "$job: exit $?"; tail -n 4 "$out/$job.log"
 done
-ls -la "$out" "$out/adv-cache"
+echo "$(ls "$out/adv-cache" | wc -l) chunk files in $out/adv-cache"
+tar czf "$out/adv-cache.tgz" -C "$out" adv-cache && rm -rf "$out/adv-cache"
+ls -la "$out"
