@@ -50,8 +50,27 @@ def parser():
     p.add_argument("--autoencoders", default=",".join(AUTOENCODERS),
                    help="with --train-only: the autoencoder stages to train (comma-separated), so that they can "
                         "train in separate processes sharing one --work-dir")
+    p.add_argument("--ae-init-from", type=Path, default=None, metavar="BUNDLE",
+                   help="start each autoencoder from BUNDLE's ae_i.onnx / ae_ii.onnx (e.g. models/mnist, to train the "
+                        "shipped ones further, towards a plateau) instead of from random weights; checked against "
+                        "onnxruntime. A checkpoint in --work-dir still wins (resume)")
+    p.add_argument("--ae-max-minutes", type=float, default=0.0,
+                   help="stop each autoencoder after the epoch that passes this many minutes (0: no limit)")
     p.add_argument("--fpr", type=float, default=0.001, help="target false-positive rate per detector")
     return p
+
+
+def autoencoder_from_onnx(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Load ``model`` (the project's architecture) with the weights of the autoencoder ``path``, verified
+    against onnxruntime by :func:`training.from_onnx.torch_twin`."""
+    from training.from_onnx import torch_twin
+
+    twin = torch_twin(path, "mnist", "autoencoder", SHAPE)
+    try:
+        model.load_state_dict(twin.state_dict())
+    except RuntimeError as e:
+        raise SystemExit(f"{path} is not this autoencoder's architecture: {e}") from e
+    return model
 
 
 def detectors(fpr: float, ae_i: str = "ae_i.onnx", ae_ii: str = "ae_ii.onnx") -> list[dict]:
@@ -87,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                init=args.classifier_init, augment=args.classifier_shift > 0,
                                augment_pad=args.classifier_shift, flip=False, device=args.device, seed=args.seed)
     ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
-                               seed=args.seed)
+                               seed=args.seed, max_seconds=60.0 * args.ae_max_minutes)
     config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
 
     clf = make_classifier("mnist")
@@ -100,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.fresh:
             (args.work_dir / f"{name}.checkpoint.pt").unlink(missing_ok=True)
+        if args.ae_init_from is not None:
+            autoencoder_from_onnx(ae, args.ae_init_from / f"{name}.onnx")
         histories[name] = B.stage(args.work_dir, name, [ae], args.fresh,
                                   lambda ms, n=name: train_autoencoder(
                                       ms[0], train, ds.val,

@@ -167,3 +167,25 @@ def test_smoke_cifar10_bundles_share_one_classifier_file(tmp_path, cifar10):
     with pytest.raises(SystemExit, match="another classifier"):
         build_cifar10.main([*common, "--out", str(tmp_path / "models" / "c"), "--work-dir", str(tmp_path / "w2"),
                             "--seed", "1"])
+
+
+def test_autoencoders_start_from_a_bundles_and_stop_on_time(tmp_path, mnist):
+    """--ae-init-from trains the shipped autoencoders further (towards a plateau) instead of from random
+    weights; --ae-max-minutes ends a stage after the epoch that passes it."""
+    from tests.conftest import SHIPPED_MNIST
+
+    def run(work, *extra):
+        assert build_mnist.main(["--data-dir", str(DATA_DIR), "--out", str(tmp_path / "unused"), "--work-dir",
+                                 str(work), "--train-only", "--classifier-from", str(SHIPPED_MNIST / "classifier.onnx"),
+                                 "--autoencoders", "ae_i", "--train-limit", "512", *extra]) == 0
+        return json.loads((work / "ae_i.history.json").read_text())["epochs"]
+
+    warm = run(tmp_path / "warm", "--ae-epochs", "1", "--ae-init-from", str(SHIPPED_MNIST))
+    cold = run(tmp_path / "cold", "--ae-epochs", "1")
+    shipped = read_manifest(SHIPPED_MNIST).measurements["autoencoder_val_mse"]["ae_i"]
+    # two Adam steps on 512 images barely move the shipped weights; from random ones they are far off
+    assert warm[0]["val_denoise_mse"] < 3 * shipped < cold[0]["val_denoise_mse"]
+    timed = run(tmp_path / "timed", "--ae-epochs", "5", "--ae-max-minutes", "1e-9")
+    assert len(timed) == 1
+    with pytest.raises((SystemExit, FileNotFoundError, RuntimeError, ValueError)):
+        run(tmp_path / "bad", "--ae-epochs", "1", "--ae-init-from", str(tmp_path))
