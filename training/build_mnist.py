@@ -65,6 +65,8 @@ def autoencoder_from_onnx(model: torch.nn.Module, path: Path) -> torch.nn.Module
     against onnxruntime by :func:`training.from_onnx.torch_twin`."""
     from training.from_onnx import torch_twin
 
+    if not path.is_file():
+        raise SystemExit(f"--ae-init-from: {path} not found (a bundle folder holding ae_i.onnx and ae_ii.onnx)")
     twin = torch_twin(path, "mnist", "autoencoder", SHAPE)
     try:
         model.load_state_dict(twin.state_dict())
