@@ -2,7 +2,7 @@
 
 Chunk files written by ``magnet evaluate --cache-slots`` record ``device``; older ones (one example at a time
 on the CPU) do not and count as ``cpu``. For each group: how many examples, how many fool the classifier
-alone, their mean count of changed pixels (positions where any channel moved by more than 1e-4) and L2,
+alone, the time stored with them, their mean count of changed pixels (positions where any channel moved by more than 1e-4) and L2,
 and the bundle's accounting columns on them, so that a row crafted partly on a GPU can be checked for a
 difference in strength between the two parts. ``--drop-unfooled DEVICE`` deletes the chunk files crafted on
 DEVICE whose example does not fool the classifier as the bundle runs it (float32, onnxruntime CPU): a κ = 0
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     attack = registry(spec_of_manifest(defense.manifest))[args.attack]
     groups: dict[str, list[int]] = {}
     paths = []
+    seconds = np.zeros(len(idx))
     x_adv = np.empty_like(test.x[idx])
     for k in range(len(idx)):
         path = _cache_file(args.cache, defense, attack, idx[k : k + 1])
@@ -56,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         paths.append(path)
         kept = np.load(path)
         x_adv[k] = kept["x_adv"][0]
+        seconds[k] = float(kept["seconds"])
         groups.setdefault(str(kept["device"]) if "device" in kept else "cpu", []).append(k)
     x, y = test.x[idx], test.y[idx]
-    judged = judge(defense, x_adv, y)
-    fooled = judged["fooled"]
     logits = run_batched(defense.classifier, x_adv)
+    fooled = logits.argmax(1) != y
     others = logits.copy()
     others[np.arange(len(y)), y] = -np.inf
     lead = logits[np.arange(len(y)), y] - others.max(1)  # > 0: the classifier is still right
+    columns = ("no_defense", "detectors_only", "reformer_only", "full_defense")
     out = {"bundle": str(args.bundle), "attack": attack.name, "params": attack.params, "groups": {}}
     for device, members in sorted(groups.items()):
         m = np.asarray(members)
@@ -75,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             "examples": len(m), "fool_classifier": int(ok.sum()),
             "mean_changed_pixels": float(moved[ok].mean()) if ok.any() else None,
             "mean_l2": float(np.linalg.norm(diff.reshape(len(m), -1), axis=1)[ok].mean()) if ok.any() else None,
-            **{k: part[k] for k in ("no_defense", "detectors_only", "reformer_only", "full_defense")},
+            **{k: part[k] for k in columns},
+            # each chunk's stored time: the example's share of its run (a GPU's seconds are not a CPU core's)
+            "seconds": {"sum": float(seconds[m].sum()), "min": float(seconds[m].min()),
+                        "median": float(np.median(seconds[m])), "max": float(seconds[m].max())},
             "unfooled": [int(k) for k in m[~ok]],
             # how far those are from the boundary: the true class's lead in the logits, and their size
             "unfooled_lead": [round(float(lead[k]), 6) for k in m[~ok]],
             "unfooled_logit_size": [round(float(np.abs(logits[k]).max()), 3) for k in m[~ok]]}
-    out["all"] = {k: judged[k] for k in ("no_defense", "detectors_only", "reformer_only", "full_defense")}
+    # the columns are means over examples: the whole row's are the groups' weighted by size
+    out["all"] = {k: sum(g[k] * g["examples"] for g in out["groups"].values()) / len(idx) for k in columns}
     if args.drop_unfooled:
         dropped = out["groups"].get(args.drop_unfooled, {}).get("unfooled", [])
         for k in dropped:
