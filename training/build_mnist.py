@@ -56,6 +56,12 @@ def parser():
                         "onnxruntime. A checkpoint in --work-dir still wins (resume)")
     p.add_argument("--ae-max-minutes", type=float, default=0.0,
                    help="stop each autoencoder after the epoch that passes this many minutes (0: no limit)")
+    p.add_argument("--ae-lr-decay", type=float, default=1.0,
+                   help="multiply an autoencoder's learning rate by this after --ae-lr-patience epochs without "
+                        "validation improvement (e.g. 0.5, to train to a plateau; 1: constant, as the shipped ones)")
+    p.add_argument("--ae-lr-patience", type=int, default=10, help="epochs without improvement before each decay")
+    p.add_argument("--ae-min-lr", type=float, default=1e-5,
+                   help="with --ae-lr-decay below 1: stop (converged) once the learning rate would fall below this")
     p.add_argument("--fpr", type=float, default=0.001, help="target false-positive rate per detector")
     return p
 
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.autoencoders.split(","))
     if not wanted <= set(AUTOENCODERS) or (wanted != set(AUTOENCODERS) and not args.train_only):
         raise SystemExit(f"--autoencoders takes names from {sorted(AUTOENCODERS)}; a subset needs --train-only")
+    if not 0.0 < args.ae_lr_decay <= 1.0:
+        raise SystemExit(f"--ae-lr-decay takes a factor in (0, 1], got {args.ae_lr_decay}")
     sys.stdout.reconfigure(line_buffering=True)  # per-epoch lines show up at once in a log file
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                init=args.classifier_init, augment=args.classifier_shift > 0,
                                augment_pad=args.classifier_shift, flip=False, device=args.device, seed=args.seed)
     ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
-                               seed=args.seed, max_seconds=60.0 * args.ae_max_minutes)
+                               seed=args.seed, max_seconds=60.0 * args.ae_max_minutes,
+                               lr_decay=args.ae_lr_decay, lr_patience=args.ae_lr_patience, min_lr=args.ae_min_lr)
     config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
 
     clf = make_classifier("mnist")

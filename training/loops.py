@@ -53,6 +53,11 @@ class AutoencoderConfig:
     activity_l2: float = 1e-9
     patience: int = 10  # stop when validation loss has not improved for this many epochs
     max_seconds: float = 0.0  # stop after the epoch that passes this wall time (0: no limit)
+    # learning rate on a plateau: multiply it by lr_decay after lr_patience epochs without validation
+    # improvement, and stop (converged) once it would fall below min_lr; lr_decay 1 keeps it constant
+    lr_decay: float = 1.0
+    lr_patience: int = 10
+    min_lr: float = 0.0
     device: str = "cpu"
     seed: int = 0
     # a file the state is saved to after every epoch and resumed from when it exists (a long run survives
@@ -247,7 +252,9 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     models = [m.to(device) for m in models]
     opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=cfg.lr)
     x_all = torch.from_numpy(train.x).to(device)
-    n, hist, best, best_state, since_best = len(models), History(), math.inf, None, 0
+    n, hist, best, best_state, since_best, since_lr = len(models), History(), math.inf, None, 0, 0
+    if not 0.0 < cfg.lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1], got {cfg.lr_decay}")
     start, first, elapsed = time.perf_counter(), 0, 0.0
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.exists():
@@ -260,7 +267,8 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
         torch.set_rng_state(saved["torch"])
         first, best, best_state, since_best = saved["epoch"], saved["best"], saved["best_state"], saved["since_best"]
         hist.epochs, hist.best_epoch, elapsed = saved["epochs"], saved["best_epoch"], saved["seconds"]
-        log(f"{name}: resuming after epoch {first} from {ckpt}")
+        since_lr = saved.get("since_lr", 0)  # checkpoints from before the schedule: its count starts here
+        log(f"{name}: resuming after epoch {first} from {ckpt} (learning rate {opt.param_groups[0]['lr']:.3g})")
     for epoch in range(first, cfg.epochs):
         for m in models:
             m.train()
@@ -278,24 +286,36 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
             _, recon, diversity = _objective(models, x_val_noisy, x_val, alpha, 0.0)
         val_loss = (recon.item() - alpha * diversity.item()) / n
         row = {"epoch": epoch + 1, "train_mse": loss_sum.item() / len(train), "val_denoise_mse": recon.item() / n,
-               "val_diversity": diversity.item() / n, "seconds": time.perf_counter() - t0}
+               "val_diversity": diversity.item() / n, "lr": opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0}
         hist.epochs.append(row)
         log(f"{name} epoch {row['epoch']:3d}/{cfg.epochs}  train mse {row['train_mse']:.5f}  "
             f"val mse {row['val_denoise_mse']:.5f}" + (f"  diversity {row['val_diversity']:.5f}" if n > 1 else "")
             + f"  {row['seconds']:.1f}s  (at most ~{duration(row['seconds'] * (cfg.epochs - epoch - 1))} left)")
         if val_loss < best - 1e-7:
-            best, hist.best_epoch, since_best = val_loss, epoch + 1, 0
+            best, hist.best_epoch, since_best, since_lr = val_loss, epoch + 1, 0, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in models]
         else:
-            since_best += 1
+            since_best, since_lr = since_best + 1, since_lr + 1
             if since_best >= cfg.patience:
                 log(f"{name}: no validation improvement for {cfg.patience} epochs, stopping")
                 break
+            if cfg.lr_decay < 1.0 and since_lr >= cfg.lr_patience:
+                lr, since_lr = opt.param_groups[0]["lr"] * cfg.lr_decay, 0
+                if lr < cfg.min_lr:
+                    log(f"{name}: no validation improvement for {cfg.lr_patience} epochs at the smallest learning "
+                        f"rate ({opt.param_groups[0]['lr']:.3g}; the next, {lr:.3g}, is below {cfg.min_lr:.3g}): "
+                        f"converged, stopping")
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                log(f"{name}: no validation improvement for {cfg.lr_patience} epochs, learning rate now {lr:.3g}")
         if ckpt is not None:
             _save_checkpoint(ckpt, {"models": [m.state_dict() for m in models], "optimizer": opt.state_dict(),
                                     "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
                                     "torch": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
-                                    "best_state": best_state, "since_best": since_best, "epochs": hist.epochs,
+                                    "best_state": best_state, "since_best": since_best, "since_lr": since_lr,
+                                    "epochs": hist.epochs,
                                     "best_epoch": hist.best_epoch, "seconds": elapsed + time.perf_counter() - start})
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
             log(f"{name}: time budget of {cfg.max_seconds:.0f} s spent, stopping")

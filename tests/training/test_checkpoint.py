@@ -107,3 +107,42 @@ def test_a_bundle_built_with_classifier_from_carries_that_very_file(tmp_path):
     # the parity recorded is the torch twin's against the carried file, and it is small
     assert manifest["measurements"]["onnx_parity_max_abs_diff"]["classifier.onnx"] < 1e-3
     assert Defense(out, device="cpu").manifest.classifier.file == "classifier.onnx"
+
+
+def test_the_learning_rate_decays_on_a_plateau_and_the_run_stops_below_the_smallest(tmp_path, mnist):
+    # a rate too small to improve the validation loss by the 1e-7 the loop asks: every epoch after the first
+    # is a plateau, so the rate halves after each one and the run stops once it would fall below min_lr
+    cfg = AutoencoderConfig(epochs=20, batch_size=128, patience=20, lr=1e-12, lr_decay=0.5, lr_patience=1,
+                            min_lr=1e-13)
+    lines = []
+    _, hist = _train(mnist, cfg, log=lines.append)
+    assert [e["lr"] for e in hist.epochs] == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13, 1.25e-13])
+    assert any("converged, stopping" in line for line in lines)
+    assert hist.best_epoch == 1
+
+
+def test_a_decayed_learning_rate_survives_a_kill(tmp_path, mnist):
+    ckpt = tmp_path / "ae.checkpoint.pt"
+    cfg = AutoencoderConfig(epochs=4, batch_size=128, patience=20, lr=1e-12, lr_decay=0.5, lr_patience=1,
+                            checkpoint=str(ckpt))
+    whole = _train(mnist, AutoencoderConfig(**{**cfg.__dict__, "checkpoint": None}))[1]
+
+    def kill_in_epoch_4(line):
+        if "epoch   4/4" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(mnist, cfg, log=kill_in_epoch_4)
+    lines = []
+    resumed = _train(mnist, cfg, log=lines.append)[1]
+    assert any("resuming after epoch 3" in line and "learning rate 2.5e-13" in line for line in lines)
+    assert [e["lr"] for e in resumed.epochs] == [e["lr"] for e in whole.epochs]
+    assert [e["val_denoise_mse"] for e in resumed.epochs] == [e["val_denoise_mse"] for e in whole.epochs]
+
+
+def test_the_mnist_build_refuses_a_decay_factor_outside_0_1(tmp_path):
+    from training import build_mnist
+
+    with pytest.raises(SystemExit, match="--ae-lr-decay"):
+        build_mnist.main(["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--out",
+                          str(tmp_path / "o"), "--ae-lr-decay", "1.5"])
