@@ -105,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.autoencoders.split(","))
     if not wanted <= set(AUTOENCODERS) or (wanted != set(AUTOENCODERS) and not args.train_only):
         raise SystemExit(f"--autoencoders takes names from {sorted(AUTOENCODERS)}; a subset needs --train-only")
-    if not 0.0 < args.ae_lr_decay <= 1.0:
-        raise SystemExit(f"--ae-lr-decay takes a factor in (0, 1], got {args.ae_lr_decay}")
+    try:
+        ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
+                                   seed=args.seed, max_seconds=60.0 * args.ae_max_minutes, lr_decay=args.ae_lr_decay,
+                                   lr_patience=args.ae_lr_patience, min_lr=args.ae_min_lr)
+    except ValueError as e:
+        raise SystemExit(f"--ae-lr-decay: {e}") from None
     sys.stdout.reconfigure(line_buffering=True)  # per-epoch lines show up at once in a log file
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -115,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     clf_cfg = ClassifierConfig(epochs=args.classifier_epochs, schedule=args.classifier_schedule,
                                init=args.classifier_init, augment=args.classifier_shift > 0,
                                augment_pad=args.classifier_shift, flip=False, device=args.device, seed=args.seed)
-    ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=args.ae_patience, device=args.device,
-                               seed=args.seed, max_seconds=60.0 * args.ae_max_minutes,
-                               lr_decay=args.ae_lr_decay, lr_patience=args.ae_lr_patience, min_lr=args.ae_min_lr)
     config = B.save_config(args.work_dir, args, classifier=clf_cfg, autoencoder=ae_cfg, autoencoder_specs=AUTOENCODERS)
 
     clf = make_classifier("mnist")

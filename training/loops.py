@@ -64,6 +64,10 @@ class AutoencoderConfig:
     # the end of its process); removed when training ends
     checkpoint: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+
 
 @dataclass
 class History:
@@ -253,8 +257,6 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=cfg.lr)
     x_all = torch.from_numpy(train.x).to(device)
     n, hist, best, best_state, since_best, since_lr = len(models), History(), math.inf, None, 0, 0
-    if not 0.0 < cfg.lr_decay <= 1.0:
-        raise ValueError(f"lr_decay must be in (0, 1], got {cfg.lr_decay}")
     start, first, elapsed = time.perf_counter(), 0, 0.0
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.exists():

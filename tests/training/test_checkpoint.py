@@ -1,6 +1,8 @@
 """Autoencoder training resumes from its per-epoch checkpoint: a run killed after an epoch and started
 again ends with the weights and history of a run never interrupted."""
 
+from dataclasses import replace
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -125,7 +127,7 @@ def test_a_decayed_learning_rate_survives_a_kill(tmp_path, mnist):
     ckpt = tmp_path / "ae.checkpoint.pt"
     cfg = AutoencoderConfig(epochs=4, batch_size=128, patience=20, lr=1e-12, lr_decay=0.5, lr_patience=1,
                             checkpoint=str(ckpt))
-    whole = _train(mnist, AutoencoderConfig(**{**cfg.__dict__, "checkpoint": None}))[1]
+    whole = _train(mnist, replace(cfg, checkpoint=None))[1]
 
     def kill_in_epoch_4(line):
         if "epoch   4/4" in line:
