@@ -57,6 +57,11 @@ def check_values(batch: np.ndarray, spec: InputSpec) -> None:
                        f"[{lo:g}, {hi:g}] (scale 8-bit pixels by 1/255)")
 
 
+# what a JSON value that is not numbers became in numpy, in the words of the error message
+NOT_NUMBERS = {"O": "a ragged or mixed array", "U": "text (JSON strings)", "S": "text (JSON strings)",
+               "b": "booleans (true/false)"}
+
+
 def as_numbers(value: object, what: str = "inputs") -> np.ndarray:
     """Nested JSON lists of numbers -> a float32 array; ``what`` names the value in error messages."""
     try:
@@ -64,7 +69,7 @@ def as_numbers(value: object, what: str = "inputs") -> np.ndarray:
     except ValueError:
         raise BadInput(f"{what} must be a rectangular nested array of numbers (rows of unequal length found)")
     if raw.dtype.kind not in "iuf":
-        raise BadInput(f"{what} must be numbers; got {'a ragged or mixed array' if raw.dtype == object else raw.dtype.name}")
+        raise BadInput(f"{what} must be numbers; got {NOT_NUMBERS.get(raw.dtype.kind, raw.dtype.name)}")
     with np.errstate(over="ignore"):  # overflow becomes Inf, which check_values reports
         return raw.astype(np.float32, copy=False)
 

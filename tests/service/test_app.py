@@ -73,7 +73,9 @@ def test_base64_images(client):
 
 @pytest.mark.parametrize("payload, fragment", [
     ({"inputs": [[0.5, 0.5]]}, "expected H x W = 4x4"),
-    ({"inputs": "abc"}, "must be numbers"),
+    ({"inputs": "abc"}, "must be numbers; got text (JSON strings)"),
+    ({"inputs": [[True] * 4] * 4}, "must be numbers; got booleans"),
+    ({"inputs": [[0.5] * 4] * 3 + [[0.5, 0.5, 0.5, "x"]]}, "must be numbers; got text"),
     ({"inputs": [[0.5] * 4] * 3 + [[0.5] * 3]}, "rectangular"),
     ({"inputs": np.full((4, 4), 1.5).tolist()}, "expected values in [0, 1]"),
     ({"inputs": np.full((4, 4), -0.1).tolist()}, "expected values in [0, 1]"),

@@ -125,8 +125,8 @@ def test_shapes_and_nesting(client, shape, nested):
     (tensor(fakes.images(1.5)), "expected values in [0, 1]"),
     (tensor(fakes.images(-0.1)), "expected values in [0, 1]"),
     (tensor(fakes.images(0.5), data=[1e300] + [0.5] * 15), "NaN or Inf"),  # finite JSON, Inf as float32
-    (tensor(fakes.images(0.5), data=["a"] * 16), "must be numbers"),
-    (tensor(fakes.images(0.5), data=[True] * 16), "must be numbers"),
+    (tensor(fakes.images(0.5), data=["a"] * 16), "must be numbers; got text (JSON strings)"),
+    (tensor(fakes.images(0.5), data=[True] * 16), "must be numbers; got booleans (true/false)"),
     (tensor(fakes.images(0.5), shape=[1, 1, 4, "4"]), "list of non-negative integers"),
     (tensor(np.zeros((0, 1, 4, 4))), "no image"),
     ({"name": "input", "data": [0.5] * 16}, 'with "name", "shape", "datatype" and "data"'),
