@@ -40,7 +40,10 @@ def to_batch(array: np.ndarray, spec: InputSpec) -> np.ndarray:
         return array[:, None]
     if array.ndim == 4 and shape[1:] == (c, h, w):
         return array
-    raise BadInput(f"inputs have shape {list(shape)}; expected {_describe(spec)}")
+    hint = ""
+    if c > 1 and array.ndim in (3, 4) and shape[-3:] == (h, w, c):
+        hint = (f" (channels last? send channels first: numpy's x.transpose({'0, 3, 1, 2' if array.ndim == 4 else '2, 0, 1'}))")
+    raise BadInput(f"inputs have shape {list(shape)}; expected {_describe(spec)}{hint}")
 
 
 def check_values(batch: np.ndarray, spec: InputSpec) -> None:
@@ -64,6 +67,8 @@ NOT_NUMBERS = {"O": "a ragged or mixed array", "U": "text (JSON strings)", "S": 
 
 def as_numbers(value: object, what: str = "inputs") -> np.ndarray:
     """Nested JSON lists of numbers -> a float32 array; ``what`` names the value in error messages."""
+    if value is None:
+        raise BadInput(f"{what} must be numbers; got null")
     try:
         raw = np.asarray(value)
     except ValueError:
@@ -99,6 +104,11 @@ def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
     c, h, w = spec.shape
     if not isinstance(text, str):
         raise BadInput(f"images[{index}] must be a base64 string")
+    if text.startswith("data:"):  # a data URL, as a browser's FileReader or canvas.toDataURL() gives
+        head, comma, text = text.partition(",")
+        if not comma or not head.endswith(";base64"):
+            raise BadInput(f"images[{index}] is a data URL without ';base64,'; expected "
+                           "data:image/png;base64,... or plain base64")
     try:
         blob = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

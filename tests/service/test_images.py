@@ -132,3 +132,33 @@ def test_a_large_body_is_decoded_off_the_event_loop_with_the_same_result(toy_bun
         one = c.post("/classify", json={"images": small}).json()["results"]
         many = c.post("/classify", json={"images": small * 256}).json()["results"]  # > 64 KiB of JSON
     assert many == one * 256
+
+
+def test_a_data_url_decodes_as_its_base64_does_and_a_non_base64_one_is_a_clear_error():
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5, "RGB")
+    plain = b64(image)
+    np.testing.assert_array_equal(decode_image("data:image/png;base64," + plain, 0, RGB), decode_image(plain, 0, RGB))
+    with pytest.raises(BadInput, match=r"images\[2\] is a data URL without ';base64,'"):
+        decode_image("data:image/png," + plain, 2, RGB)
+    with pytest.raises(BadInput, match=r"images\[0\] is not valid base64"):
+        decode_image("data:image/png;base64,%%%", 0, RGB)
+
+
+@pytest.mark.parametrize("shape, transpose", [((4, 4, 3), "2, 0, 1"), ((2, 4, 4, 3), "0, 3, 1, 2")])
+def test_channels_last_arrays_are_refused_with_the_transpose_that_fixes_them(shape, transpose):
+    from service.codecs import decode_array
+
+    with pytest.raises(BadInput, match=rf"channels last\? .*x\.transpose\({transpose}\)"):
+        decode_array(np.full(shape, 0.5).tolist(), RGB)
+    fixed = np.full(shape, 0.5).transpose(*map(int, transpose.split(", ")))
+    assert decode_array(fixed.tolist(), RGB).shape[1:] == (3, 4, 4)
+    with pytest.raises(BadInput) as refused:  # a shape that is wrong otherwise gets no such hint
+        decode_array(np.full((4, 3, 4), 0.5).tolist(), RGB)
+    assert "channels last" not in str(refused.value)
+
+
+def test_null_inputs_are_named_as_null():
+    from service.codecs import decode_array
+
+    with pytest.raises(BadInput, match="inputs must be numbers; got null$"):
+        decode_array(None, RGB)
