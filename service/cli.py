@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from service.access import ConfigError
 from service.defense.bundle import BundleError
 from service.settings import Settings
@@ -51,7 +53,11 @@ def serve(argv: list[str]) -> int:
         p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v2 over REST to the predictor")
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
     overrides.update(kserve_overrides(args, overrides))
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        print(f"magnet serve: {settings_errors(e, overrides)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from service.workers import default_workers, ort_threads_per_worker
@@ -72,6 +78,23 @@ def serve(argv: list[str]) -> int:
         return 2
     serve_app(app, settings)
     return 0
+
+
+def settings_errors(error: ValidationError, overrides: dict) -> str:
+    """A settings ValidationError in the words of the command line: which flag or MAGNET_ variable, the
+    value given, and what is allowed (one line each, no traceback)."""
+    flags = {dest: flag for flag, (dest, _, _) in SERVE_FLAGS.items()}
+    lines = []
+    for item in error.errors():
+        if not item["loc"]:  # a check across settings: its message names them
+            lines.append(item["msg"].removeprefix("Value error, "))
+            continue
+        field = str(item["loc"][0])
+        where = (flags.get(field, f"--{field.replace('_', '-')}") if field in overrides
+                 else f"MAGNET_{field.upper()}")
+        msg, given = item["msg"].removeprefix("Value error, "), repr(item.get("input"))
+        lines.append(f"{where} {msg}" if msg.startswith(given) else f"{where} {given}: {msg}")
+    return "; ".join(lines) or str(error)
 
 
 def kserve_overrides(args: argparse.Namespace, overrides: dict) -> dict:

@@ -36,3 +36,23 @@ def test_a_cookie_name_must_be_a_token(name):
     with pytest.raises(ValidationError, match="cookie name"):
         Settings(session_cookie=name)
     assert Settings(session_cookie="magnet.session-2").session_cookie == "magnet.session-2"
+
+
+def test_magnet_serve_names_a_bad_flag_or_variable_in_one_line_without_a_traceback(monkeypatch, capsys):
+    from service.cli import main
+
+    monkeypatch.delenv("MAGNET_PORT", raising=False)
+    assert main(["serve", "--port", "99999"]) == 2
+    assert capsys.readouterr().err == "magnet serve: --port 99999: Input should be less than or equal to 65535\n"
+    monkeypatch.setenv("MAGNET_MODE", "loud")
+    monkeypatch.setenv("MAGNET_RATE_LIMIT", "lots")
+    assert main(["serve", "--workers", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("magnet serve: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "MAGNET_MODE 'loud': Input should be 'enforce' or 'shadow'" in err
+    assert "MAGNET_RATE_LIMIT 'lots': expected '0' (off) or 'N/W'" in err and "--workers -1: " in err
+    monkeypatch.delenv("MAGNET_RATE_LIMIT")
+    monkeypatch.delenv("MAGNET_MODE")
+    monkeypatch.setenv("MAGNET_SESSION_SECRET_FILE", "/nonexistent/secret")
+    assert main(["serve"]) == 2  # a check across settings: its own message
+    assert capsys.readouterr().err == "magnet serve: MAGNET_SESSION_SECRET_FILE /nonexistent/secret: No such file or directory\n"
