@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: magnet {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except BundleError as e:  # a bundle that is missing or broken, met by any command: say so, no traceback
+        print(f"magnet {argv[0]}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

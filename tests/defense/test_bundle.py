@@ -198,3 +198,12 @@ def test_shipped_bundles_carry_no_second_copy_of_a_large_file():
         if (SHIPPED_MNIST.parent / name / "manifest.json").exists():
             assert Defense(SHIPPED_MNIST.parent / name).classifier_file.resolve() == \
                 (SHIPPED_MNIST.parent / "shared" / "cifar10-resnet9.onnx").resolve()
+
+
+def test_magnet_evaluate_names_a_missing_bundle_in_one_line_not_a_traceback(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from service.cli import main
+
+    assert main(["evaluate", "--bundle", str(tmp_path / "none"), "--data-dir", str(tmp_path), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"magnet evaluate: no manifest.json in bundle directory {tmp_path / 'none'}\n"
