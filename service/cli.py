@@ -52,11 +52,15 @@ def serve(argv: list[str]) -> int:
     if args.predictor_protocol not in (None, "v2"):
         p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v2 over REST to the predictor")
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
-    overrides.update(kserve_overrides(args, overrides))
+    flags = {dest: flag for flag, (dest, _, _) in SERVE_FLAGS.items() if dest in overrides}
+    flags["explain"] = "--explain"
+    kserve = kserve_overrides(args, overrides)
+    flags.update({field: KSERVE_FLAGS[field] for field in kserve})
+    overrides.update(kserve)
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        print(f"magnet serve: {settings_errors(e, overrides)}", file=sys.stderr)
+        print(f"magnet serve: {settings_errors(e, flags)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -80,18 +84,21 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
-def settings_errors(error: ValidationError, overrides: dict) -> str:
-    """A settings ValidationError in the words of the command line: which flag or MAGNET_ variable, the
-    value given, and what is allowed (one line each, no traceback)."""
-    flags = {dest: flag for flag, (dest, _, _) in SERVE_FLAGS.items()}
+# settings field -> the KServe argument it comes from (kserve_overrides)
+KSERVE_FLAGS = {"model_name": "--model_name", "upstream_model": "--model_name", "upstream": "--predictor_host",
+                "port": "--http_port"}
+
+
+def settings_errors(error: ValidationError, flags: dict[str, str]) -> str:
+    """A settings ValidationError in the words of the command line: which flag (``flags``: field -> the flag
+    that set it) or else MAGNET_ variable, the value given, and what is allowed (no traceback)."""
     lines = []
     for item in error.errors():
         if not item["loc"]:  # a check across settings: its message names them
             lines.append(item["msg"].removeprefix("Value error, "))
             continue
         field = str(item["loc"][0])
-        where = (flags.get(field, f"--{field.replace('_', '-')}") if field in overrides
-                 else f"MAGNET_{field.upper()}")
+        where = flags.get(field, f"MAGNET_{field.upper()}")
         msg, given = item["msg"].removeprefix("Value error, "), repr(item.get("input"))
         lines.append(f"{where} {msg}" if msg.startswith(given) else f"{where} {given}: {msg}")
     return "; ".join(lines) or str(error)

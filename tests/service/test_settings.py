@@ -44,6 +44,8 @@ def test_magnet_serve_names_a_bad_flag_or_variable_in_one_line_without_a_traceba
     monkeypatch.delenv("MAGNET_PORT", raising=False)
     assert main(["serve", "--port", "99999"]) == 2
     assert capsys.readouterr().err == "magnet serve: --port 99999: Input should be less than or equal to 65535\n"
+    assert main(["serve", "--http_port", "99999"]) == 2  # KServe's argument is named as given
+    assert capsys.readouterr().err == "magnet serve: --http_port 99999: Input should be less than or equal to 65535\n"
     monkeypatch.setenv("MAGNET_MODE", "loud")
     monkeypatch.setenv("MAGNET_RATE_LIMIT", "lots")
     assert main(["serve", "--workers", "-1"]) == 2
