@@ -127,14 +127,16 @@ def _session(model: Path | bytes, providers: list[str], threads: int, spinning: 
 
 
 def probe_feeds(session: ort.InferenceSession, rows: int) -> dict[str, np.ndarray] | None:
-    """Random float32 inputs of ``rows`` rows for every input of ``session``, or None when an input is not
-    float32 or has a symbolic size other than its first (batch) axis."""
+    """Random float32 inputs of ``rows`` rows for every input of ``session`` (of its own batch size where
+    the graph fixes one), or None when an input is not float32 or has a symbolic size other than its first
+    (batch) axis."""
     feeds = {}
     for i in session.get_inputs():
         shape = list(i.shape)
         if i.type != "tensor(float)" or not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return None
-        feeds[i.name] = np.random.default_rng(0).uniform(size=(rows, *shape[1:])).astype(np.float32)
+        n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else rows
+        feeds[i.name] = np.random.default_rng(0).uniform(size=(n, *shape[1:])).astype(np.float32)
     return feeds
 
 
@@ -201,6 +203,14 @@ class OnnxModel:
         self.output_name = output_name or outputs[0]
         self._outputs = [self.output_name]
         self._on_cpu = self.session.get_providers()[0] == CPU
+        # a graph exported with a fixed batch size (often 1: an export without dynamic axes) is run that many
+        # rows at a time, the last call padded with copies of its last row
+        first = next(i for i in self.session.get_inputs() if i.name == self.input_name).shape[:1]
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+        if self.fixed_batch is not None:
+            log.warning("%s takes a fixed batch of %d on input %r: it runs %d image(s) per call; export it with "
+                        "a dynamic batch axis for throughput", self.path.name, self.fixed_batch,
+                        self.input_name, self.fixed_batch)
 
     @property
     def providers(self) -> list[str]:
@@ -209,8 +219,22 @@ class OnnxModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
             x = np.ascontiguousarray(x, np.float32)
+        if self.fixed_batch is not None and len(x) != self.fixed_batch:
+            return self._fixed(x)
         rows = chunk_rows(self._on_cpu, x)
         if len(x) <= rows:
             return self.session.run(self._outputs, {self.input_name: x})[0]
         return np.concatenate([self.session.run(self._outputs, {self.input_name: x[i:i + rows]})[0]
                                for i in range(0, len(x), rows)])
+
+    def _fixed(self, x: np.ndarray) -> np.ndarray:
+        """``x`` through a graph that takes exactly ``fixed_batch`` rows: that many at a time, the last call
+        padded with copies of its last row (an empty ``x``: one call on zeros, for the output's shape)."""
+        b = self.fixed_batch
+        parts = [x[i:i + b] for i in range(0, len(x), b)] or [np.zeros((0, *x.shape[1:]), np.float32)]
+        out = []
+        for part in parts:
+            fill = np.repeat(part[-1:] if len(part) else np.zeros((1, *x.shape[1:]), np.float32), b - len(part), axis=0)
+            out.append(self.session.run(self._outputs, {self.input_name: np.concatenate([part, fill])})[0][:len(part)])
+        return np.concatenate(out)
+

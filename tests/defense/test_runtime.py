@@ -135,3 +135,42 @@ def test_auto_optimization_is_all_on_a_gpu_and_when_the_input_cannot_be_probed(m
 
     assert runtime.probe_feeds(Fake(Input(["N", 3, "H", "W"])), 1) is None  # symbolic image size
     assert runtime.probe_feeds(Fake(Input(["N", 4], "tensor(int64)")), 1) is None
+
+
+def _fixed_batch_graph(path, batch: int | str) -> None:
+    """y = each image's channel means (times a weight of ones), with ``batch`` as the first axis: a size, or
+    a name for a dynamic axis."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])
+    w = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0), helper.make_node("Mul", ["m", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "fixed", [x], [y], initializer=[w, axes])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+
+
+def test_a_graph_with_a_fixed_batch_size_runs_any_batch_with_the_same_outputs(tmp_path, caplog):
+    """An export without a dynamic batch axis (batch 1, or 2 here) takes any number of images: that many at
+    a time, the last call padded; the gateway warns once per model that this costs throughput."""
+    import numpy as np
+
+    x = np.random.default_rng(0).uniform(size=(5, 3, 4, 4)).astype(np.float32)
+    want = x.mean(axis=(2, 3))
+    for batch in (1, 2):
+        _fixed_batch_graph(tmp_path / f"b{batch}.onnx", batch)
+        with caplog.at_level(logging.WARNING, logger="magnet.runtime"):
+            model = runtime.OnnxModel(tmp_path / f"b{batch}.onnx", [runtime.CPU])
+        assert model.fixed_batch == batch and f"fixed batch of {batch}" in caplog.text
+        for n in (0, 1, 2, 5):
+            np.testing.assert_allclose(model(x[:n]), want[:n], rtol=1e-6)
+        assert model(x[:0]).shape == (0, 3)
+        caplog.clear()
+    _fixed_batch_graph(tmp_path / "dynamic.onnx", "N")  # a batch axis by name: one call, no warning
+    with caplog.at_level(logging.WARNING, logger="magnet.runtime"):
+        dynamic = runtime.OnnxModel(tmp_path / "dynamic.onnx", [runtime.CPU])
+    assert dynamic.fixed_batch is None and caplog.text == ""
+    np.testing.assert_allclose(dynamic(x), want, rtol=1e-6)
