@@ -47,12 +47,14 @@ def affine_autoencoder(path: Path, scale: float, shift: float) -> Path:
 
 
 def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, mean: float = 0.0,
-                          std: float = 1.0, probabilities: bool = False, input_name: str = "input") -> Path:
+                          std: float = 1.0, probabilities: bool = False, input_name: str = "input",
+                          batch: int | str = "N") -> Path:
     """Three classes; logits = [sum(x), 8 - sum(x), 0] for x in [0, 1]: bright images -> 0, dark -> 1.
 
     The other arguments give the same classifier behind another input contract: it takes
     ``(x * scale - mean) / std`` in ``layout`` (tensor ``input_name``) and, with ``probabilities``,
-    ends in a softmax."""
+    ends in a softmax. ``batch``: its first axis, named (dynamic) or a fixed size (an export without
+    dynamic axes)."""
     k = std / scale  # undo the contract inside the model: x = (v * std + mean) / scale
     w = np.zeros((PIXELS, 3), np.float32)
     w[:, 0], w[:, 1] = k, -k
@@ -67,8 +69,8 @@ def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, 
         nodes.append(helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1))
     shape = [SHAPE[1], SHAPE[2], SHAPE[0]] if layout == "NHWC" else list(SHAPE)
     graph = helper.make_graph(
-        nodes, path.stem, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", *shape])],
-        [helper.make_tensor_value_info("probabilities" if probabilities else "logits", TensorProto.FLOAT, ["N", 3])],
+        nodes, path.stem, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, *shape])],
+        [helper.make_tensor_value_info("probabilities" if probabilities else "logits", TensorProto.FLOAT, [batch, 3])],
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -78,7 +80,8 @@ def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, 
 
 
 def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
-                members: int = 1, thresholds: list[float] | None = None, contract: dict | None = None) -> Path:
+                members: int = 1, thresholds: list[float] | None = None, contract: dict | None = None,
+                classifier_batch: int | str = "N") -> Path:
     """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
 
     The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
@@ -96,7 +99,7 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
     brightness_classifier(directory / "classifier.onnx", layout=contract.get("layout", "NCHW").upper(),
                           scale=contract.get("scale", 1.0), mean=(contract.get("mean") or [0.0])[0],
                           std=(contract.get("std") or [1.0])[0], probabilities=output == "probabilities",
-                          input_name=contract.get("name") or "input")
+                          input_name=contract.get("name") or "input", batch=classifier_batch)
     if detectors is None:
         detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1,
                       "fpr": 0.01, "threshold": 0.1}]

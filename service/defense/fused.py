@@ -51,6 +51,10 @@ def fuse_member(autoencoders: list[Path], reformer: Path, classifier: Path | Non
     parts = [(f"a{k}_", onnx.load(str(p))) for k, p in enumerate(autoencoders)]
     if classifier is not None:
         parts.append(("c_", onnx.load(str(classifier))))
+        graph = parts[-1][1].graph
+        dims = next(i for i in graph.input if i.name not in {t.name for t in graph.initializer}).type.tensor_type.shape.dim
+        if dims and dims[0].dim_value > 0:  # the fused graph feeds it N or 2N rows in one call
+            raise FusionError(f"the classifier {classifier.name} takes a fixed batch of {dims[0].dim_value}")
     parts = _same_opset(parts)
     nodes, inits, outputs = [], [], []
 

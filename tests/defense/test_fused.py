@@ -147,3 +147,21 @@ def test_a_graph_that_disagrees_is_not_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
     defense = Defense(bundle, device="cpu", fused=None)
     assert not defense.fused and "separate sessions" in caplog.text
+
+
+def test_a_classifier_with_a_fixed_batch_size_keeps_separate_sessions(tmp_path, monkeypatch, caplog):
+    """The fused graph would feed the classifier N or 2N rows in one call: a classifier exported with a fixed
+    batch size is not fused (asked for: an error; on 'auto': logged) and the separate sessions judge alike."""
+    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_batch=1)
+    with pytest.raises(FusionError, match="takes a fixed batch of 1"):
+        Defense(bundle, device="cpu", fused=True, embed_classifier=True)
+    import service.defense.core as C
+
+    monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
+    fixed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
+    assert not fixed.fused and "takes a fixed batch of 1" in caplog.text
+    dynamic = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
+    x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
+    np.testing.assert_array_equal(fixed.inspect(x).accepted, dynamic.inspect(x).accepted)
+    np.testing.assert_allclose(fixed.classifier(x), dynamic.classifier(x), rtol=1e-6)
+
