@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         32 * 2**20, ge=1024, description="Largest upstream answer read; a larger one is dropped unread and "
         "answered 502.")
     upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
+    upstream_max_batch: int = Field(
+        0, ge=0, description="Most rows per upstream call: a larger batch goes as several calls at once, its "
+        "answers joined in order (a model server that caps its batch, as Triton's max_batch_size does). 0: from "
+        "an OIP v2 server, once: a model whose input has a fixed batch size (its metadata's first dimension, "
+        "e.g. an export without dynamic axes) gets exactly that many rows per call, the last call padded; "
+        "Triton's max_batch_size (its model config) caps the rest; otherwise no limit.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     device: Literal["auto", "cpu", "cuda"] = Field(

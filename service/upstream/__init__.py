@@ -51,7 +51,8 @@ def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> U
     contract.check_channels(defense.input_shape[0])
     common = dict(output_name=values["output name"], outputs=values["outputs"],
                   timeout_s=settings.upstream_timeout_s, max_connections=settings.upstream_max_connections,
-                  contract=contract, max_response_bytes=settings.upstream_max_response_bytes)
+                  contract=contract, max_response_bytes=settings.upstream_max_response_bytes,
+                  max_batch=settings.upstream_max_batch)
     if settings.upstream_protocol == "tfserving":
         return TfServingUpstream(settings.upstream, model, **common)
     return OipUpstream(settings.upstream, model, input_name=values["input name"], binary=settings.upstream_binary,

@@ -31,7 +31,8 @@ class Upstream(Protocol):
         ...
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Classify one batch in one call; returns N x K float32.
+        """Classify one batch (in one call, or, for the HTTP adapters, in several at once past the model
+        server's batch limit: ``MAGNET_UPSTREAM_MAX_BATCH``); returns N x K float32.
 
         Raises UpstreamError / UpstreamUnavailable / UpstreamTimeout from ``service.errors``.
         """

@@ -18,8 +18,8 @@ class OipUpstream(PooledHttp):
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
                  contract: ClassifierInput | None = None, binary: bool = False,
-                 max_response_bytes: int = 32 * 2**20) -> None:
-        super().__init__(url, timeout_s, max_connections, max_response_bytes)
+                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch)
         self.binary = binary  # the OIP binary data extension for the input and the outputs
         self.model = model
         self.input_name = input_name
@@ -35,6 +35,30 @@ class OipUpstream(PooledHttp):
     async def ready(self) -> bool:
         answer = await self.get(f"{self.base}/v2/models/{self.model}/ready")
         return answer is not None and answer[0] == 200
+
+    async def discover_batch_limit(self) -> tuple[int, bool] | None:
+        """From the model's metadata (``GET /v2/models/{m}``): a fixed first dimension of its input is a fixed
+        batch size; else Triton's model config (``GET /v2/models/{m}/config``, absent elsewhere) may cap the
+        batch (``max_batch_size``). None while the server cannot be reached (asked again next call)."""
+        answer = await self.get(f"{self.base}/v2/models/{self.model}")
+        if answer is None:
+            return None
+        try:
+            inputs = orjson.loads(answer[1])["inputs"] if answer[0] == 200 else []
+            shape = next((i["shape"] for i in inputs if i.get("name") == self.input_name), None)
+            first = int(shape[0]) if shape else 0
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+            first = 0
+        if first > 0:
+            return first, True
+        config = await self.get(f"{self.base}/v2/models/{self.model}/config")
+        if config is None:
+            return None
+        try:
+            cap = int(orjson.loads(config[1]).get("max_batch_size") or 0) if config[0] == 200 else 0
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            cap = 0
+        return max(cap, 0), False
 
     def encode(self, x: np.ndarray) -> bytes:
         x = prepare(x, self.contract)
@@ -76,7 +100,7 @@ class OipUpstream(PooledHttp):
                                 f"expected [{rows}, classes]")
         return scores
 
-    async def infer(self, x: np.ndarray) -> np.ndarray:
+    async def call(self, x: np.ndarray) -> np.ndarray:
         url = f"{self.base}/v2/models/{self.model}/infer"
         if not self.binary:
             return self.decode(await self.post(url, self.encode(x)), len(x))

@@ -9,8 +9,15 @@ throughput on this hop (encode/httpx#3215), and aiohttp's per-request work is mo
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import numpy as np
+
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.upstream import http1
+
+log = logging.getLogger("magnet")
 
 
 class PooledHttp:
@@ -19,12 +26,42 @@ class PooledHttp:
     remote = True  # a model server: the gateway's own work can overlap its calls (``MAGNET_SPECULATE``)
 
     def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64,
-                 max_response_bytes: int = 32 * 2**20) -> None:
+                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0) -> None:
         self.base = url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._client: http1.Http1Client | None = None
+        # rows per call: (limit, fixed) once known; fixed: exactly that many (the last call padded)
+        self.batch_limit: tuple[int, bool] | None = (max_batch, False) if max_batch else None
+
+    async def discover_batch_limit(self) -> tuple[int, bool] | None:
+        """What the model server says about its batch size: (rows, fixed), (0, False) for no limit, or None
+        when it cannot be asked now (asked again at the next call). This base asks nothing."""
+        return 0, False
+
+    async def call(self, x: np.ndarray) -> np.ndarray:
+        """One upstream call on all of ``x`` (the adapters' own request and answer)."""
+        raise NotImplementedError
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        """``x`` classified upstream in one call, or, past the batch limit, in several at once (a fixed batch
+        size: each call exactly that many rows, the last padded with copies of its last row)."""
+        if self.batch_limit is None:
+            found = await self.discover_batch_limit()
+            if found is not None:
+                self.batch_limit = found
+                if found[0]:
+                    log.info("upstream %s: %s %d row(s) per call", self.describe(),
+                             "exactly" if found[1] else "at most", found[0])
+        rows, fixed = self.batch_limit or (0, False)
+        if not rows or not len(x) or (len(x) <= rows and not (fixed and len(x) != rows)):
+            return await self.call(x)
+        parts = [x[i:i + rows] for i in range(0, len(x), rows)]
+        sent = [np.concatenate([p, np.repeat(p[-1:], rows - len(p), axis=0)]) if fixed and len(p) < rows else p
+                for p in parts]
+        answers = await asyncio.gather(*(self.call(p) for p in sent))
+        return np.concatenate([a[:len(p)] for a, p in zip(answers, parts)])
 
     async def start(self) -> None:
         self._client = http1.Http1Client(self.base, self.timeout_s, self.max_connections, self.max_response_bytes)

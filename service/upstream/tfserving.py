@@ -20,8 +20,9 @@ class TfServingUpstream(PooledHttp):
     def __init__(self, url: str, model: str, output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
-                 contract: ClassifierInput | None = None, max_response_bytes: int = 32 * 2**20) -> None:
-        super().__init__(url, timeout_s, max_connections, max_response_bytes)
+                 contract: ClassifierInput | None = None, max_response_bytes: int = 32 * 2**20,
+                 max_batch: int = 0) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch)
         self.model = model
         self.output_name = output_name
         self.outputs = outputs
@@ -69,6 +70,6 @@ class TfServingUpstream(PooledHttp):
                                 f"expected [{rows}, classes]")
         return scores
 
-    async def infer(self, x: np.ndarray) -> np.ndarray:
+    async def call(self, x: np.ndarray) -> np.ndarray:
         body = await self.post(f"{self.base}/v1/models/{self.model}:predict", self.encode(x))
         return self.decode(body, len(x))

@@ -185,3 +185,30 @@ def test_gateway_decisions_equal_the_core_on_210_adversarial_digits(gateway, mni
     # the set exercises all three outcomes: fooled undefended, rejected, and reformed
     assert (plain != y).mean() > 0.3 and rejected.any() and (~rejected).any(), (plain != y).mean()
     assert wrong.mean() < 0.1
+
+
+def test_a_model_server_with_a_fixed_batch_of_one_gets_one_row_per_call(tmp_path, mnist):
+    """A classifier exported without a dynamic batch axis, behind KServe's server (which refuses any other
+    batch size): the gateway reads the fixed size from the model's metadata and sends one row per call,
+    with the same decisions as the core; the server's metadata says 1, and a batch of 2 is refused there."""
+    import onnx
+
+    model = onnx.load(str(SHIPPED_MNIST / "classifier.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    server, server_url = start_model_server(fixed, "mnist")
+    with server:
+        meta = httpx.get(f"{server_url}/v2/models/mnist").json()
+        assert meta["inputs"][0]["shape"][0] == 1
+        two = httpx.post(f"{server_url}/v2/models/mnist/infer", json={"inputs": [
+            {"name": meta["inputs"][0]["name"], "shape": [2, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 1568}]})
+        assert two.status_code >= 400
+        proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", server_url)
+        with proc, httpx.Client(base_url=url, timeout=30) as client:
+            x = mnist.test.x[:24]
+            got = classify(client, {"inputs": x.tolist()})
+            assert "exactly 1 row(s) per call" in proc.log_text()
+    want = core_decisions(Defense(SHIPPED_MNIST, device="cpu"), x)
+    assert [(r["rejected"], r["label"]) for r in got] == want

@@ -109,3 +109,80 @@ def test_a_binary_answer_that_does_not_add_up_is_an_upstream_error():
                                         lambda url: OipUpstream(url + "/", "m", timeout_s=0.5, binary=True),
                                         lambda u: u.infer(x)))
     assert "does not fit" in e.value.detail
+
+
+def batch_server(metadata_first=None, triton_max_batch=None, refuse_above=None):
+    """Routes of a fake OIP server whose model answers row i's logits as [sum(x_i), i-th call]; it records
+    each call's row count and each GET, and answers 400 (as Triton does) past ``refuse_above`` rows or, with
+    a fixed ``metadata_first``, to any other row count."""
+    calls, gets = [], []
+
+    async def infer(request):
+        tensor = (await request.json())["inputs"][0]
+        n = tensor["shape"][0]
+        calls.append(n)
+        if (refuse_above and n > refuse_above) or (metadata_first and n != metadata_first):
+            return web.Response(status=400, text=f"inference request batch-size must be <= {refuse_above}")
+        x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+        data = np.stack([x.reshape(n, -1).sum(1), np.full(n, len(calls))], 1)
+        return web.json_response({"outputs": [{"name": "logits", "shape": [n, 2], "datatype": "FP32",
+                                               "data": data.ravel().tolist()}]})
+
+    async def metadata(request):
+        gets.append(request.path)
+        if metadata_first is None:
+            return web.Response(status=404)
+        return web.json_response({"name": "m", "inputs": [{"name": "input", "datatype": "FP32",
+                                                           "shape": [metadata_first, 1, 2, 2]}]})
+
+    async def config(request):
+        gets.append(request.path)
+        if triton_max_batch is None:
+            return web.Response(status=404)
+        return web.json_response({"name": "m", "max_batch_size": triton_max_batch})
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata),
+              ("GET", "/v2/models/m/config", config)]
+    return routes, calls, gets
+
+
+@pytest.mark.parametrize("server, max_batch, rows", [
+    (dict(metadata_first=1), 0, [1] * 5),  # an export without dynamic axes: one row per call
+    (dict(metadata_first=2), 0, [2, 2, 2]),  # a fixed batch of 2: the last call padded
+    (dict(triton_max_batch=2, refuse_above=2), 0, [2, 2, 1]),  # Triton's max_batch_size caps the calls
+    (dict(refuse_above=2), 2, [2, 2, 1]),  # MAGNET_UPSTREAM_MAX_BATCH, the server says nothing
+    (dict(), 0, [5]),  # nothing said, nothing set: one call
+])
+def test_batches_past_the_upstream_limit_go_as_several_calls_answered_in_order(server, max_batch, rows):
+    routes, calls, gets = batch_server(**server)
+    x = np.random.default_rng(0).uniform(size=(5, 1, 2, 2)).astype(np.float32)
+
+    async def twice(u):
+        return await u.infer(x), await u.infer(x[:1])
+
+    out, one = asyncio.run(against_fake_server(
+        routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0, max_batch=max_batch), twice))
+    assert sorted(calls[:len(rows)]) == sorted(rows)
+    np.testing.assert_allclose(out[:, 0], x.reshape(5, -1).sum(1), rtol=1e-6)  # every row its own answer, in order
+    np.testing.assert_allclose(one[:, 0], x[:1].reshape(1, -1).sum(1), rtol=1e-6)
+    if max_batch:
+        assert gets == []  # set: nothing asked
+    else:  # asked once, before the first call
+        assert gets in (["/v2/models/m"], ["/v2/models/m", "/v2/models/m/config"])
+
+
+def test_an_unreachable_server_is_asked_for_its_batch_size_again_at_the_next_call():
+    from service.errors import UpstreamUnavailable
+
+    upstream = OipUpstream("http://127.0.0.1:9/", "m", timeout_s=0.5)  # discard port: nothing listens
+
+    async def body():
+        await upstream.start()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await upstream.infer(np.zeros((2, 1, 2, 2), np.float32))
+            return upstream.batch_limit
+        finally:
+            await upstream.close()
+
+    assert asyncio.run(body()) is None

@@ -142,3 +142,31 @@ def test_the_v2_adapter_sends_nhwc_too():
     assert tensor["shape"] == [2, 2, 2, 3]
     np.testing.assert_array_equal(tensor["data"], x.transpose(0, 2, 3, 1).ravel())
     assert orjson.loads(OipUpstream("http://t", "m").encode(x))["inputs"][0]["shape"] == [2, 3, 2, 2]
+
+
+def test_max_batch_splits_a_tf_serving_batch_into_calls_answered_in_order():
+    sizes = []
+
+    async def predict(request):
+        rows = np.asarray((await request.json())["instances"], np.float32)
+        sizes.append(len(rows))
+        return web.json_response({"predictions": np.stack([rows.reshape(len(rows), -1).sum(1),
+                                                           np.zeros(len(rows))], 1).tolist()})
+
+    x = np.random.default_rng(1).uniform(size=(7, 1, 2, 2)).astype(np.float32)
+    out = run(predict, lambda u: u.infer(x), max_batch=3)
+    assert sorted(sizes) == [1, 3, 3]
+    np.testing.assert_allclose(out[:, 0], x.reshape(7, -1).sum(1), rtol=1e-6)
+    sizes.clear()
+    run(predict, lambda u: u.infer(x))  # unset: TF Serving is not asked, one call
+    assert sizes == [7]
+
+
+def test_the_factory_passes_the_upstream_batch_limit(toy_bundle):
+    defense = Defense(toy_bundle)
+    with ThreadPoolExecutor(1) as pool:
+        for protocol in ("v2", "tfserving"):
+            u = make_upstream(Settings(bundle=toy_bundle, upstream="http://m:8000", upstream_protocol=protocol,
+                                       upstream_max_batch=16), defense, pool)
+            assert u.batch_limit == (16, False)
+        assert make_upstream(Settings(bundle=toy_bundle, upstream="http://m:8000"), defense, pool).batch_limit is None
