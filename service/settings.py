@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         32 * 2**20, ge=1024, description="Largest upstream answer read; a larger one is dropped unread and "
         "answered 502.")
     upstream_max_connections: int = Field(64, ge=1, description="Size of the keep-alive connection pool.")
+    upstream_datatype: Literal["FP32", "UINT8"] | None = Field(
+        None, description="Datatype of the upstream model's input: FP32, or UINT8 (8-bit pixels, rounded; needs "
+        "MAGNET_UPSTREAM_SCALE=255 and no mean/std), as models with their own preprocessing often take. Unset: "
+        "what an OIP v2 model's metadata says, asked once at the first call; FP32 for TF Serving.")
     upstream_max_batch: int = Field(
         0, ge=0, description="Most rows per upstream call: a larger batch goes as several calls at once, its "
         "answers joined in order (a model server that caps its batch, as Triton's max_batch_size does). 0: from "
@@ -197,10 +201,10 @@ class Settings(BaseSettings):
         count, seconds = value.split("/")
         return int(count), float(seconds)
 
-    @field_validator("mode", "upstream_layout", mode="before")
+    @field_validator("mode", "upstream_layout", "upstream_datatype", mode="before")
     @classmethod
     def _any_case(cls, value: object, info) -> object:
-        """Case-insensitive vocabularies: 'SHADOW' is 'shadow', 'nhwc' is 'NHWC'."""
+        """Case-insensitive vocabularies: 'SHADOW' is 'shadow', 'nhwc' is 'NHWC', 'uint8' is 'UINT8'."""
         if not isinstance(value, str):
             return value
-        return value.upper() if info.field_name == "upstream_layout" else value.lower()
+        return value.upper() if info.field_name in ("upstream_layout", "upstream_datatype") else value.lower()

@@ -10,7 +10,9 @@ from service.defense.core import Defense
 from service.settings import Settings
 from service.upstream.base import Upstream
 from service.upstream.embedded import EmbeddedUpstream
+from service.access import ConfigError
 from service.upstream.oip import OipUpstream
+from service.upstream.pooled import uint8_ready
 from service.upstream.tfserving import TfServingUpstream
 
 __all__ = ["EmbeddedUpstream", "OipUpstream", "TfServingUpstream", "Upstream", "make_upstream", "upstream_contract"]
@@ -52,7 +54,11 @@ def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> U
     common = dict(output_name=values["output name"], outputs=values["outputs"],
                   timeout_s=settings.upstream_timeout_s, max_connections=settings.upstream_max_connections,
                   contract=contract, max_response_bytes=settings.upstream_max_response_bytes,
-                  max_batch=settings.upstream_max_batch)
+                  max_batch=settings.upstream_max_batch, datatype=settings.upstream_datatype)
+    if settings.upstream_datatype == "UINT8" and not uint8_ready(contract):
+        raise ConfigError("MAGNET_UPSTREAM_DATATYPE=UINT8 takes 8-bit pixels: set MAGNET_UPSTREAM_SCALE=255 and no "
+                          f"MAGNET_UPSTREAM_MEAN / _STD (the contract now: scale {contract.scale:g}, mean "
+                          f"{contract.mean}, std {contract.std})")
     if settings.upstream_protocol == "tfserving":
         return TfServingUpstream(settings.upstream, model, **common)
     return OipUpstream(settings.upstream, model, input_name=values["input name"], binary=settings.upstream_binary,

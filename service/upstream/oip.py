@@ -18,8 +18,8 @@ class OipUpstream(PooledHttp):
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
                  contract: ClassifierInput | None = None, binary: bool = False,
-                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0) -> None:
-        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch)
+                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0, datatype: str | None = None) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch, datatype)
         self.binary = binary  # the OIP binary data extension for the input and the outputs
         self.model = model
         self.input_name = input_name
@@ -36,41 +36,50 @@ class OipUpstream(PooledHttp):
         answer = await self.get(f"{self.base}/v2/models/{self.model}/ready")
         return answer is not None and answer[0] == 200
 
-    async def discover_batch_limit(self) -> tuple[int, bool] | None:
-        """From the model's metadata (``GET /v2/models/{m}``): a fixed first dimension of its input is a fixed
-        batch size; else Triton's model config (``GET /v2/models/{m}/config``, absent elsewhere) may cap the
-        batch (``max_batch_size``). None while the server cannot be reached (asked again next call)."""
+    async def discover(self) -> bool:
+        """What the settings leave open, from the model's metadata (``GET /v2/models/{m}``): its input's
+        datatype, and a fixed first dimension as a fixed batch size; else Triton's model config (``GET
+        /v2/models/{m}/config``, absent elsewhere) may cap the batch (``max_batch_size``). False while the
+        server cannot be reached (asked again next call)."""
+        if self.batch_limit is not None and self.datatype is not None:
+            return True
         answer = await self.get(f"{self.base}/v2/models/{self.model}")
         if answer is None:
-            return None
+            return False
         try:
             inputs = orjson.loads(answer[1])["inputs"] if answer[0] == 200 else []
-            shape = next((i["shape"] for i in inputs if i.get("name") == self.input_name), None)
-            first = int(shape[0]) if shape else 0
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-            first = 0
-        if first > 0:
-            return first, True
-        config = await self.get(f"{self.base}/v2/models/{self.model}/config")
-        if config is None:
-            return None
-        try:
-            cap = int(orjson.loads(config[1]).get("max_batch_size") or 0) if config[0] == 200 else 0
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-            cap = 0
-        return max(cap, 0), False
+            meta = next((i for i in inputs if i.get("name") == self.input_name), {})
+            first = int(meta["shape"][0]) if meta.get("shape") else 0
+            datatype = meta.get("datatype")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+            first, datatype = 0, None
+        self.datatype = self.datatype or ("UINT8" if datatype == "UINT8" else "FP32")
+        if self.batch_limit is None and first > 0:
+            self.batch_limit = (first, True)
+        if self.batch_limit is None:
+            config = await self.get(f"{self.base}/v2/models/{self.model}/config")
+            if config is None:
+                return False
+            try:
+                cap = int(orjson.loads(config[1]).get("max_batch_size") or 0) if config[0] == 200 else 0
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                cap = 0
+            self.batch_limit = (max(cap, 0), False)
+        return True
 
     def encode(self, x: np.ndarray) -> bytes:
-        x = prepare(x, self.contract)
-        tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}
+        x = self.as_sent(prepare(x, self.contract))
+        tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": self.datatype or "FP32",
+                  "data": x.ravel()}
         return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def encode_binary(self, x: np.ndarray) -> tuple[bytes, dict]:
         """The request with the binary data extension: a JSON header, then the input's little-endian FP32
         bytes; the outputs are asked as binary data too."""
-        x = prepare(x, self.contract)
-        raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
-        header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
+        x = self.as_sent(prepare(x, self.contract))
+        raw = np.ascontiguousarray(x, dtype="u1" if x.dtype == np.uint8 else "<f4").tobytes()
+        header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape),
+                                           "datatype": self.datatype or "FP32",
                                            "parameters": {"binary_data_size": len(raw)}}],
                                "parameters": {"binary_data_output": True}})
         return header + raw, {"Content-Type": "application/octet-stream",

@@ -20,13 +20,18 @@ from service.upstream import http1
 log = logging.getLogger("magnet")
 
 
+def uint8_ready(contract) -> bool:
+    """Whether the contract gives 8-bit pixel values (0..255), as a UINT8 input needs."""
+    return contract.scale == 255 and contract.mean is None and contract.std is None
+
+
 class PooledHttp:
     """Base of the HTTP adapters: ``start``/``close`` the pool, ``post`` and ``get`` with error mapping."""
 
     remote = True  # a model server: the gateway's own work can overlap its calls (``MAGNET_SPECULATE``)
 
     def __init__(self, url: str, timeout_s: float = 10.0, max_connections: int = 64,
-                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0) -> None:
+                 max_response_bytes: int = 32 * 2**20, max_batch: int = 0, datatype: str | None = None) -> None:
         self.base = url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_connections = max_connections
@@ -34,11 +39,24 @@ class PooledHttp:
         self._client: http1.Http1Client | None = None
         # rows per call: (limit, fixed) once known; fixed: exactly that many (the last call padded)
         self.batch_limit: tuple[int, bool] | None = (max_batch, False) if max_batch else None
+        self.datatype = datatype  # of the input: FP32 or UINT8; None until set or asked
+        self._discovered = False
 
-    async def discover_batch_limit(self) -> tuple[int, bool] | None:
-        """What the model server says about its batch size: (rows, fixed), (0, False) for no limit, or None
-        when it cannot be asked now (asked again at the next call). This base asks nothing."""
-        return 0, False
+    async def discover(self) -> bool:
+        """Learn from the model server what the settings leave open (``batch_limit``, ``datatype``); False
+        when it cannot be asked now (asked again at the next call). This base asks nothing: no limit, FP32."""
+        self.batch_limit = self.batch_limit or (0, False)
+        self.datatype = self.datatype or "FP32"
+        return True
+
+    def as_sent(self, x: np.ndarray) -> np.ndarray:
+        """The prepared batch in the input's datatype: UINT8 takes 8-bit pixels, rounded."""
+        if self.datatype != "UINT8":
+            return x
+        if not uint8_ready(self.contract):
+            raise UpstreamError("the model server's input is UINT8; set MAGNET_UPSTREAM_SCALE=255 and no "
+                                "MAGNET_UPSTREAM_MEAN / _STD", f"contract {self.contract}")
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
     async def call(self, x: np.ndarray) -> np.ndarray:
         """One upstream call on all of ``x`` (the adapters' own request and answer)."""
@@ -47,13 +65,12 @@ class PooledHttp:
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """``x`` classified upstream in one call, or, past the batch limit, in several at once (a fixed batch
         size: each call exactly that many rows, the last padded with copies of its last row)."""
-        if self.batch_limit is None:
-            found = await self.discover_batch_limit()
-            if found is not None:
-                self.batch_limit = found
-                if found[0]:
-                    log.info("upstream %s: %s %d row(s) per call", self.describe(),
-                             "exactly" if found[1] else "at most", found[0])
+        if not self._discovered:
+            self._discovered = await self.discover()
+            if self._discovered:
+                rows, fixed = self.batch_limit
+                log.info("upstream %s: input %s, %s row(s) per call", self.describe(), self.datatype,
+                         f"{'exactly' if fixed else 'at most'} {rows}" if rows else "any number of")
         rows, fixed = self.batch_limit or (0, False)
         if not rows or not len(x) or (len(x) <= rows and not (fixed and len(x) != rows)):
             return await self.call(x)

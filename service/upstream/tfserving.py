@@ -21,8 +21,8 @@ class TfServingUpstream(PooledHttp):
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
                  contract: ClassifierInput | None = None, max_response_bytes: int = 32 * 2**20,
-                 max_batch: int = 0) -> None:
-        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch)
+                 max_batch: int = 0, datatype: str | None = None) -> None:
+        super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch, datatype)
         self.model = model
         self.output_name = output_name
         self.outputs = outputs
@@ -44,7 +44,7 @@ class TfServingUpstream(PooledHttp):
             return False
 
     def encode(self, x: np.ndarray) -> bytes:
-        return orjson.dumps({"instances": prepare(x, self.contract)}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps({"instances": self.as_sent(prepare(x, self.contract))}, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def _rows(self, predictions: list) -> list:
         """Rows of a multi-output model are objects: pick the named output (or the only one)."""

@@ -166,7 +166,7 @@ def test_batches_past_the_upstream_limit_go_as_several_calls_answered_in_order(s
     np.testing.assert_allclose(out[:, 0], x.reshape(5, -1).sum(1), rtol=1e-6)  # every row its own answer, in order
     np.testing.assert_allclose(one[:, 0], x[:1].reshape(1, -1).sum(1), rtol=1e-6)
     if max_batch:
-        assert gets == []  # set: nothing asked
+        assert gets == ["/v2/models/m"]  # set: only the metadata is asked (for the input's datatype), once
     else:  # asked once, before the first call
         assert gets in (["/v2/models/m"], ["/v2/models/m", "/v2/models/m/config"])
 
@@ -186,3 +186,40 @@ def test_an_unreachable_server_is_asked_for_its_batch_size_again_at_the_next_cal
             await upstream.close()
 
     assert asyncio.run(body()) is None
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_uint8_model_gets_8_bit_pixels_when_the_contract_gives_them(binary):
+    """The metadata says UINT8: the batch goes as rounded 8-bit pixels (JSON ints or one byte each); with a
+    contract that does not give 0..255 pixels, every call is a clear upstream error."""
+    from service.defense.contract import ClassifierInput
+
+    seen = []
+
+    async def infer(request):
+        body = await request.read()
+        if binary:
+            n = int(request.headers["Inference-Header-Content-Length"])
+            tensor = json.loads(body[:n])["inputs"][0]
+            values = np.frombuffer(body[n:], np.uint8)
+        else:
+            tensor = json.loads(body)["inputs"][0]
+            values = np.asarray(tensor["data"])
+        seen.append((tensor["datatype"], values))
+        rows = tensor["shape"][0]
+        return web.json_response({"outputs": [{"name": "logits", "shape": [rows, 2], "datatype": "FP32",
+                                               "data": [0.0] * 2 * rows}]})
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, 1, 2, 2]}]})
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    x = np.array([0.0, 0.5, 0.999, 1.0] * 3, np.float32).reshape(3, 1, 2, 2)
+    make = lambda scale: lambda url: OipUpstream(url + "/", "m", timeout_s=2.0, binary=binary,
+                                                 contract=ClassifierInput(scale=scale))
+    asyncio.run(against_fake_server(routes, make(255.0), lambda u: u.infer(x)))
+    datatype, values = seen[0]
+    assert datatype == "UINT8" and values.tolist() == [0, 128, 255, 255] * 3  # rounded, not truncated
+    with pytest.raises(UpstreamError, match="input is UINT8; set MAGNET_UPSTREAM_SCALE=255"):
+        asyncio.run(against_fake_server(routes, make(1.0), lambda u: u.infer(x)))
+    assert len(seen) == 1  # nothing was sent

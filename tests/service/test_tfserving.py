@@ -170,3 +170,22 @@ def test_the_factory_passes_the_upstream_batch_limit(toy_bundle):
                                        upstream_max_batch=16), defense, pool)
             assert u.batch_limit == (16, False)
         assert make_upstream(Settings(bundle=toy_bundle, upstream="http://m:8000"), defense, pool).batch_limit is None
+
+
+def test_a_uint8_upstream_is_set_by_hand_and_needs_8_bit_pixels(toy_bundle):
+    from service.access import ConfigError
+
+    defense = Defense(toy_bundle)
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ConfigError, match="UINT8 takes 8-bit pixels: set MAGNET_UPSTREAM_SCALE=255"):
+            make_upstream(Settings(bundle=toy_bundle, upstream="http://m:8000", upstream_datatype="uint8"),
+                          defense, pool)
+        u = make_upstream(Settings(bundle=toy_bundle, upstream="http://m:8000", upstream_protocol="tfserving",
+                                   upstream_datatype="UINT8", upstream_scale=255), defense, pool)
+        assert u.datatype == "UINT8"
+    seen = {}
+    x = np.full((2, 1, 2, 2), 0.2, np.float32)
+    from service.defense.contract import ClassifierInput
+
+    run(recording(seen), lambda u: u.infer(x), datatype="UINT8", contract=ClassifierInput(scale=255.0))
+    assert seen["instances"] == [[[[51, 51], [51, 51]]]] * 2  # ints: 0.2 * 255 = 51
