@@ -10,7 +10,7 @@ import orjson
 from service.defense.contract import ClassifierInput, Layout, prepare
 from service.codecs import BINARY_DTYPES
 from service.errors import UpstreamError
-from service.upstream.pooled import PooledHttp
+from service.upstream.pooled import PooledHttp, log
 
 
 class OipUpstream(PooledHttp):
@@ -49,6 +49,9 @@ class OipUpstream(PooledHttp):
         try:
             inputs = orjson.loads(answer[1])["inputs"] if answer[0] == 200 else []
             meta = next((i for i in inputs if i.get("name") == self.input_name), {})
+            if inputs and not meta:
+                log.warning("upstream model %r has no input named %r (its inputs: %s): set MAGNET_UPSTREAM_INPUT",
+                            self.model, self.input_name, ", ".join(repr(i.get("name")) for i in inputs))
             first = int(meta["shape"][0]) if meta.get("shape") else 0
             datatype = meta.get("datatype")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):

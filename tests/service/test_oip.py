@@ -223,3 +223,19 @@ def test_a_uint8_model_gets_8_bit_pixels_when_the_contract_gives_them(binary):
     with pytest.raises(UpstreamError, match="input is UINT8; set MAGNET_UPSTREAM_SCALE=255"):
         asyncio.run(against_fake_server(routes, make(1.0), lambda u: u.infer(x)))
     assert len(seen) == 1  # nothing was sent
+
+
+def test_a_model_whose_input_has_another_name_is_named_in_the_log(caplog):
+    import logging
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 2, 2]}]})
+
+    async def infer(request):
+        return web.Response(status=400, text="unexpected inference input 'input'")
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    with caplog.at_level(logging.WARNING, logger="magnet"), pytest.raises(UpstreamError, match="answered 400"):
+        asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
+                                        lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32))))
+    assert "has no input named 'input' (its inputs: 'images'): set MAGNET_UPSTREAM_INPUT" in caplog.text
