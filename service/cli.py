@@ -53,7 +53,8 @@ def serve(argv: list[str]) -> int:
         p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v2 over REST to the predictor")
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
     flags = {dest: flag for flag, (dest, _, _) in SERVE_FLAGS.items() if dest in overrides}
-    flags["explain"] = "--explain"
+    if "explain" in overrides:
+        flags["explain"] = "--explain"
     kserve = kserve_overrides(args, overrides)
     flags.update({field: KSERVE_FLAGS[field] for field in kserve})
     overrides.update(kserve)

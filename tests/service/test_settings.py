@@ -55,6 +55,9 @@ def test_magnet_serve_names_a_bad_flag_or_variable_in_one_line_without_a_traceba
     assert "MAGNET_RATE_LIMIT 'lots': expected '0' (off) or 'N/W'" in err and "--workers -1: " in err
     monkeypatch.delenv("MAGNET_RATE_LIMIT")
     monkeypatch.delenv("MAGNET_MODE")
+    monkeypatch.setenv("MAGNET_EXPLAIN", "maybe")
+    assert main(["serve"]) == 2 and capsys.readouterr().err.startswith("magnet serve: MAGNET_EXPLAIN 'maybe': ")
+    monkeypatch.delenv("MAGNET_EXPLAIN")
     monkeypatch.setenv("MAGNET_SESSION_SECRET_FILE", "/nonexistent/secret")
     assert main(["serve"]) == 2  # a check across settings: its own message
     assert capsys.readouterr().err == "magnet serve: MAGNET_SESSION_SECRET_FILE /nonexistent/secret: No such file or directory\n"
