@@ -34,6 +34,7 @@ torch twin of its ONNX graph, checked against onnxruntime). Weights and progress
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -137,6 +138,34 @@ def check_classifier(path: Path, contract: ClassifierInput, output: str, output_
     return accuracy
 
 
+def work_inputs(args, ds: Dataset, family: str, contract: ClassifierInput) -> dict:
+    """What the weights in ``--work-dir`` were trained from: the training images and split, and for the RGB
+    recipe (trained through the classifier) the classifier file and its contract and the training mix."""
+    inputs = {"train images sha256": hashlib.sha256(np.ascontiguousarray(ds.train.x).tobytes()).hexdigest(),
+              "classes": list(ds.classes), "seed": args.seed, "pool": args.pool}
+    if family == "rgb":
+        inputs.update({"classifier sha256": hashlib.sha256(Path(args.classifier).read_bytes()).hexdigest(),
+                       "contract": contract.model_dump(), "outputs": args.outputs, "output name": args.output_name,
+                       "attack-free": bool(args.attack_free)})
+    return inputs
+
+
+def guard_work(work: Path, inputs: dict, fresh: bool) -> None:
+    """Resume only what was trained from the same inputs: a work dir from other inputs (a re-exported
+    classifier, other images) is refused unless ``--fresh``, which also drops the cached classifier outputs."""
+    path = work / "inputs.json"
+    if path.exists() and not fresh:
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in {**old, **inputs} if old.get(k) != inputs.get(k))
+        if changed:
+            raise SystemExit(f"{work} holds weights trained from other inputs ({', '.join(changed)} changed): give "
+                             "--fresh to retrain there, or another --work-dir")
+    if fresh:
+        for name in ("reformer.ckpt", "train_logits.npy"):
+            (work / name).unlink(missing_ok=True)
+    path.write_text(json.dumps(inputs, indent=1) + "\n")
+
+
 def train_grey(args, ds: Dataset, work: Path, started: float) -> tuple[dict, dict]:
     """AE-I (one per pool member, jointly when a pool) and AE-II; returns ({file: model}, histories)."""
     budget = args.max_minutes * 60
@@ -175,8 +204,6 @@ def train_rgb(args, ds: Dataset, work: Path, twin) -> tuple[dict, dict] | None:
                          max_minutes=args.max_minutes, device=args.device, seed=args.seed)
     torch.manual_seed(args.seed)
     reformers = [GuidedReformer(ds.train.x.shape[1], 32, 2) for _ in range(args.pool)]
-    if args.fresh and (work / "reformer.ckpt").exists():
-        (work / "reformer.ckpt").unlink()
     alpha = 1.0 if args.alpha is None else args.alpha
     history = train_reformer(reformers if args.pool > 1 else reformers[0], twin, ds.train, ds.val, cfg, work,
                              alpha=alpha if args.pool > 1 else 0.0)
@@ -270,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                           output_name=args.output_name, output=args.outputs)
     except TwinError as e:
         raise SystemExit(f"no differentiable twin of {args.classifier}: {e}") from e
+    guard_work(work, work_inputs(args, ds, family, contract), args.fresh)
     (work / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                   for k, v in vars(args).items()}, indent=1))
     if family == "grey":

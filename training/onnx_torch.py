@@ -366,6 +366,10 @@ class OnnxModule(nn.Module):
         if self.output_name not in produced:  # any tensor a node computes may be read (e.g. logits before a softmax)
             raise OnnxTwinError(f"{Path(path).name} computes no tensor {self.output_name!r} "
                                 f"(its outputs: {', '.join(outputs)})")
+        # an export without a dynamic batch axis may hard-code its batch size (a Reshape to [1, -1]): the
+        # twin then runs that many rows at a time, as onnxruntime does (service.defense.runtime.OnnxModel)
+        dims = next(i for i in graph.input if i.name == self.input_name).type.tensor_type.shape.dim
+        self.fixed_batch = dims[0].dim_value if dims and dims[0].dim_value > 0 else None
         self._names: dict[str, str] = {}
         for k, t in enumerate(graph.initializer):
             array = numpy_helper.to_array(t).copy()
@@ -390,6 +394,17 @@ class OnnxModule(nn.Module):
             self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.fixed_batch
+        if b is None or len(x) == b:
+            return self._run(x)
+        parts = list(torch.split(x, b)) or [x[:0]]
+        outs = []
+        for part in parts:  # the last part padded with copies of its last row (an empty x: with zeros)
+            fill = (part[-1:] if len(part) else x.new_zeros((1, *x.shape[1:]))).expand(b - len(part), *x.shape[1:])
+            outs.append(self._run(torch.cat([part, fill]))[:len(part)])
+        return torch.cat(outs)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, Any] = {"": None, self.input_name: x, **self.constants}
         for name, buffer in self._names.items():
             env[name] = getattr(self, buffer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import hashlib
 import json
 import subprocess
 import sys
@@ -212,3 +213,30 @@ def test_a_classifier_with_the_wrong_number_of_classes(grey, tmp_path):
     proc = magnet("train", "folder", "--data", str(tmp_path / "more"), "--classifier", str(grey["classifier"]),
                   "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "w"), *CONTRACT, check=False)
     assert proc.returncode != 0 and "5 classes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_work_dir_trained_through_another_classifier_is_refused_until_fresh(tmp_path):
+    """The RGB recipe trains through the classifier: after a re-export (other weights), the same --work-dir is
+    refused with what changed instead of resuming the old reformer and its cached classifier outputs;
+    --fresh retrains there."""
+    import onnx
+    from onnx import numpy_helper
+
+    data = write_folder(tmp_path / "rgb", 16, 3, n_train=120, n_test=40)
+    clf = user_classifier(tmp_path / "user.onnx", 16, 3)
+    model = onnx.load(str(clf))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * 1.01, first.name))
+    other = tmp_path / "user-v2.onnx"
+    onnx.save(model, str(other))
+    args = ("--data", str(data), "--work-dir", str(tmp_path / "work"), "--steps", "3", "--attack-examples", "5",
+            "--attack-free", *CONTRACT)
+    magnet("train", "folder", "--classifier", str(clf), "--out", str(tmp_path / "b1"), *args)
+    refused = magnet("train", "folder", "--classifier", str(other), "--out", str(tmp_path / "b2"), *args, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "holds weights trained from other inputs (classifier sha256 changed): give --fresh" in refused.stderr
+    assert not (tmp_path / "b2").exists()
+    magnet("train", "folder", "--classifier", str(other), "--out", str(tmp_path / "b2"), *args, "--fresh")
+    inputs = json.loads((tmp_path / "work" / "inputs.json").read_text())
+    assert inputs["classifier sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert (tmp_path / "b2" / "manifest.json").exists()

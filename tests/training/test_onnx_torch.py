@@ -115,3 +115,29 @@ def test_twins_of_a_bundle_with_an_unknown_architecture_and_any_contract_equal_t
     reformed = defense.classifier.logits(verdict.reformed)
     np.testing.assert_allclose(torch.softmax(ev.logits[0], 1).numpy(),
                                np.exp(reformed) / np.exp(reformed).sum(1, keepdims=True), atol=1e-5)
+
+
+def test_a_graph_that_hard_codes_a_batch_of_one_runs_any_batch_with_gradients(tmp_path):
+    """An export without dynamic axes whose Reshape keeps the traced batch size (``reshape(1, -1)``): the twin
+    runs one row at a time, as onnxruntime does, and equals it on a batch of 5, with gradients per row."""
+
+    class HardCoded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).reshape(1, -1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "one.onnx"
+    torch.onnx.export(HardCoded().eval(), (torch.rand(1, 3, 8, 8),), str(path), input_names=["x"],
+                      output_names=["logits"], opset_version=17, dynamo=False)
+    twin = OnnxModule(path)
+    assert twin.fixed_batch == 1
+    x = RNG.uniform(size=(5, 3, 8, 8)).astype(np.float32)
+    assert check_twin(twin, path, x) < 1e-5
+    z = torch.from_numpy(x).requires_grad_(True)
+    twin(z)[2, 1].backward()  # one row's logit: only that row's pixels have a gradient
+    assert z.grad[2].abs().sum() > 0 and z.grad[[0, 1, 3, 4]].abs().sum() == 0
+    assert twin(z[:0]).shape == (0, 3)
