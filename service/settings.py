@@ -56,13 +56,14 @@ class Settings(BaseSettings):
     upstream_datatype: Literal["FP32", "UINT8"] | None = Field(
         None, description="Datatype of the upstream model's input: FP32, or UINT8 (8-bit pixels, rounded; needs "
         "MAGNET_UPSTREAM_SCALE=255 and no mean/std), as models with their own preprocessing often take. Unset: "
-        "what an OIP v2 model's metadata says, asked once at the first call; FP32 for TF Serving.")
+        "what the model's metadata says (OIP v2, or TF Serving's signature), asked once at the first call.")
     upstream_max_batch: int = Field(
         0, ge=0, description="Most rows per upstream call: a larger batch goes as several calls at once, its "
         "answers joined in order (a model server that caps its batch, as Triton's max_batch_size does). 0: from "
         "an OIP v2 server, once: a model whose input has a fixed batch size (its metadata's first dimension, "
         "e.g. an export without dynamic axes) gets exactly that many rows per call, the last call padded; "
-        "Triton's max_batch_size (its model config) caps the rest; otherwise no limit.")
+        "Triton's max_batch_size (its model config) caps the rest; TF Serving: a fixed first dimension in the "
+        "model's signature; otherwise no limit.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -1,7 +1,8 @@
 """TensorFlow Serving REST upstream: ``POST {url}/v1/models/{name}:predict`` in the row ("instances") format.
 
 TF models usually take N x H x W x C: with ``layout="NHWC"`` the batch is transposed before it is sent.
-Readiness is ``GET {url}/v1/models/{name}`` listing a version whose state is ``AVAILABLE``.
+Readiness is ``GET {url}/v1/models/{name}`` listing a version whose state is ``AVAILABLE``. The input's
+datatype and a fixed batch size are read once from the model's signature (``/metadata``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,29 @@ class TfServingUpstream(PooledHttp):
             return any(v.get("state") == "AVAILABLE" for v in versions)
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return False
+
+    async def discover(self) -> bool:
+        """What the settings leave open, from the model's signature (``GET /v1/models/{m}/metadata``,
+        ``serving_default`` with one input): ``DT_UINT8`` is a UINT8 input, a first dimension above 0 a fixed
+        batch size; else FP32 and no limit. False while the server cannot be reached."""
+        if self.batch_limit is not None and self.datatype is not None:
+            return True
+        answer = await self.get(f"{self.base}/v1/models/{self.model}/metadata")
+        if answer is None:
+            return False
+        first, dtype = 0, None
+        try:
+            if answer[0] == 200:
+                signature = orjson.loads(answer[1])["metadata"]["signature_def"]["signature_def"]["serving_default"]
+                (spec,) = signature["inputs"].values()  # the row format feeds models of one input
+                dtype = spec.get("dtype")
+                dims = (spec.get("tensor_shape") or {}).get("dim") or []
+                first = int(dims[0]["size"]) if dims else 0
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            first, dtype = 0, None
+        self.datatype = self.datatype or ("UINT8" if dtype == "DT_UINT8" else "FP32")
+        self.batch_limit = self.batch_limit or ((first, True) if first > 0 else (0, False))
+        return True
 
     def encode(self, x: np.ndarray) -> bytes:
         return orjson.dumps({"instances": self.as_sent(prepare(x, self.contract))}, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -158,7 +158,7 @@ def test_max_batch_splits_a_tf_serving_batch_into_calls_answered_in_order():
     assert sorted(sizes) == [1, 3, 3]
     np.testing.assert_allclose(out[:, 0], x.reshape(7, -1).sum(1), rtol=1e-6)
     sizes.clear()
-    run(predict, lambda u: u.infer(x))  # unset: TF Serving is not asked, one call
+    run(predict, lambda u: u.infer(x))  # unset, and the server has no metadata to say otherwise: one call
     assert sizes == [7]
 
 
@@ -189,3 +189,44 @@ def test_a_uint8_upstream_is_set_by_hand_and_needs_8_bit_pixels(toy_bundle):
 
     run(recording(seen), lambda u: u.infer(x), datatype="UINT8", contract=ClassifierInput(scale=255.0))
     assert seen["instances"] == [[[[51, 51], [51, 51]]]] * 2  # ints: 0.2 * 255 = 51
+
+
+def tf_metadata(dtype: str, first: str):
+    """A TF Serving ``/metadata`` answer for a model of one input (sizes are strings, as TF Serving writes)."""
+    spec = {"dtype": dtype, "tensor_shape": {"dim": [{"size": first}, {"size": "2"}, {"size": "2"}, {"size": "1"}],
+                                             "unknown_rank": False}, "name": "serving_default_pixels:0"}
+    return {"model_spec": {"name": "m", "version": "2"}, "metadata": {"signature_def": {"signature_def": {
+        "serving_default": {"inputs": {"pixels": spec}, "outputs": {}, "method_name": "tensorflow/serving/predict"}}}}}
+
+
+@pytest.mark.parametrize("dtype, first, sent_sizes, sent_type", [
+    ("DT_UINT8", "-1", [5], int),  # 8-bit pixels, any batch
+    ("DT_FLOAT", "2", [2, 2, 2], float),  # a fixed batch of 2: the last call padded
+])
+def test_tf_serving_metadata_gives_the_datatype_and_a_fixed_batch(dtype, first, sent_sizes, sent_type):
+    from service.defense.contract import ClassifierInput
+
+    sent, asked = [], []
+
+    async def predict(request):
+        rows = (await request.json())["instances"]
+        sent.append(rows)
+        return web.json_response({"predictions": [[float(np.sum(r)), 0.0] for r in rows]})
+
+    async def metadata(request):
+        asked.append(1)
+        return web.json_response(tf_metadata(dtype, first))
+
+    routes = [("POST", "/v1/models/m:predict", predict), ("GET", "/v1/models/m/metadata", metadata)]
+    x = np.random.default_rng(2).uniform(size=(5, 1, 2, 2)).astype(np.float32)
+
+    async def twice(u):
+        return await u.infer(x), await u.infer(x)
+
+    out, _ = asyncio.run(against_fake_server(routes, lambda url: TfServingUpstream(
+        url + "/", "m", timeout_s=2.0, contract=ClassifierInput(scale=255.0)), twice))
+    assert asked == [1] and sorted(len(r) for r in sent[:len(sent_sizes)]) == sorted(sent_sizes)
+    assert all(isinstance(v, sent_type) for v in np.ravel(sent[0]).tolist())
+    want = np.rint(x * 255).reshape(5, -1).sum(1) if sent_type is int else (x * 255).reshape(5, -1).sum(1)
+    np.testing.assert_allclose(out[:, 0], want, rtol=1e-5)
+
