@@ -46,6 +46,11 @@ class ClassifierInput(BaseModel):
     def is_identity(self) -> bool:
         return self.layout == "NCHW" and self.scale == 1.0 and self.mean is None and self.std is None
 
+    @property
+    def gives_8bit_pixels(self) -> bool:
+        """Whether the contract turns [0, 1] pixels into 0..255 values, as a UINT8 input needs."""
+        return self.scale == 255 and self.mean is None and self.std is None
+
     def check_channels(self, channels: int) -> None:
         for what, values in (("mean", self.mean), ("std", self.std)):
             if values is not None and len(values) not in (1, channels):

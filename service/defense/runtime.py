@@ -178,6 +178,17 @@ def _trim_heap() -> None:
         pass
 
 
+def parts_of(x: np.ndarray, rows: int, fixed: bool = False) -> list[tuple[np.ndarray, int]]:
+    """``x`` in parts of at most ``rows`` rows, each with its number of real rows. ``fixed``: every part has
+    exactly ``rows`` rows, the last padded with copies of its last row (an empty ``x``: one part of zeros),
+    for a graph or model server that takes only that batch size."""
+    parts = [x[i:i + rows] for i in range(0, len(x), rows)] or [x[:0]]
+    if not fixed:
+        return [(p, len(p)) for p in parts]
+    return [(np.concatenate([p, np.repeat(p[-1:] if len(p) else np.zeros((1, *x.shape[1:]), x.dtype),
+                                          rows - len(p), axis=0)]), len(p)) for p in parts]
+
+
 def chunk_rows(on_cpu: bool, x: np.ndarray) -> int:
     """Rows per onnxruntime call: on the CPU, at most ``CPU_CHUNK_ELEMENTS`` input values, since
     onnxruntime's arena keeps the peak of every call's activations for the life of the process (a
@@ -219,22 +230,9 @@ class OnnxModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
             x = np.ascontiguousarray(x, np.float32)
-        if self.fixed_batch is not None and len(x) != self.fixed_batch:
-            return self._fixed(x)
-        rows = chunk_rows(self._on_cpu, x)
-        if len(x) <= rows:
+        fixed = self.fixed_batch is not None and len(x) != self.fixed_batch
+        rows = self.fixed_batch if fixed else chunk_rows(self._on_cpu, x)
+        if len(x) <= rows and not fixed:
             return self.session.run(self._outputs, {self.input_name: x})[0]
-        return np.concatenate([self.session.run(self._outputs, {self.input_name: x[i:i + rows]})[0]
-                               for i in range(0, len(x), rows)])
-
-    def _fixed(self, x: np.ndarray) -> np.ndarray:
-        """``x`` through a graph that takes exactly ``fixed_batch`` rows: that many at a time, the last call
-        padded with copies of its last row (an empty ``x``: one call on zeros, for the output's shape)."""
-        b = self.fixed_batch
-        parts = [x[i:i + b] for i in range(0, len(x), b)] or [np.zeros((0, *x.shape[1:]), np.float32)]
-        out = []
-        for part in parts:
-            fill = np.repeat(part[-1:] if len(part) else np.zeros((1, *x.shape[1:]), np.float32), b - len(part), axis=0)
-            out.append(self.session.run(self._outputs, {self.input_name: np.concatenate([part, fill])})[0][:len(part)])
-        return np.concatenate(out)
-
+        return np.concatenate([self.session.run(self._outputs, {self.input_name: part})[0][:n]
+                               for part, n in parts_of(x, rows, fixed)])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Executor
 
+from service.access import ConfigError
 from service.defense.contract import ClassifierInput
 from service.defense.core import Defense
 from service.settings import Settings
 from service.upstream.base import Upstream
 from service.upstream.embedded import EmbeddedUpstream
-from service.access import ConfigError
 from service.upstream.oip import OipUpstream
-from service.upstream.pooled import uint8_ready
 from service.upstream.tfserving import TfServingUpstream
 
 __all__ = ["EmbeddedUpstream", "OipUpstream", "TfServingUpstream", "Upstream", "make_upstream", "upstream_contract"]
@@ -55,7 +54,7 @@ def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> U
                   timeout_s=settings.upstream_timeout_s, max_connections=settings.upstream_max_connections,
                   contract=contract, max_response_bytes=settings.upstream_max_response_bytes,
                   max_batch=settings.upstream_max_batch, datatype=settings.upstream_datatype)
-    if settings.upstream_datatype == "UINT8" and not uint8_ready(contract):
+    if settings.upstream_datatype == "UINT8" and not contract.gives_8bit_pixels:
         raise ConfigError("MAGNET_UPSTREAM_DATATYPE=UINT8 takes 8-bit pixels: set MAGNET_UPSTREAM_SCALE=255 and no "
                           f"MAGNET_UPSTREAM_MEAN / _STD (the contract now: scale {contract.scale:g}, mean "
                           f"{contract.mean}, std {contract.std})")

@@ -41,8 +41,6 @@ class OipUpstream(PooledHttp):
         datatype, and a fixed first dimension as a fixed batch size; else Triton's model config (``GET
         /v2/models/{m}/config``, absent elsewhere) may cap the batch (``max_batch_size``). False while the
         server cannot be reached (asked again next call)."""
-        if self.batch_limit is not None and self.datatype is not None:
-            return True
         answer = await self.get(f"{self.base}/v2/models/{self.model}")
         if answer is None:
             return False
@@ -56,7 +54,7 @@ class OipUpstream(PooledHttp):
             datatype = meta.get("datatype")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
             first, datatype = 0, None
-        self.datatype = self.datatype or ("UINT8" if datatype == "UINT8" else "FP32")
+        self.datatype = self.datatype or ("UINT8" if datatype == "UINT8" else None)
         if self.batch_limit is None and first > 0:
             self.batch_limit = (first, True)
         if self.batch_limit is None:
@@ -67,7 +65,7 @@ class OipUpstream(PooledHttp):
                 cap = int(orjson.loads(config[1]).get("max_batch_size") or 0) if config[0] == 200 else 0
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                 cap = 0
-            self.batch_limit = (max(cap, 0), False)
+            self.batch_limit = (cap, False) if cap > 0 else None
         return True
 
     def encode(self, x: np.ndarray) -> bytes:

@@ -14,15 +14,11 @@ import logging
 
 import numpy as np
 
+from service.defense.runtime import parts_of
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.upstream import http1
 
 log = logging.getLogger("magnet")
-
-
-def uint8_ready(contract) -> bool:
-    """Whether the contract gives 8-bit pixel values (0..255), as a UINT8 input needs."""
-    return contract.scale == 255 and contract.mean is None and contract.std is None
 
 
 class PooledHttp:
@@ -43,17 +39,16 @@ class PooledHttp:
         self._discovered = False
 
     async def discover(self) -> bool:
-        """Learn from the model server what the settings leave open (``batch_limit``, ``datatype``); False
-        when it cannot be asked now (asked again at the next call). This base asks nothing: no limit, FP32."""
-        self.batch_limit = self.batch_limit or (0, False)
-        self.datatype = self.datatype or "FP32"
+        """Learn from the model server what the settings leave open (``batch_limit``, ``datatype``, each
+        left None when the server does not say: then no limit, FP32); False when it cannot be asked now
+        (asked again at the next call). This base asks nothing."""
         return True
 
     def as_sent(self, x: np.ndarray) -> np.ndarray:
         """The prepared batch in the input's datatype: UINT8 takes 8-bit pixels, rounded."""
         if self.datatype != "UINT8":
             return x
-        if not uint8_ready(self.contract):
+        if not self.contract.gives_8bit_pixels:
             raise UpstreamError("the model server's input is UINT8; set MAGNET_UPSTREAM_SCALE=255 and no "
                                 "MAGNET_UPSTREAM_MEAN / _STD", f"contract {self.contract}")
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -66,19 +61,19 @@ class PooledHttp:
         """``x`` classified upstream in one call, or, past the batch limit, in several at once (a fixed batch
         size: each call exactly that many rows, the last padded with copies of its last row)."""
         if not self._discovered:
-            self._discovered = await self.discover()
+            settled = self.batch_limit is not None and self.datatype is not None
+            self._discovered = settled or await self.discover()
             if self._discovered:
+                self.batch_limit, self.datatype = self.batch_limit or (0, False), self.datatype or "FP32"
                 rows, fixed = self.batch_limit
                 log.info("upstream %s: input %s, %s row(s) per call", self.describe(), self.datatype,
                          f"{'exactly' if fixed else 'at most'} {rows}" if rows else "any number of")
         rows, fixed = self.batch_limit or (0, False)
         if not rows or not len(x) or (len(x) <= rows and not (fixed and len(x) != rows)):
             return await self.call(x)
-        parts = [x[i:i + rows] for i in range(0, len(x), rows)]
-        sent = [np.concatenate([p, np.repeat(p[-1:], rows - len(p), axis=0)]) if fixed and len(p) < rows else p
-                for p in parts]
-        answers = await asyncio.gather(*(self.call(p) for p in sent))
-        return np.concatenate([a[:len(p)] for a, p in zip(answers, parts)])
+        parts = parts_of(x, rows, fixed)
+        answers = await asyncio.gather(*(self.call(part) for part, _ in parts))
+        return np.concatenate([a[:n] for a, (_, n) in zip(answers, parts)])
 
     async def start(self) -> None:
         self._client = http1.Http1Client(self.base, self.timeout_s, self.max_connections, self.max_response_bytes)

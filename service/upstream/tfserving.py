@@ -47,9 +47,7 @@ class TfServingUpstream(PooledHttp):
     async def discover(self) -> bool:
         """What the settings leave open, from the model's signature (``GET /v1/models/{m}/metadata``,
         ``serving_default`` with one input): ``DT_UINT8`` is a UINT8 input, a first dimension above 0 a fixed
-        batch size; else FP32 and no limit. False while the server cannot be reached."""
-        if self.batch_limit is not None and self.datatype is not None:
-            return True
+        batch size. False while the server cannot be reached."""
         answer = await self.get(f"{self.base}/v1/models/{self.model}/metadata")
         if answer is None:
             return False
@@ -63,8 +61,8 @@ class TfServingUpstream(PooledHttp):
                 first = int(dims[0]["size"]) if dims else 0
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             first, dtype = 0, None
-        self.datatype = self.datatype or ("UINT8" if dtype == "DT_UINT8" else "FP32")
-        self.batch_limit = self.batch_limit or ((first, True) if first > 0 else (0, False))
+        self.datatype = self.datatype or ("UINT8" if dtype == "DT_UINT8" else None)
+        self.batch_limit = self.batch_limit or ((first, True) if first > 0 else None)
         return True
 
     def encode(self, x: np.ndarray) -> bytes:
