@@ -10,7 +10,7 @@ import orjson
 from service.defense.contract import ClassifierInput, Layout, prepare
 from service.codecs import BINARY_DTYPES
 from service.errors import UpstreamError
-from service.upstream.pooled import PooledHttp, log
+from service.upstream.pooled import SENT_DTYPES, PooledHttp, log
 
 
 class OipUpstream(PooledHttp):
@@ -54,7 +54,7 @@ class OipUpstream(PooledHttp):
             datatype = meta.get("datatype")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
             first, datatype = 0, None
-        self.datatype = self.datatype or ("UINT8" if datatype == "UINT8" else None)
+        self.datatype = self.known_datatype(self.datatype, datatype if isinstance(datatype, str) else None)
         if self.batch_limit is None and first > 0:
             self.batch_limit = (first, True)
         if self.batch_limit is None:
@@ -68,6 +68,15 @@ class OipUpstream(PooledHttp):
             self.batch_limit = (cap, False) if cap > 0 else None
         return True
 
+    @property
+    def binary_input(self) -> bool:
+        """Whether the input goes as binary data: when asked, and always for FP16, which Triton and KServe
+        refuse as JSON numbers (the outputs are then asked as JSON unless binary data is asked)."""
+        return self.binary or self.datatype == "FP16"
+
+    def how_sent(self) -> str:
+        return " (binary data: FP16 is refused as JSON)" if self.binary_input and not self.binary else ""
+
     def encode(self, x: np.ndarray) -> bytes:
         x = self.as_sent(prepare(x, self.contract))
         tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": self.datatype or "FP32",
@@ -75,14 +84,14 @@ class OipUpstream(PooledHttp):
         return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def encode_binary(self, x: np.ndarray) -> tuple[bytes, dict]:
-        """The request with the binary data extension: a JSON header, then the input's little-endian FP32
-        bytes; the outputs are asked as binary data too."""
+        """The request with the binary data extension: a JSON header, then the input's little-endian bytes in
+        its datatype; the outputs are asked as binary data too when ``binary`` is set."""
         x = self.as_sent(prepare(x, self.contract))
-        raw = np.ascontiguousarray(x, dtype="u1" if x.dtype == np.uint8 else "<f4").tobytes()
+        raw = np.ascontiguousarray(x, dtype=SENT_DTYPES[self.datatype or "FP32"]).tobytes()
         header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape),
                                            "datatype": self.datatype or "FP32",
                                            "parameters": {"binary_data_size": len(raw)}}],
-                               "parameters": {"binary_data_output": True}})
+                               "parameters": {"binary_data_output": self.binary}})
         return header + raw, {"Content-Type": "application/octet-stream",
                               "Inference-Header-Content-Length": str(len(header))}
 
@@ -112,7 +121,7 @@ class OipUpstream(PooledHttp):
 
     async def call(self, x: np.ndarray) -> np.ndarray:
         url = f"{self.base}/v2/models/{self.model}/infer"
-        if not self.binary:
+        if not self.binary_input:
             return self.decode(await self.post(url, self.encode(x)), len(x))
         body, headers = self.encode_binary(x)
         answer, answer_headers = await self.exchange(url, body, headers)

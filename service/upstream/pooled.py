@@ -20,6 +20,9 @@ from service.upstream import http1
 
 log = logging.getLogger("magnet")
 
+# the input datatypes the gateway can send (OIP v2 names) -> little-endian numpy types
+SENT_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
+
 
 class PooledHttp:
     """Base of the HTTP adapters: ``start``/``close`` the pool, ``post`` and ``get`` with error mapping."""
@@ -35,7 +38,7 @@ class PooledHttp:
         self._client: http1.Http1Client | None = None
         # rows per call: (limit, fixed) once known; fixed: exactly that many (the last call padded)
         self.batch_limit: tuple[int, bool] | None = (max_batch, False) if max_batch else None
-        self.datatype = datatype  # of the input: FP32 or UINT8; None until set or asked
+        self.datatype = datatype  # of the input: one of SENT_DTYPES; None until set or asked
         self._discovered = False
 
     async def discover(self) -> bool:
@@ -44,14 +47,32 @@ class PooledHttp:
         (asked again at the next call). This base asks nothing."""
         return True
 
+    def known_datatype(self, datatype: str | None, said: str | None) -> str | None:
+        """The input datatype to send: ``datatype`` when set, else the server's word ``said`` (an OIP v2
+        datatype) when the gateway can send it, else None (FP32; logged when the server said something else)."""
+        if datatype or said is None:
+            return datatype
+        if said not in SENT_DTYPES:
+            log.warning("upstream %s: its input is %s, which the gateway does not send; it sends FP32, which the "
+                        "model may refuse", self.describe(), said)
+            return None
+        return said
+
     def as_sent(self, x: np.ndarray) -> np.ndarray:
-        """The prepared batch in the input's datatype: UINT8 takes 8-bit pixels, rounded."""
+        """The prepared batch in the input's datatype: UINT8 takes 8-bit pixels, rounded; FP16 and FP64 the
+        values cast."""
+        if self.datatype in ("FP16", "FP64"):
+            return x.astype(SENT_DTYPES[self.datatype])
         if self.datatype != "UINT8":
             return x
         if not self.contract.gives_8bit_pixels:
             raise UpstreamError("the model server's input is UINT8; set MAGNET_UPSTREAM_SCALE=255 and no "
                                 "MAGNET_UPSTREAM_MEAN / _STD", f"contract {self.contract}")
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    def how_sent(self) -> str:
+        """How the input goes, when the settled datatype decides it (for the log line); '' otherwise."""
+        return ""
 
     async def call(self, x: np.ndarray) -> np.ndarray:
         """One upstream call on all of ``x`` (the adapters' own request and answer)."""
@@ -66,8 +87,8 @@ class PooledHttp:
             if self._discovered:
                 self.batch_limit, self.datatype = self.batch_limit or (0, False), self.datatype or "FP32"
                 rows, fixed = self.batch_limit
-                log.info("upstream %s: input %s, %s row(s) per call", self.describe(), self.datatype,
-                         f"{'exactly' if fixed else 'at most'} {rows}" if rows else "any number of")
+                log.info("upstream %s: input %s%s, %s row(s) per call", self.describe(), self.datatype,
+                         self.how_sent(), f"{'exactly' if fixed else 'at most'} {rows}" if rows else "any number of")
         rows, fixed = self.batch_limit or (0, False)
         if not rows or not len(x) or (len(x) <= rows and not (fixed and len(x) != rows)):
             return await self.call(x)

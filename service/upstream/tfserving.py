@@ -17,6 +17,11 @@ from service.errors import UpstreamError
 from service.upstream.pooled import PooledHttp
 
 
+# TF Serving's dtypes -> OIP v2 datatype names (as the gateway's settings name them); bfloat16 takes the JSON
+# numbers sent for FP32 (the server casts them)
+TF_DTYPES = {"DT_FLOAT": "FP32", "DT_HALF": "FP16", "DT_DOUBLE": "FP64", "DT_UINT8": "UINT8", "DT_BFLOAT16": "FP32"}
+
+
 class TfServingUpstream(PooledHttp):
     def __init__(self, url: str, model: str, output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
@@ -46,8 +51,8 @@ class TfServingUpstream(PooledHttp):
 
     async def discover(self) -> bool:
         """What the settings leave open, from the model's signature (``GET /v1/models/{m}/metadata``,
-        ``serving_default`` with one input): ``DT_UINT8`` is a UINT8 input, a first dimension above 0 a fixed
-        batch size. False while the server cannot be reached."""
+        ``serving_default`` with one input): ``DT_UINT8`` is a UINT8 input (``DT_HALF`` FP16, ``DT_DOUBLE``
+        FP64), a first dimension above 0 a fixed batch size. False while the server cannot be reached."""
         answer = await self.get(f"{self.base}/v1/models/{self.model}/metadata")
         if answer is None:
             return False
@@ -61,7 +66,8 @@ class TfServingUpstream(PooledHttp):
                 first = int(dims[0]["size"]) if dims else 0
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             first, dtype = 0, None
-        self.datatype = self.datatype or ("UINT8" if dtype == "DT_UINT8" else None)
+        said = TF_DTYPES.get(dtype, dtype[3:] if isinstance(dtype, str) and dtype.startswith("DT_") else None)
+        self.datatype = self.known_datatype(self.datatype, said)
         self.batch_limit = self.batch_limit or ((first, True) if first > 0 else None)
         return True
 

@@ -214,26 +214,39 @@ def test_a_model_server_with_a_fixed_batch_of_one_gets_one_row_per_call(tmp_path
     assert [(r["rejected"], r["label"]) for r in got] == want
 
 
-def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
-    """A classifier that takes UINT8 pixels (its own Cast and /255 inside), behind KServe's server, which
-    refuses any other datatype: the gateway reads UINT8 from the model's metadata and sends the reformed
-    rows as rounded 8-bit pixels (MAGNET_UPSTREAM_SCALE=255); its decisions equal the core's with the
-    classifier on those rounded pixels."""
+def with_input_of(model_file, elem_type, scale=None):
+    """The classifier behind an input of another element type: a Cast to FP32 in front (and a division by
+    ``scale``), as models with their own preprocessing or a half-precision export have."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(SHIPPED_MNIST / "classifier.onnx"))
+    model = onnx.load(str(model_file))
     graph = model.graph
     name = graph.input[0].name
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     graph.input[0].name = "as_float"
     for node in graph.node:
         node.input[:] = ["as_float" if i == name else i for i in node.input]
-    graph.initializer.append(numpy_helper.from_array(np.array(255.0, np.float32), "u8_scale"))
-    graph.node.insert(0, helper.make_node("Div", ["u8_float", "u8_scale"], ["as_float"]))
-    graph.node.insert(0, helper.make_node("Cast", [name], ["u8_float"], to=TensorProto.FLOAT))
+    if scale is None:
+        graph.node.insert(0, helper.make_node("Cast", [name], ["as_float"], to=TensorProto.FLOAT))
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "in_scale"))
+        graph.node.insert(0, helper.make_node("Div", ["in_float", "in_scale"], ["as_float"]))
+        graph.node.insert(0, helper.make_node("Cast", [name], ["in_float"], to=TensorProto.FLOAT))
     graph.input.remove(graph.input[0])
-    graph.input.insert(0, helper.make_tensor_value_info(name, TensorProto.UINT8, dims))
+    graph.input.insert(0, helper.make_tensor_value_info(name, elem_type, dims))
+    return model
+
+
+def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
+    """A classifier that takes UINT8 pixels (its own Cast and /255 inside), behind KServe's server, which
+    refuses any other datatype: the gateway reads UINT8 from the model's metadata and sends the reformed
+    rows as rounded 8-bit pixels (MAGNET_UPSTREAM_SCALE=255); its decisions equal the core's with the
+    classifier on those rounded pixels."""
+    import onnx
+    from onnx import TensorProto
+
+    model = with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.UINT8, 255.0)
     u8 = tmp_path / "u8.onnx"
     onnx.save(model, str(u8))
     server, server_url = start_model_server(u8, "mnist")
@@ -248,5 +261,33 @@ def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
     defense = Defense(SHIPPED_MNIST, device="cpu")
     verdict = defense.inspect(x)
     labels = defense.classifier(np.rint(verdict.reformed * 255) / 255).argmax(1)
+    assert [(r["rejected"], r["label"]) for r in got] == [
+        (False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_model_server_that_takes_half_precision_gets_it(tmp_path, mnist, binary):
+    """A classifier with an FP16 input, behind KServe's server, which refuses any other datatype: the
+    gateway reads FP16 from the model's metadata and sends the reformed rows as FP16, two bytes each with the
+    binary extension even when it is not asked (KServe and Triton refuse FP16 as JSON numbers); its decisions
+    equal the core's with the classifier on those rounded values."""
+    import onnx
+    from onnx import TensorProto
+
+    half = tmp_path / "half.onnx"
+    onnx.save(with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.FLOAT16), str(half))
+    server, server_url = start_model_server(half, "mnist")
+    with server:
+        assert httpx.get(f"{server_url}/v2/models/mnist").json()["inputs"][0]["datatype"] == "FP16"
+        env = {"MAGNET_UPSTREAM_BINARY": "true"} if binary else {}
+        proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", server_url, env=env)
+        with proc, httpx.Client(base_url=url, timeout=30) as client:
+            x = mnist.test.x[:48]
+            got = classify(client, {"inputs": x.tolist()})
+            assert "input FP16" in proc.log_text()
+            assert ("binary data: FP16 is refused as JSON" in proc.log_text()) == (not binary)
+    defense = Defense(SHIPPED_MNIST, device="cpu")
+    verdict = defense.inspect(x)
+    labels = defense.classifier(verdict.reformed.astype(np.float16).astype(np.float32)).argmax(1)
     assert [(r["rejected"], r["label"]) for r in got] == [
         (False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]

@@ -239,3 +239,68 @@ def test_a_model_whose_input_has_another_name_is_named_in_the_log(caplog):
         asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
                                         lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32))))
     assert "has no input named 'input' (its inputs: 'images'): set MAGNET_UPSTREAM_INPUT" in caplog.text
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("datatype", ["FP16", "FP64"])
+def test_a_half_or_double_model_gets_its_own_datatype(datatype, binary, caplog):
+    """The metadata says FP16 or FP64: the batch goes in that datatype, declared so (JSON numbers, or 2 or 8
+    bytes each). FP16 goes as binary data even when binary data is not asked (Triton and KServe refuse it as
+    JSON numbers); the outputs are then asked as JSON."""
+    import logging
+
+    seen = []
+    dtype = {"FP16": np.float16, "FP64": np.float64}[datatype]
+
+    async def infer(request):
+        body = await request.read()
+        if "Inference-Header-Content-Length" in request.headers:
+            n = int(request.headers["Inference-Header-Content-Length"])
+            header = json.loads(body[:n])
+            tensor = header["inputs"][0]
+            assert tensor["parameters"]["binary_data_size"] == len(body) - n
+            assert header["parameters"]["binary_data_output"] == binary
+            values = np.frombuffer(body[n:], dtype)
+        else:
+            tensor = json.loads(body)["inputs"][0]
+            values = np.asarray(tensor["data"], np.float64).astype(dtype)  # as the server parses them
+        seen.append((tensor["datatype"], values, "Inference-Header-Content-Length" in request.headers))
+        rows = tensor["shape"][0]
+        return web.json_response({"outputs": [{"name": "logits", "shape": [rows, 2], "datatype": "FP32",
+                                               "data": [0.0] * 2 * rows}]})
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "input", "datatype": datatype, "shape": [-1, 1, 2, 2]}]})
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    x = np.array([0.0, 0.1, 1 / 3, 1.0] * 3, np.float32).reshape(3, 1, 2, 2)
+    with caplog.at_level(logging.INFO, logger="magnet"):
+        asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0, binary=binary),
+                                        lambda u: u.infer(x)))
+    sent, values, as_binary = seen[0]
+    assert sent == datatype and f"input {datatype}" in caplog.text
+    assert as_binary == (binary or datatype == "FP16")
+    assert ("binary data: FP16 is refused as JSON" in caplog.text) == (datatype == "FP16" and not binary)
+    # the values as that datatype holds them: FP16 rounds 0.1 to 0.0999755..., FP64 keeps FP32's value exactly
+    assert values.dtype == dtype and values.tolist() == x.ravel().astype(dtype).tolist()
+
+
+def test_a_datatype_the_gateway_cannot_send_is_named_in_the_log(caplog):
+    """An input the gateway has no encoding for (INT64 here) is logged with what it sends instead (FP32)."""
+    import logging
+
+    seen = []
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "input", "datatype": "INT64", "shape": [-1, 1, 2, 2]}]})
+
+    async def infer(request):
+        seen.append(json.loads(await request.read())["inputs"][0]["datatype"])
+        return web.json_response({"outputs": [{"name": "logits", "shape": [1, 2], "datatype": "FP32",
+                                               "data": [0.0, 1.0]}]})
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    with caplog.at_level(logging.WARNING, logger="magnet"):
+        asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
+                                        lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32))))
+    assert seen == ["FP32"] and "its input is INT64, which the gateway does not send" in caplog.text

@@ -230,3 +230,37 @@ def test_tf_serving_metadata_gives_the_datatype_and_a_fixed_batch(dtype, first, 
     want = np.rint(x * 255).reshape(5, -1).sum(1) if sent_type is int else (x * 255).reshape(5, -1).sum(1)
     np.testing.assert_allclose(out[:, 0], want, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype, datatype, warned", [
+    ("DT_HALF", "FP16", False), ("DT_DOUBLE", "FP64", False), ("DT_BFLOAT16", "FP32", False),
+    ("DT_INT32", "FP32", True)])
+def test_tf_serving_half_and_double_inputs_are_named_and_sent_so(dtype, datatype, warned, caplog):
+    """DT_HALF and DT_DOUBLE are the gateway's FP16 and FP64 (values cast: FP16 rounds them); a dtype it
+    cannot send (int32) is logged and sent as FP32 numbers; bfloat16 takes those numbers without a word."""
+    import logging
+
+    sent = []
+
+    async def predict(request):
+        rows = (await request.json())["instances"]
+        sent.append(np.asarray(rows, np.float64))
+        return web.json_response({"predictions": [[0.0, 1.0]] * len(rows)})
+
+    async def metadata(request):
+        return web.json_response(tf_metadata(dtype, "-1"))
+
+    routes = [("POST", "/v1/models/m:predict", predict), ("GET", "/v1/models/m/metadata", metadata)]
+    x = np.full((2, 1, 2, 2), 0.1, np.float32)
+
+    async def run(u):
+        await u.infer(x)
+        return u.datatype
+
+    with caplog.at_level(logging.INFO, logger="magnet"):
+        got = asyncio.run(against_fake_server(routes, lambda url: TfServingUpstream(url + "/", "m", timeout_s=2.0), run))
+    assert got == datatype and f"input {datatype}" in caplog.text
+    assert ("its input is INT32, which the gateway does not send" in caplog.text) == warned
+    as_sent = {"FP16": np.float16, "FP64": np.float64, "FP32": np.float32}[datatype]
+    assert sent[0].astype(as_sent).tolist() == x.astype(as_sent).tolist()
+    assert (abs(sent[0].flat[0] - 0.1) > 1e-5) == (datatype == "FP16")  # FP16: 0.099975586 on the wire
