@@ -48,13 +48,14 @@ def affine_autoencoder(path: Path, scale: float, shift: float) -> Path:
 
 def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, mean: float = 0.0,
                           std: float = 1.0, probabilities: bool = False, input_name: str = "input",
-                          batch: int | str = "N") -> Path:
+                          batch: int | str = "N", elem_type: int = TensorProto.FLOAT) -> Path:
     """Three classes; logits = [sum(x), 8 - sum(x), 0] for x in [0, 1]: bright images -> 0, dark -> 1.
 
     The other arguments give the same classifier behind another input contract: it takes
     ``(x * scale - mean) / std`` in ``layout`` (tensor ``input_name``) and, with ``probabilities``,
     ends in a softmax. ``batch``: its first axis, named (dynamic) or a fixed size (an export without
-    dynamic axes)."""
+    dynamic axes). ``elem_type``: its input's element type (cast to float inside); FLOAT16 and DOUBLE give
+    outputs of that type too, as a half- or double-precision export does."""
     k = std / scale  # undo the contract inside the model: x = (v * std + mean) / scale
     w = np.zeros((PIXELS, 3), np.float32)
     w[:, 0], w[:, 1] = k, -k
@@ -62,16 +63,20 @@ def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, 
     b = np.array([offset, 8.0 - offset, 0.0], np.float32)
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
              numpy_helper.from_array(np.array([-1, PIXELS], np.int64), "flat")]
-    nodes = [helper.make_node("Reshape", [input_name, "flat"], ["x"]),  # one channel: same order in NHWC
-             helper.make_node("MatMul", ["x", "w"], ["xw"]),
-             helper.make_node("Add", ["xw", "b"], ["scores" if probabilities else "logits"])]
+    cast = elem_type != TensorProto.FLOAT
+    out_type = elem_type if elem_type in (TensorProto.FLOAT16, TensorProto.DOUBLE) else TensorProto.FLOAT
+    out_name = "probabilities" if probabilities else "logits"
+    nodes = [helper.make_node("Cast", [input_name], ["as_float"], to=TensorProto.FLOAT)] if cast else []
+    nodes += [helper.make_node("Reshape", ["as_float" if cast else input_name, "flat"], ["x"]),  # NHWC alike
+              helper.make_node("MatMul", ["x", "w"], ["xw"]),
+              helper.make_node("Add", ["xw", "b"], ["scores" if probabilities else "logits_f"])]
     if probabilities:
-        nodes.append(helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1))
+        nodes.append(helper.make_node("Softmax", ["scores"], ["logits_f"], axis=1))
+    nodes.append(helper.make_node("Cast", ["logits_f"], [out_name], to=out_type))
     shape = [SHAPE[1], SHAPE[2], SHAPE[0]] if layout == "NHWC" else list(SHAPE)
     graph = helper.make_graph(
-        nodes, path.stem, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, *shape])],
-        [helper.make_tensor_value_info("probabilities" if probabilities else "logits", TensorProto.FLOAT, [batch, 3])],
-        initializer=inits)
+        nodes, path.stem, [helper.make_tensor_value_info(input_name, elem_type, [batch, *shape])],
+        [helper.make_tensor_value_info(out_name, out_type, [batch, 3])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -79,9 +84,54 @@ def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, 
     return path
 
 
+def in_half_precision(path: Path, out: Path) -> Path:
+    """``path``'s graph in half precision throughout, as a float16 conversion gives: its float weights and
+    constants, its input and its outputs FLOAT16."""
+    model = onnx.load(str(path))
+    graph = model.graph
+
+    def half(t: onnx.TensorProto) -> None:
+        array = numpy_helper.to_array(t)
+        if array.dtype == np.float32:
+            t.CopyFrom(numpy_helper.from_array(array.astype(np.float16), t.name))
+
+    for t in graph.initializer:
+        half(t)
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.HasField("t"):
+                half(attr.t)
+    for value in (*graph.input, *graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del graph.value_info[:]
+    onnx.save(model, str(out))
+    return out
+
+
+def with_input_of(model_file: Path, elem_type: int, scale: float | None = None) -> onnx.ModelProto:
+    """The classifier behind an input of another element type: a Cast to FLOAT in front (and a division by
+    ``scale``), as a model with its own preprocessing (UINT8 pixels) has."""
+    model = onnx.load(str(model_file))
+    graph = model.graph
+    name = graph.input[0].name
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    graph.input[0].name = "as_float"
+    for node in graph.node:
+        node.input[:] = ["as_float" if i == name else i for i in node.input]
+    if scale is None:
+        graph.node.insert(0, helper.make_node("Cast", [name], ["as_float"], to=TensorProto.FLOAT))
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "in_scale"))
+        graph.node.insert(0, helper.make_node("Div", ["in_float", "in_scale"], ["as_float"]))
+        graph.node.insert(0, helper.make_node("Cast", [name], ["in_float"], to=TensorProto.FLOAT))
+    graph.input.remove(graph.input[0])
+    graph.input.insert(0, helper.make_tensor_value_info(name, elem_type, dims))
+    return model
+
+
 def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
                 members: int = 1, thresholds: list[float] | None = None, contract: dict | None = None,
-                classifier_batch: int | str = "N") -> Path:
+                classifier_batch: int | str = "N", classifier_type: int = TensorProto.FLOAT) -> Path:
     """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
 
     The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
@@ -99,7 +149,8 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
     brightness_classifier(directory / "classifier.onnx", layout=contract.get("layout", "NCHW").upper(),
                           scale=contract.get("scale", 1.0), mean=(contract.get("mean") or [0.0])[0],
                           std=(contract.get("std") or [1.0])[0], probabilities=output == "probabilities",
-                          input_name=contract.get("name") or "input", batch=classifier_batch)
+                          input_name=contract.get("name") or "input", batch=classifier_batch,
+                          elem_type=classifier_type)
     if detectors is None:
         detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1,
                       "fpr": 0.01, "threshold": 0.1}]

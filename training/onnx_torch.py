@@ -311,9 +311,11 @@ OPS["ReduceMax"] = _reduce(lambda x, d, k: x.amax(dim=d, keepdim=k))
 OPS["ReduceMin"] = _reduce(lambda x, d, k: x.amin(dim=d, keepdim=k))
 OPS["ReduceL2"] = _reduce(lambda x, d, k: torch.sqrt((x * x).sum(dim=d, keepdim=k)))
 
-ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+# every floating type computes in float32 in the twin (a half- or double-precision export: its weights are
+# read as float32 too), which keeps it differentiable on the CPU and its gradients unrounded
+ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float32,
                  onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
-                 onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.FLOAT16: torch.float16}
+                 onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.FLOAT16: torch.float32}
 
 
 @op("Cast")
@@ -335,12 +337,17 @@ def _resize(i, a):
     return F.interpolate(x, scale_factor=[float(s) for s in scales.tolist()[2:]], mode="nearest")
 
 
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """An initializer or constant as the twin holds it: floating types as float32 (see ``ONNX_TO_TORCH``)."""
+    return torch.from_numpy(array.astype(np.float32) if array.dtype in (np.float16, np.float64) else array.copy())
+
+
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     out = {}
     for attr in node.attribute:
         value = helper.get_attribute_value(attr)
         if isinstance(value, onnx.TensorProto):
-            value = torch.from_numpy(numpy_helper.to_array(value).copy())
+            value = _as_tensor(numpy_helper.to_array(value))
         out[attr.name] = value
     return out
 
@@ -368,13 +375,21 @@ class OnnxModule(nn.Module):
                                 f"(its outputs: {', '.join(outputs)})")
         # an export without a dynamic batch axis may hard-code its batch size (a Reshape to [1, -1]): the
         # twin then runs that many rows at a time, as onnxruntime does (service.defense.runtime.OnnxModel)
-        dims = next(i for i in graph.input if i.name == self.input_name).type.tensor_type.shape.dim
+        tensor = next(i for i in graph.input if i.name == self.input_name).type.tensor_type
+        dims = tensor.shape.dim
         self.fixed_batch = dims[0].dim_value if dims and dims[0].dim_value > 0 else None
+        # a graph that computes in half precision (its input, or a weight, is FLOAT16) differs from this
+        # float32 twin by its own rounding: ``rounding`` is its relative size, for the checks against it
+        half = tensor.elem_type == onnx.TensorProto.FLOAT16 or any(
+            t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+        self.rounding = float(np.finfo(np.float16).eps) if half else 0.0
+        # a UINT8 input takes the pixels rounded (as ``OnnxModel`` feeds it); the twin rounds them too, with
+        # the identity as the rounding's gradient (straight through), so that attacks and training see one
+        self.rounds_input = tensor.elem_type == onnx.TensorProto.UINT8
         self._names: dict[str, str] = {}
         for k, t in enumerate(graph.initializer):
-            array = numpy_helper.to_array(t).copy()
             buffer = f"w{k}"
-            self.register_buffer(buffer, torch.from_numpy(array))
+            self.register_buffer(buffer, _as_tensor(numpy_helper.to_array(t)))
             self._names[t.name] = buffer
         self.constants: dict[str, torch.Tensor] = {}
         self.nodes = []
@@ -405,6 +420,9 @@ class OnnxModule(nn.Module):
         return torch.cat(outs)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.rounds_input:
+            x = x + (torch.round(x.clamp(0, 255)) - x).detach()
         env: dict[str, Any] = {"": None, self.input_name: x, **self.constants}
         for name, buffer in self._names.items():
             env[name] = getattr(self, buffer)

@@ -20,7 +20,7 @@ from service.defense import detectors as D
 from service.defense.contract import ClassifierInput, prepare
 from service.defense.domain import jpeg_round_trip
 from service.defense.scores import logits_from_probabilities
-from service.defense.bundle import Manifest, MemberSpec, read_manifest, verify_files
+from service.defense.bundle import BundleError, Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.fused import TOLERANCE, FusedMember, FusionError, fuse_member
 from service.defense.runtime import CUDA, Device, OnnxModel, Optimization, choose_providers, make_session
 from service.defense.thresholds import passes
@@ -98,6 +98,9 @@ class Classifier:
 
     def __init__(self, model: OnnxModel, contract: ClassifierInput, output: str = "logits") -> None:
         self.model, self.contract, self.output = model, contract, output
+        if getattr(model, "input_dtype", None) == np.uint8 and not contract.gives_8bit_pixels:
+            raise ValueError(f"{model.path.name} takes uint8 pixels: its input contract needs scale 255 and no "
+                             f"mean/std (it has scale {contract.scale:g}, mean {contract.mean}, std {contract.std})")
 
     @property
     def path(self) -> Path:
@@ -194,10 +197,13 @@ class Defense:
         first use: a gateway with an upstream never needs it."""
         if self._classifier is None:
             spec = self.manifest.classifier
-            model = OnnxModel(self.classifier_file, self._classifier_providers, self._threads,
-                              input_name=spec.input.name, output_name=spec.output_name, spinning=self._spinning,
-                              optimization=self._optimization)
-            self._classifier = Classifier(model, spec.input, spec.output)
+            try:
+                model = OnnxModel(self.classifier_file, self._classifier_providers, self._threads,
+                                  input_name=spec.input.name, output_name=spec.output_name, spinning=self._spinning,
+                                  optimization=self._optimization)
+                self._classifier = Classifier(model, spec.input, spec.output)
+            except ValueError as e:  # the manifest's input or output name, or contract, does not fit the graph
+                raise BundleError(f"{self.manifest.name}'s classifier: {e}") from e
         return self._classifier
 
     @property

@@ -52,9 +52,13 @@ def fuse_member(autoencoders: list[Path], reformer: Path, classifier: Path | Non
     if classifier is not None:
         parts.append(("c_", onnx.load(str(classifier))))
         graph = parts[-1][1].graph
-        dims = next(i for i in graph.input if i.name not in {t.name for t in graph.initializer}).type.tensor_type.shape.dim
+        tensor = next(i for i in graph.input if i.name not in {t.name for t in graph.initializer}).type.tensor_type
+        dims = tensor.shape.dim
         if dims and dims[0].dim_value > 0:  # the fused graph feeds it N or 2N rows in one call
             raise FusionError(f"the classifier {classifier.name} takes a fixed batch of {dims[0].dim_value}")
+        if tensor.elem_type != onnx.TensorProto.FLOAT:  # the fused graph feeds it the reformed float32 rows
+            raise FusionError(f"the classifier {classifier.name} takes "
+                              f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}, not FLOAT")
     parts = _same_opset(parts)
     nodes, inits, outputs = [], [], []
 

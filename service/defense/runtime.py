@@ -126,17 +126,22 @@ def _session(model: Path | bytes, providers: list[str], threads: int, spinning: 
                                 providers=providers)
 
 
+# onnxruntime's element types -> the numpy types an image input may take (float32 is the project's own)
+INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(uint8)": np.uint8}
+
+
 def probe_feeds(session: ort.InferenceSession, rows: int) -> dict[str, np.ndarray] | None:
-    """Random float32 inputs of ``rows`` rows for every input of ``session`` (of its own batch size where
-    the graph fixes one), or None when an input is not float32 or has a symbolic size other than its first
-    (batch) axis."""
+    """Random inputs of ``rows`` rows for every input of ``session`` (of its own batch size where the graph
+    fixes one; in its element type), or None when an input is not of an image type (``INPUT_DTYPES``) or has
+    a symbolic size other than its first (batch) axis."""
     feeds = {}
     for i in session.get_inputs():
         shape = list(i.shape)
-        if i.type != "tensor(float)" or not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        if i.type not in INPUT_DTYPES or not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return None
         n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else rows
-        feeds[i.name] = np.random.default_rng(0).uniform(size=(n, *shape[1:])).astype(np.float32)
+        feeds[i.name] = (255 * np.random.default_rng(0).uniform(size=(n, *shape[1:]))).astype(INPUT_DTYPES[i.type])
     return feeds
 
 
@@ -216,7 +221,14 @@ class OnnxModel:
         self._on_cpu = self.session.get_providers()[0] == CPU
         # a graph exported with a fixed batch size (often 1: an export without dynamic axes) is run that many
         # rows at a time, the last call padded with copies of its last row
-        first = next(i for i in self.session.get_inputs() if i.name == self.input_name).shape[:1]
+        graph_input = next(i for i in self.session.get_inputs() if i.name == self.input_name)
+        if graph_input.type not in INPUT_DTYPES:
+            raise ValueError(f"{self.path.name}'s input {self.input_name!r} is {graph_input.type}; an image input "
+                             f"is float, float16, double or uint8")
+        # float16, double: the float32 batch cast; uint8: rounded and clipped to 0..255 (the contract gives the
+        # scale: ``Classifier`` checks it)
+        self.input_dtype = np.dtype(INPUT_DTYPES[graph_input.type])
+        first = graph_input.shape[:1]
         self.fixed_batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
         if self.fixed_batch is not None:
             log.warning("%s takes a fixed batch of %d on input %r: it runs %d image(s) per call; export it with "
@@ -228,11 +240,16 @@ class OnnxModel:
         return self.session.get_providers()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous):
-            x = np.ascontiguousarray(x, np.float32)
+        """The model's output on ``x`` (float32 whatever the graph's types)."""
+        if self.input_dtype == np.uint8:
+            x = np.clip(np.rint(x), 0, 255)
+        if not (isinstance(x, np.ndarray) and x.dtype == self.input_dtype and x.flags.c_contiguous):
+            x = np.ascontiguousarray(x, self.input_dtype)
         fixed = self.fixed_batch is not None and len(x) != self.fixed_batch
         rows = self.fixed_batch if fixed else chunk_rows(self._on_cpu, x)
         if len(x) <= rows and not fixed:
-            return self.session.run(self._outputs, {self.input_name: x})[0]
-        return np.concatenate([self.session.run(self._outputs, {self.input_name: part})[0][:n]
-                               for part, n in parts_of(x, rows, fixed)])
+            out = self.session.run(self._outputs, {self.input_name: x})[0]
+        else:
+            out = np.concatenate([self.session.run(self._outputs, {self.input_name: part})[0][:n]
+                                  for part, n in parts_of(x, rows, fixed)])
+        return out if out.dtype == np.float32 else out.astype(np.float32)

@@ -75,3 +75,21 @@ def test_decide_without_logits_names_what_is_missing(tmp_path):
 
 def test_providers_report_cpu(toy_bundle):
     assert Defense(toy_bundle, device="cpu").providers == ["CPUExecutionProvider"]
+
+
+def test_a_uint8_classifier_takes_rounded_pixels_and_needs_a_contract_that_gives_them(tmp_path):
+    """A classifier with a UINT8 input (its own Cast inside) is fed the contract's 0..255 values rounded; a
+    manifest whose contract gives [0, 1] values is a bundle error that says what to set."""
+    from onnx import TensorProto
+
+    from service.defense.bundle import BundleError
+
+    u8 = Defense(fakes.make_bundle(tmp_path / "u8", contract={"scale": 255.0}, classifier_type=TensorProto.UINT8),
+                 device="cpu")
+    x = np.random.default_rng(1).uniform(size=(5, *fakes.SHAPE)).astype(np.float32)
+    want = np.rint(x * 255).reshape(5, -1).sum(1) / 255  # logit 0: sum of the pixels as 8-bit values, scaled back
+    np.testing.assert_allclose(u8.classifier(x)[:, 0], want, rtol=1e-5)
+    assert not np.allclose(u8.classifier(x)[:, 0], x.reshape(5, -1).sum(1), rtol=1e-5, atol=0)  # they were rounded
+    wrong = Defense(fakes.make_bundle(tmp_path / "bad", classifier_type=TensorProto.UINT8), device="cpu")
+    with pytest.raises(BundleError, match="takes uint8 pixels: its input contract needs scale 255"):
+        wrong.classifier

@@ -165,3 +165,25 @@ def test_a_classifier_with_a_fixed_batch_size_keeps_separate_sessions(tmp_path, 
     np.testing.assert_array_equal(fixed.inspect(x).accepted, dynamic.inspect(x).accepted)
     np.testing.assert_allclose(fixed.classifier(x), dynamic.classifier(x), rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("elem_type, name", [(10, "FLOAT16"), (11, "DOUBLE")])
+def test_a_half_or_double_classifier_keeps_separate_sessions_and_judges_alike(tmp_path, monkeypatch, caplog,
+                                                                             elem_type, name):
+    """A classifier exported in half or double precision (input and output of that type) serves: the
+    separate sessions cast the reformed rows to its type and its outputs back to float32; it is not fused
+    (asked for: an error; on 'auto': logged), and it judges as the float32 one does."""
+    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_type=elem_type)
+    with pytest.raises(FusionError, match=f"takes {name}, not FLOAT"):
+        Defense(bundle, device="cpu", fused=True, embed_classifier=True)
+    import service.defense.core as C
+
+    monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
+    typed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
+    assert not typed.fused and f"takes {name}" in caplog.text
+    plain = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
+    x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
+    out = typed.classifier(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, plain.classifier(x), atol=2e-2 if name == "FLOAT16" else 1e-5)
+    np.testing.assert_array_equal(typed.inspect(x).accepted, plain.inspect(x).accepted)

@@ -240,3 +240,36 @@ def test_a_work_dir_trained_through_another_classifier_is_refused_until_fresh(tm
     inputs = json.loads((tmp_path / "work" / "inputs.json").read_text())
     assert inputs["classifier sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
     assert (tmp_path / "b2" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["half", "uint8"])
+def test_a_half_precision_or_uint8_classifier_builds_and_serves(tmp_path, kind):
+    """The user's classifier exported in half precision throughout (input, weights and output FLOAT16, as a
+    float16 conversion gives), or taking UINT8 pixels (a Cast inside): the recipe trains through its float32
+    twin, and a gateway serves the bundle with it embedded, agreeing with the core on every image."""
+    import onnx
+
+    from service.defense import Defense
+    from tests.fakes import in_half_precision, with_input_of
+
+    data = write_folder(tmp_path / "rgb", 16, 3, n_train=120, n_test=40)
+    user = user_classifier(tmp_path / "user.onnx", 16, 3)
+    half = tmp_path / f"{kind}.onnx"
+    if kind == "half":
+        in_half_precision(user, half)
+    else:
+        onnx.save(with_input_of(user, onnx.TensorProto.UINT8), str(half))
+    out = tmp_path / "bundle"
+    magnet("train", "folder", "--data", str(data), "--classifier", str(half), "--out", str(out), "--work-dir",
+           str(tmp_path / "work"), "--steps", "3", "--attack-examples", "5", "--attack-free", *CONTRACT)
+    x, _ = synthetic(12, 16, 3, 5)
+    gw, url = start_gateway("--bundle", str(out))
+    with gw:
+        r = requests.post(f"{url}/classify", json={"inputs": x.tolist()}, timeout=30)
+    assert r.status_code == 200, r.text
+    defense = Defense(out, device="cpu")
+    verdict = defense.inspect(x)
+    labels = defense.classifier(verdict.reformed).argmax(1)
+    assert [(a["rejected"], a["label"]) for a in r.json()["results"]] == [
+        (False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
+    assert verdict.accepted.any()

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from service.defense import Defense
+from tests import fakes
 from tests.conftest import SHIPPED_MNIST
 from tests.procs import free_port, start_gateway, start_model_server, url_of
 
@@ -214,30 +215,6 @@ def test_a_model_server_with_a_fixed_batch_of_one_gets_one_row_per_call(tmp_path
     assert [(r["rejected"], r["label"]) for r in got] == want
 
 
-def with_input_of(model_file, elem_type, scale=None):
-    """The classifier behind an input of another element type: a Cast to FP32 in front (and a division by
-    ``scale``), as models with their own preprocessing or a half-precision export have."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(model_file))
-    graph = model.graph
-    name = graph.input[0].name
-    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    graph.input[0].name = "as_float"
-    for node in graph.node:
-        node.input[:] = ["as_float" if i == name else i for i in node.input]
-    if scale is None:
-        graph.node.insert(0, helper.make_node("Cast", [name], ["as_float"], to=TensorProto.FLOAT))
-    else:
-        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "in_scale"))
-        graph.node.insert(0, helper.make_node("Div", ["in_float", "in_scale"], ["as_float"]))
-        graph.node.insert(0, helper.make_node("Cast", [name], ["in_float"], to=TensorProto.FLOAT))
-    graph.input.remove(graph.input[0])
-    graph.input.insert(0, helper.make_tensor_value_info(name, elem_type, dims))
-    return model
-
-
 def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
     """A classifier that takes UINT8 pixels (its own Cast and /255 inside), behind KServe's server, which
     refuses any other datatype: the gateway reads UINT8 from the model's metadata and sends the reformed
@@ -246,7 +223,7 @@ def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
     import onnx
     from onnx import TensorProto
 
-    model = with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.UINT8, 255.0)
+    model = fakes.with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.UINT8, 255.0)
     u8 = tmp_path / "u8.onnx"
     onnx.save(model, str(u8))
     server, server_url = start_model_server(u8, "mnist")
@@ -275,7 +252,7 @@ def test_a_model_server_that_takes_half_precision_gets_it(tmp_path, mnist, binar
     from onnx import TensorProto
 
     half = tmp_path / "half.onnx"
-    onnx.save(with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.FLOAT16), str(half))
+    onnx.save(fakes.with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.FLOAT16), str(half))
     server, server_url = start_model_server(half, "mnist")
     with server:
         assert httpx.get(f"{server_url}/v2/models/mnist").json()["inputs"][0]["datatype"] == "FP16"

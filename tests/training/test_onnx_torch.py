@@ -141,3 +141,40 @@ def test_a_graph_that_hard_codes_a_batch_of_one_runs_any_batch_with_gradients(tm
     twin(z)[2, 1].backward()  # one row's logit: only that row's pixels have a gradient
     assert z.grad[2].abs().sum() > 0 and z.grad[[0, 1, 3, 4]].abs().sum() == 0
     assert twin(z[:0]).shape == (0, 3)
+
+
+def test_a_half_precision_export_gets_a_float32_twin_with_gradients(tmp_path):
+    """The MNIST classifier exported in half precision throughout: the twin reads its weights as float32 and
+    takes float32 images; it equals onnxruntime (which gets the images cast) within the graph's own rounding,
+    passes the generic twin's check, and gives gradients. (Double precision: onnxruntime's CPU build has no
+    double Conv, so such a model serves only from a model server.)"""
+    from service.defense.runtime import CPU, OnnxModel
+    from training.from_onnx import generic_twin
+
+    path = fakes.in_half_precision(ROOT / "models/mnist/classifier.onnx", tmp_path / "half.onnx")
+    twin = OnnxModule(path)
+    x = RNG.uniform(size=(8, 1, 28, 28)).astype(np.float32)
+    got = OnnxModel(path, [CPU])(x)
+    assert got.dtype == np.float32 and twin.rounding > 0
+    assert 1e-5 < check_twin(twin, path, x) < 1e-2 * float(np.abs(got).max())  # rounded, but within its rounding
+    float32 = OnnxModel(ROOT / "models/mnist/classifier.onnx", [CPU])(x)
+    assert np.array_equal(got.argmax(1), float32.argmax(1))
+    checked = generic_twin(path, (1, 28, 28))  # within the tolerance it allows for the graph's rounding
+    z = torch.from_numpy(x).requires_grad_(True)
+    checked(z)[0, 3].backward()
+    assert z.grad.dtype == torch.float32 and z.grad[0].abs().sum() > 0
+
+
+def test_a_uint8_input_is_rounded_by_the_twin_with_a_straight_through_gradient(tmp_path):
+    """A classifier that takes UINT8 pixels (Cast and /255 inside): onnxruntime gets the pixels rounded, and
+    so does the twin, which then equals it; the rounding's gradient is the identity."""
+    import onnx
+
+    path = tmp_path / "u8.onnx"
+    onnx.save(fakes.with_input_of(ROOT / "models/mnist/classifier.onnx", onnx.TensorProto.UINT8, 255.0), str(path))
+    twin = OnnxModule(path)
+    x = 255 * RNG.uniform(size=(8, 1, 28, 28)).astype(np.float32)
+    assert twin.rounds_input and check_twin(twin, path, x) < 1e-4
+    z = torch.from_numpy(x).requires_grad_(True)
+    twin(z)[0, 3].backward()
+    assert z.grad[0].abs().sum() > 0 and z.grad[1:].abs().sum() == 0
