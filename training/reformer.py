@@ -281,6 +281,57 @@ def _load_states(models: nn.ModuleList, ckpt: dict, spread: float = 0.0, seed: i
         m.load_state_dict(state)
 
 
+# ReformerConfig fields a resumed run may change: how long and where it runs, not what it learns
+RESUME_FREE = {"max_minutes", "checkpoint_minutes", "val_every", "device", "bf16"}
+# and those it may change with a note: more steps (or minutes) stretch the schedule from where it stands
+RESUME_NOTED = {"steps", "schedule_minutes"}
+PROBE_ROWS = 64  # training images whose cached classifier outputs are checked against the classifier
+
+
+def _check_resume(path: Path, old: dict, new: dict, log=print) -> None:
+    """Resume only a run of the same training settings: any other change is refused with what changed. A
+    setting the checkpoint's run did not have yet (an older version) counts as its default."""
+    defaults = asdict(ReformerConfig(bf16=False))
+    old = {**{k: v for k, v in defaults.items() if k in new}, **old}
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
+    refused = [k for k in changed if k not in RESUME_NOTED]
+    if refused:
+        said = "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise SystemExit(f"{path} was trained with other settings ({said}): give --fresh to retrain, or another "
+                         "--work-dir (or the same settings to resume)")
+    for k in changed:
+        log(f"reformer: resuming with {k} {new.get(k)!r} (the checkpoint's run had {old.get(k)!r})")
+
+
+def _cached_logits(work: Path, classifier: nn.Module, train: Split, moving: bool, resuming: bool,
+                   log=print) -> np.ndarray | None:
+    """f on the clean training images, kept in ``work/train_logits.npy`` (None when the images move: then
+    the targets are f on each moved image). The cache is checked on its first rows against ``classifier``:
+    outputs of another classifier are computed anew, or, when a checkpoint trained through them would be
+    resumed, refused."""
+    path = work / "train_logits.npy"
+    if path.exists():
+        cached = np.load(path)
+        probe = predict_logits(classifier, train.x[:PROBE_ROWS], batch_size=PROBE_ROWS)
+        same = cached.shape == (len(train), probe.shape[1]) and np.allclose(
+            cached[:PROBE_ROWS], probe, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(probe).max())))
+        if not same:
+            if resuming:
+                raise SystemExit(f"{work} holds a reformer trained through another classifier (or other images): "
+                                 "its cached outputs (train_logits.npy) differ from this classifier's; give --fresh "
+                                 "to retrain, or another --work-dir")
+            log(f"reformer: {path} holds another classifier's outputs; computing them anew")
+            path.unlink()
+        elif moving:
+            return None
+        else:
+            return cached
+    if moving:
+        return None
+    np.save(path, predict_logits(classifier, train.x, batch_size=500))
+    return np.load(path)
+
+
 def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
                    cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0,
                    init_from: Path | None = None, init_spread: float = 0.0,
@@ -312,8 +363,11 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     ckpt_path = work / "reformer.ckpt"
     history = {"config": asdict(cfg), "rows": [], "seconds": 0.0}
     step = 0
+    cached = _cached_logits(work, classifier, train, moving=bool(cfg.augment_pad or cfg.augment_flip),
+                            resuming=ckpt_path.exists(), log=log)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume(ckpt_path, ckpt["history"].get("config", {}), asdict(cfg), log)
         _load_states(models, ckpt)
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
@@ -331,12 +385,7 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
                     "history": history}, ckpt_path)
 
     moving = bool(cfg.augment_pad or cfg.augment_flip)  # then the targets are f on each moved image, as drawn
-    train_logits = None
-    if not moving:
-        logits_path = work / "train_logits.npy"
-        if not logits_path.exists():
-            np.save(logits_path, predict_logits(classifier, train.x, batch_size=500))
-        train_logits = torch.from_numpy(np.load(logits_path)).to(device)
+    train_logits = None if cached is None else torch.from_numpy(cached).to(device)
     x_all, y_all = torch.from_numpy(train.x).to(device), torch.from_numpy(train.y).to(device)
     wants_originals = any(cfg.mix.get(k, 0) > 0 for k in ORIGINAL_KINDS)
     if wants_originals and (originals is None or len(originals[0]) == 0):

@@ -442,3 +442,29 @@ def test_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert ReformerConfig().bf16 is True and ClassifierConfig(device="cpu").bf16 is True
     assert ReformerConfig(bf16=False).bf16 is False and ClassifierConfig(bf16=False).bf16 is False
     assert loops.native_bf16("meta") is False
+
+
+def test_a_checkpoint_resumes_only_with_its_settings_and_its_classifier(tmp_path, capsys):
+    """A work dir's checkpoint resumes under the same training settings (where and how long it runs may
+    change; more steps are noted). Other settings are refused with what changed; so is another classifier,
+    found by the cached outputs on the training images. Without a checkpoint, another classifier's cached
+    outputs are computed anew."""
+    classifier, train, val = _tiny_classifier(), _data(128), _data(32, seed=1)
+    cfg = ReformerConfig(width=8, depth=1, steps=2, batch_size=16, val_every=2, mix={"noise": 1}, bf16=False)
+    train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path)
+    same = ReformerConfig(**{**cfg.__dict__, "steps": 3, "max_minutes": 5.0, "val_every": 1})
+    assert train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, same, tmp_path)["rows"][-1]["step"] == 3
+    assert "resuming with steps 3 (the checkpoint's run had 2)" in capsys.readouterr().out
+    other = ReformerConfig(**{**same.__dict__, "kl_weight": 2.0, "mix": {"fgsm": 1}})
+    with pytest.raises(SystemExit, match=r"trained with other settings \(kl_weight 1.0 -> 2.0; mix \{'noise': 1\} -> "
+                                         r"\{'fgsm': 1\}\): give --fresh"):
+        train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, other, tmp_path)
+    with pytest.raises(SystemExit, match="trained through another classifier"):
+        train_reformer(GuidedReformer(3, 8, 1), _tiny_classifier(seed=1), train, val, same, tmp_path)
+    (tmp_path / "reformer.ckpt").unlink()  # no checkpoint: the other classifier's outputs replace the cache
+    train_reformer(GuidedReformer(3, 8, 1), _tiny_classifier(seed=1), train, val, cfg, tmp_path)
+    assert "holds another classifier's outputs; computing them anew" in capsys.readouterr().out
+    from training.loops import predict_logits
+
+    np.testing.assert_allclose(np.load(tmp_path / "train_logits.npy"), predict_logits(_tiny_classifier(seed=1), train.x),
+                               rtol=1e-5, atol=1e-6)
