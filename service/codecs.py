@@ -199,7 +199,8 @@ def v2_input_shapes(spec: InputSpec) -> str:
 
 
 def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | None" = None) -> np.ndarray:
-    """One OIP v2 input tensor (any name; FP32; shape [N, C, H, W], or [N, H, W] for one channel;
+    """One OIP v2 input tensor (any name; FP32, FP16, FP64 or UINT8 8-bit pixels; shape [N, C, H, W], or
+    [N, H, W] for one channel;
     ``data`` flat or nested, row-major, or, with the binary data extension, ``parameters.binary_data_size``
     little-endian bytes taken from ``binary``) -> N x C x H x W float32 in the spec's range."""
     if not isinstance(tensor, dict) or not all(k in tensor for k in V2_TENSOR_KEYS):
@@ -207,8 +208,9 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
     name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
     if not isinstance(name, str):
         raise BadInput('the input tensor\'s "name" must be a string')
-    if datatype != "FP32":
-        raise BadInput(f"input tensor {shown(name)} has datatype {shown(datatype, 24)}; expected FP32")
+    if datatype not in FRONT_DTYPES:
+        raise BadInput(f"input tensor {shown(name)} has datatype {shown(datatype, 24)}; expected FP32 (or FP16, "
+                       "FP64, or UINT8 for 8-bit pixels)")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadInput(f'input tensor {shown(name)}: "shape" must be a list of non-negative integers')
     c, h, w = spec.shape
@@ -222,13 +224,18 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
         if binary is None:
             raise BadInput(f"input tensor {shown(name)} gives binary_data_size but the request has no "
                            "Inference-Header-Content-Length header")
-        values = binary.take(name, size, "<f4")
+        values = binary.take(name, size, FRONT_DTYPES[datatype])
     elif "data" in tensor:
         values = as_numbers(tensor["data"], f"input tensor {shown(name)} data")
     else:
         raise BadInput(f'input tensor {shown(name)} has no "data" (nor parameters.binary_data_size)')
     if values.size != math.prod(shape):
         raise BadInput(f"input tensor {shown(name)} holds {values.size} values; shape {shown(shape)} needs {math.prod(shape)}")
+    if datatype == "UINT8":  # 8-bit pixels: 0..255 spans the bundle's range
+        if values.size and not (values.min() >= 0 and values.max() <= 255 and np.all(values == np.rint(values))):
+            raise BadInput(f"input tensor {shown(name)} is UINT8 but holds values other than integers 0..255")
+        lo, hi = spec.range
+        values = (lo + values * np.float32((hi - lo) / 255)).astype(np.float32)
     batch = to_batch(values.reshape(shape), spec)
     check_values(batch, spec)
     return batch
@@ -336,6 +343,10 @@ def encode_v2_response(content: dict, tensors: list[tuple[str, str, np.ndarray]]
         return header, None
     return header + b"".join(chunks), len(header)
 
+
+# the input datatypes the v2 front takes -> their little-endian numpy types (all read into float32; UINT8 is
+# 8-bit pixels, scaled onto the bundle's range)
+FRONT_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
 
 # OIP v2 datatypes -> little-endian numpy types of the binary data extension (BOOL: one byte each)
 BINARY_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}

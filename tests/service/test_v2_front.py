@@ -117,7 +117,10 @@ def test_shapes_and_nesting(client, shape, nested):
 
 
 @pytest.mark.parametrize("request_tensor, fragment", [
-    (tensor(fakes.images(0.5), datatype="INT32"), "has datatype 'INT32'; expected FP32"),
+    (tensor(fakes.images(0.5), datatype="INT32"), "has datatype 'INT32'; expected FP32 (or FP16, FP64, or UINT8"),
+    (tensor(np.full((1, 4, 4), 128.5), datatype="UINT8"), "is UINT8 but holds values other than integers 0..255"),
+    (tensor(np.full((1, 4, 4), 256), datatype="UINT8"), "is UINT8 but holds values other than integers 0..255"),
+    (tensor(np.full((1, 4, 4), -1), datatype="UINT8"), "is UINT8 but holds values other than integers 0..255"),
     (tensor(np.full((1, 1, 5, 4), 0.5)), "has shape [1, 1, 5, 4]; expected [N, 1, 4, 4] or [N, 4, 4]"),
     (tensor(np.full((1, 4, 4), 0.5), shape=[1, 16]), "has shape [1, 16]; expected"),
     (tensor(np.full((1, 4, 4), 0.5), shape=[4, 4]), "has shape [4, 4]; expected"),
@@ -151,10 +154,10 @@ def test_bad_requests_are_400(client, body, fragment):
     assert r.status_code == 400 and fragment in r.json()["error"]
 
 
-def binary_request(x, outputs=None, parameters=None, size=None, extra=b""):
-    """An OIP v2 request whose FP32 input travels as binary data after the JSON header."""
-    raw = np.asarray(x, dtype="<f4").tobytes()
-    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(np.shape(x)),
+def binary_request(x, outputs=None, parameters=None, size=None, extra=b"", datatype="FP32"):
+    """An OIP v2 request whose input (FP32 unless ``datatype`` says) travels as binary data after the JSON header."""
+    raw = np.asarray(x, dtype={"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}[datatype]).tobytes()
+    header = {"inputs": [{"name": "input", "datatype": datatype, "shape": list(np.shape(x)),
                           "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
     if outputs is not None:
         header["outputs"] = outputs
@@ -232,7 +235,7 @@ def test_too_many_inputs_is_413(toy_bundle):
 
 def test_metrics_count_v2_requests_like_classify(client):
     infer(client, tensor(fakes.images(0.5, 0.0, 1.0)))
-    infer(client, tensor(fakes.images(0.5), datatype="FP64"))
+    infer(client, tensor(fakes.images(0.5), datatype="INT32"))
     text = fakes.operator_get(client).text
     assert 'magnet_inputs_total{decision="accepted"} 1.0' in text
     assert 'magnet_inputs_total{decision="rejected"} 2.0' in text
@@ -303,3 +306,23 @@ def test_session_gets_the_same_member_as_classify(tmp_path):
     for member in (0, 1):  # one v2 and one /classify request per member, two v2 ones with the cookie
         count = 2 + 2 * (member == cookie_member)
         assert f'magnet_pool_selections_total{{member="m{member}"}} {count:.1f}' in metrics
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP64", "UINT8"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_half_double_and_8_bit_inputs_are_answered_as_fp32_ones(client, datatype, binary):
+    """FP16 and FP64 tensors are read as their FP32 values; UINT8 as 8-bit pixels (v / 255): as JSON numbers
+    or binary data, the answer is the one the same images get as FP32."""
+    pixels = np.array([128, 0, 77, 255], np.uint8)
+    x8 = np.stack([np.full((4, 4), v, np.uint8) for v in pixels])
+    x = (x8 / 255).astype(np.float32) if datatype == "UINT8" else x8.astype(np.float32) / 255
+    sent = x8 if datatype == "UINT8" else x.astype({"FP16": np.float16, "FP64": np.float64}[datatype])
+    as_fp32 = sent.astype(np.float32) / 255 if datatype == "UINT8" else sent.astype(np.float32)
+    want = outputs_of(infer(client, tensor(as_fp32)))
+    if binary:
+        body, headers = binary_request(sent, datatype=datatype)
+        r = client.post("/v2/models/toy/infer", content=body, headers=headers)
+    else:
+        r = infer(client, tensor(sent, datatype=datatype))
+    assert r.status_code == 200, r.text
+    assert outputs_of(r) == want and want["rejected"]["data"] == [False, True, False, True]
