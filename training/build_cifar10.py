@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ae = make_autoencoder("cifar_ae")
     histories = {
         "classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh,
-                              lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config),
+                              lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg), config, keys=("classifier",)),
         "ae": B.stage(args.work_dir, "ae", [ae], args.fresh,
-                      lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name="ae"), config),
+                      lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name="ae"), config,
+                      keys=("autoencoder",)),
     }
     if args.train_only:
         return 0

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         ae_cfg = AutoencoderConfig(epochs=args.ae_epochs, patience=5, noise=args.ae_noise,
                                    max_seconds=args.max_minutes * 60, device=args.device, seed=args.seed)
         hist = B.stage(args.work_dir, "ae", [reformer], args.fresh,
-                       lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=args.kind), {"ae": asdict(ae_cfg)})
+                       lambda ms: train_autoencoder(ms[0], train, ds.val, ae_cfg, name=args.kind),
+                       {"ae": asdict(ae_cfg), "kind": args.kind, "width": args.width}, keys=("ae", "kind", "width"))
         history = {"finished": True, "seconds": hist["seconds"], "rows": hist["epochs"]}
         reformers = [reformer]
     if args.train_only or not history["finished"]:

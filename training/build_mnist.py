@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     clf = make_classifier("mnist")
     train_clf = (lambda ms: train_classifier(ms[0], train, ds.val, clf_cfg)) if args.classifier_from is None \
         else (lambda ms: classifier_from_onnx(ms[0], args.classifier_from))
-    histories = {"classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh, train_clf, config)}
+    histories = {"classifier": B.stage(args.work_dir, "classifier", [clf], args.fresh, train_clf, config,
+                                       keys=("classifier",) if args.classifier_from is None else ())}
     aes = {name: make_autoencoder(kind) for name, kind in AUTOENCODERS.items()}
     for name, ae in aes.items():
         if name not in wanted:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                   lambda ms, n=name: train_autoencoder(
                                       ms[0], train, ds.val,
                                       replace(ae_cfg, checkpoint=str(args.work_dir / f"{n}.checkpoint.pt")), name=n),
-                                  config)
+                                  config, keys=("autoencoder", "autoencoder_specs"))
     if args.train_only:
         return 0
 

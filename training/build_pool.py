@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     pre_cfg = AutoencoderConfig(epochs=args.pretrain_epochs, patience=args.pretrain_epochs, noise=noise,
                                 device=args.device, seed=args.seed)
     joint_cfg = replace(pre_cfg, epochs=args.epochs, patience=args.patience, max_seconds=args.max_minutes * 60)
-    config = B.save_config(args.work_dir, args, pretrain=pre_cfg, joint=joint_cfg, architecture=kind)
+    config = B.save_config(args.work_dir, args, pretrain=pre_cfg, joint=joint_cfg, architecture=kind,
+                           members=args.members, alpha=args.alpha)
     aes = [make_autoencoder(kind) for _ in range(args.members)]
 
     def pretrain_then_joint(models):
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             train_autoencoder(m, train, ds.val, replace(pre_cfg, seed=args.seed + k), name=f"member {k}")
         return train_autoencoders(models, train, ds.val, joint_cfg, alpha=args.alpha, name="pool")
 
-    history = B.stage(args.work_dir, "pool", aes, args.fresh, pretrain_then_joint, config)
+    history = B.stage(args.work_dir, "pool", aes, args.fresh, pretrain_then_joint, config,
+                      keys=("pretrain", "joint", "architecture", "members", "alpha"))
     if args.train_only:
         return 0
 

@@ -23,6 +23,7 @@ from service.defense.domain import jpeg_round_trip
 from service.defense.bundle import FileEntry, Manifest, sha256_of, write_manifest
 from service.defense.runtime import CPU, OnnxModel
 from training.export import export_onnx, parity
+from training.loops import settings_changed
 
 if TYPE_CHECKING:
     from service.defense.core import Defense
@@ -30,12 +31,36 @@ if TYPE_CHECKING:
 CLASSIFIER_FILE = "classifier.onnx"
 
 
+def reuse_changes(old: dict | None, new: dict | None, keys: tuple[str, ...]) -> list[str]:
+    """``key.field old -> new`` for each training setting under ``keys`` that differs between the stored
+    configuration ``old`` and this run's ``new`` (``training.loops.settings_changed``)."""
+    if not old or not new:
+        return []
+    out = []
+    for key in keys:
+        if key not in old:  # recorded since
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_changed(a, b, prefix=f"{key}.")
+        elif a != b:
+            out.append(f"{key} {a!r} -> {b!r}")
+    return out
+
+
 def stage(work: Path, name: str, models: list[nn.Module], fresh: bool, train_fn: Callable,
-          config: dict | None = None) -> dict:
+          config: dict | None = None, keys: tuple[str, ...] = ()) -> dict:
     """Train ``models`` unless ``work/name.pt`` holds their weights, then load them from that file, so a
     fresh run exports exactly what a later reuse would. The history file keeps the configuration of the
-    run that trained the stage (``config.json`` holds the latest run's, which may only have reused it)."""
+    run that trained the stage (``config.json`` holds the latest run's, which may only have reused it).
+    Weights trained under other settings in ``config[k]`` for ``k`` in ``keys`` are not reused: refused
+    with what changed (``--fresh`` retrains)."""
     weights, hist_path = work / f"{name}.pt", work / f"{name}.history.json"
+    if not fresh and weights.exists() and hist_path.exists():
+        changed = reuse_changes(json.loads(hist_path.read_text()).get("config"), config, keys)
+        if changed:
+            raise SystemExit(f"{weights} was trained with other settings ({'; '.join(changed)}): give --fresh to "
+                             "retrain, or another --work-dir (or the same settings to reuse it)")
     if fresh or not (weights.exists() and hist_path.exists()):
         hist = train_fn(models)
         torch.save([_compact(m.state_dict(), _is_large(m)) for m in models], weights)

@@ -10,7 +10,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +261,11 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        changed = settings_changed(saved.get("config") or {}, asdict(cfg), free=RESUME_FREE | {"epochs"})
+        if changed or len(saved["models"]) != len(models):
+            said = "; ".join(changed) or f"{len(saved['models'])} models -> {len(models)}"
+            raise SystemExit(f"{ckpt} was saved by a run of other settings ({said}): give --fresh to retrain, "
+                             "or the same settings to resume (more epochs may be asked)")
         for m, state in zip(models, saved["models"]):
             m.load_state_dict(state)
         opt.load_state_dict(saved["optimizer"])
@@ -317,7 +322,7 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
                                     "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
                                     "torch": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
                                     "best_state": best_state, "since_best": since_best, "since_lr": since_lr,
-                                    "epochs": hist.epochs,
+                                    "epochs": hist.epochs, "config": asdict(cfg),
                                     "best_epoch": hist.best_epoch, "seconds": elapsed + time.perf_counter() - start})
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
             log(f"{name}: time budget of {cfg.max_seconds:.0f} s spent, stopping")
@@ -329,6 +334,18 @@ def train_autoencoders(models: list[nn.Module], train: Split, val: Split, cfg: A
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
     return hist
+
+
+# settings a run may change when it resumes or reuses another's weights: where and how long it runs, not what
+# it learns (the checkpoint path is where it is kept)
+RESUME_FREE = {"device", "bf16", "max_seconds", "checkpoint"}
+
+
+def settings_changed(old: dict, new: dict, prefix: str = "", free: set = RESUME_FREE) -> list[str]:
+    """``field old -> new`` for each setting both ``old`` and ``new`` have (a setting added since cannot be
+    compared) that differs, ``free`` ones left out."""
+    return [f"{prefix}{f} {old[f]!r} -> {new[f]!r}" for f in sorted(set(old) & set(new))
+            if f not in free and old[f] != new[f]]
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

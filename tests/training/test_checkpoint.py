@@ -148,3 +148,56 @@ def test_the_mnist_build_refuses_a_decay_factor_outside_0_1(tmp_path):
     with pytest.raises(SystemExit, match="--ae-lr-decay"):
         build_mnist.main(["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--out",
                           str(tmp_path / "o"), "--ae-lr-decay", "1.5"])
+
+
+def test_a_checkpoint_resumes_only_under_its_settings(tmp_path, mnist):
+    """A killed run's checkpoint resumes under the same settings, or with more epochs; a run of other
+    settings (another learning rate, noise) is refused with what changed, and the checkpoint is kept."""
+    ckpt = tmp_path / "ae.checkpoint.pt"
+    cfg = AutoencoderConfig(epochs=3, batch_size=128, patience=10, checkpoint=str(ckpt))
+
+    def kill_in_epoch_2(line):
+        if "epoch   2/3" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(mnist, cfg, log=kill_in_epoch_2)
+    with pytest.raises(SystemExit, match=r"saved by a run of other settings \(lr 0.001 -> 0.002; noise 0.1 -> 0.2\)"):
+        _train(mnist, replace(cfg, lr=2e-3, noise=0.2))
+    assert ckpt.exists()
+    lines = []
+    _, hist = _train(mnist, replace(cfg, epochs=4, max_seconds=600.0), log=lines.append)
+    assert any("resuming after epoch 1" in line for line in lines) and [e["epoch"] for e in hist.epochs] == [1, 2, 3, 4]
+
+
+def test_a_stage_is_reused_only_under_its_settings(tmp_path):
+    """A stage's weights in the work dir are reused under the same settings (where it runs may change);
+    under other settings of its own keys it is refused with what changed, and --fresh retrains it."""
+    from dataclasses import asdict
+
+    from training import bundles as B
+    from training.loops import ClassifierConfig
+
+    trained = []
+
+    def train(models):
+        trained.append(1)
+        from training.loops import History
+
+        return History(best_epoch=1)
+
+    def config(**changes):
+        return {"args": {"out": str(tmp_path / f"out{len(trained)}")},
+                "classifier": asdict(replace(ClassifierConfig(bf16=False), **changes)), "autoencoder": {"epochs": 5}}
+
+    run = lambda cfg, fresh=False: B.stage(tmp_path, "classifier", [torch.nn.Linear(2, 2)], fresh, train, cfg,  # noqa: E731
+                                           keys=("classifier",))
+    run(config())
+    run(config(device="cuda"))  # reused: where it runs is free
+    run({**config(), "autoencoder": {"epochs": 9}})  # another stage's settings do not matter
+    assert len(trained) == 1
+    with pytest.raises(SystemExit, match=r"classifier.pt was trained with other settings \(classifier.epochs 30 -> 60; "
+                                         r"classifier.lr 0.01 -> 0.1\): give --fresh"):
+        run(config(epochs=60, lr=0.1))
+    run(config(epochs=60, lr=0.1), fresh=True)
+    assert len(trained) == 2
