@@ -57,8 +57,8 @@ class Settings(BaseSettings):
         None, description="Datatype of the upstream model's input: FP32, FP16 or FP64 (the values cast), or UINT8 "
         "(8-bit pixels, rounded; needs MAGNET_UPSTREAM_SCALE=255 and no mean/std), as models with their own "
         "preprocessing often take. Unset: what the model's metadata says (OIP v2, or TF Serving's signature), "
-        "asked once at the first call. An OIP v2 FP16 input always goes as binary data (Triton and KServe refuse "
-        "FP16 in JSON).")
+        "asked once at the first call. An OIP v2 FP16 input always goes as binary data, and an FP16 output (from "
+        "the metadata) is asked as binary data (Triton and KServe refuse FP16 in JSON).")
     upstream_max_batch: int = Field(
         0, ge=0, description="Most rows per upstream call: a larger batch goes as several calls at once, its "
         "answers joined in order (a model server that caps its batch, as Triton's max_batch_size does). 0: from "

@@ -21,6 +21,7 @@ class OipUpstream(PooledHttp):
                  max_response_bytes: int = 32 * 2**20, max_batch: int = 0, datatype: str | None = None) -> None:
         super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch, datatype)
         self.binary = binary  # the OIP binary data extension for the input and the outputs
+        self.half_output = False  # the read output is FP16 (metadata): asked as binary data, as JSON is refused
         self.model = model
         self.input_name = input_name
         self.output_name = output_name
@@ -38,20 +39,24 @@ class OipUpstream(PooledHttp):
 
     async def discover(self) -> bool:
         """What the settings leave open, from the model's metadata (``GET /v2/models/{m}``): its input's
-        datatype, and a fixed first dimension as a fixed batch size; else Triton's model config (``GET
+        datatype, a fixed first dimension as a fixed batch size, and whether the read output is FP16 (then
+        asked as binary data); else Triton's model config (``GET
         /v2/models/{m}/config``, absent elsewhere) may cap the batch (``max_batch_size``). False while the
         server cannot be reached (asked again next call)."""
         answer = await self.get(f"{self.base}/v2/models/{self.model}")
         if answer is None:
             return False
         try:
-            inputs = orjson.loads(answer[1])["inputs"] if answer[0] == 200 else []
+            model = orjson.loads(answer[1]) if answer[0] == 200 else {}
+            inputs = model["inputs"] if model else []
             meta = next((i for i in inputs if i.get("name") == self.input_name), {})
             if inputs and not meta:
                 log.warning("upstream model %r has no input named %r (its inputs: %s): set MAGNET_UPSTREAM_INPUT",
                             self.model, self.input_name, ", ".join(repr(i.get("name")) for i in inputs))
             first = int(meta["shape"][0]) if meta.get("shape") else 0
             datatype = meta.get("datatype")
+            read = next((o for o in model.get("outputs") or [] if self.output_name in (None, o.get("name"))), {})
+            self.half_output = read.get("datatype") == "FP16"
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
             first, datatype = 0, None
         self.datatype = self.known_datatype(self.datatype, datatype if isinstance(datatype, str) else None)
@@ -71,17 +76,25 @@ class OipUpstream(PooledHttp):
     @property
     def binary_input(self) -> bool:
         """Whether the input goes as binary data: when asked, and always for FP16, which Triton and KServe
-        refuse as JSON numbers (the outputs are then asked as JSON unless binary data is asked)."""
+        refuse as JSON numbers."""
         return self.binary or self.datatype == "FP16"
 
+    @property
+    def binary_output(self) -> bool:
+        """Whether the outputs are asked as binary data: when asked, and always for an FP16 output (refused
+        as JSON too)."""
+        return self.binary or self.half_output
+
     def how_sent(self) -> str:
-        return " (binary data: FP16 is refused as JSON)" if self.binary_input and not self.binary else ""
+        forced = [what for what, on in (("input", self.binary_input), ("outputs", self.binary_output)) if on]
+        return f" ({' and '.join(forced)} as binary data: FP16 is refused as JSON)" if forced and not self.binary else ""
 
     def encode(self, x: np.ndarray) -> bytes:
         x = self.as_sent(prepare(x, self.contract))
         tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": self.datatype or "FP32",
                   "data": x.ravel()}
-        return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
+        request = {"inputs": [tensor], **({"parameters": {"binary_data_output": True}} if self.binary_output else {})}
+        return orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def encode_binary(self, x: np.ndarray) -> tuple[bytes, dict]:
         """The request with the binary data extension: a JSON header, then the input's little-endian bytes in
@@ -91,7 +104,7 @@ class OipUpstream(PooledHttp):
         header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape),
                                            "datatype": self.datatype or "FP32",
                                            "parameters": {"binary_data_size": len(raw)}}],
-                               "parameters": {"binary_data_output": self.binary}})
+                               "parameters": {"binary_data_output": self.binary_output}})
         return header + raw, {"Content-Type": "application/octet-stream",
                               "Inference-Header-Content-Length": str(len(header))}
 
@@ -121,9 +134,10 @@ class OipUpstream(PooledHttp):
 
     async def call(self, x: np.ndarray) -> np.ndarray:
         url = f"{self.base}/v2/models/{self.model}/infer"
-        if not self.binary_input:
+        if not self.binary_input and not self.binary_output:
             return self.decode(await self.post(url, self.encode(x)), len(x))
-        body, headers = self.encode_binary(x)
+        body, headers = (self.encode_binary(x) if self.binary_input
+                         else (self.encode(x), {"Content-Type": "application/json"}))
         answer, answer_headers = await self.exchange(url, body, headers)
         return self.decode(answer, len(x), answer_headers.get("inference-header-content-length"))
 

@@ -242,29 +242,39 @@ def test_a_model_server_that_takes_uint8_pixels_gets_them(tmp_path, mnist):
         (False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
 
 
-@pytest.mark.parametrize("binary", [False, True])
-def test_a_model_server_that_takes_half_precision_gets_it(tmp_path, mnist, binary):
-    """A classifier with an FP16 input, behind KServe's server, which refuses any other datatype: the
-    gateway reads FP16 from the model's metadata and sends the reformed rows as FP16, two bytes each with the
-    binary extension even when it is not asked (KServe and Triton refuse FP16 as JSON numbers); its decisions
-    equal the core's with the classifier on those rounded values."""
+@pytest.mark.parametrize("throughout, binary", [(False, False), (False, True), (True, False)])
+def test_a_model_server_that_takes_half_precision_gets_it(tmp_path, mnist, throughout, binary):
+    """A classifier with an FP16 input (a Cast in front, or half precision throughout: weights and output
+    FP16 too), behind KServe's server, which refuses any other datatype and FP16 as JSON: the gateway reads
+    the datatypes from the model's metadata and sends the reformed rows as FP16, two bytes each with the
+    binary extension even when it is not asked, and asks an FP16 output as binary data; its decisions equal
+    the core's with the classifier on those rounded values."""
     import onnx
     from onnx import TensorProto
 
     half = tmp_path / "half.onnx"
-    onnx.save(fakes.with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.FLOAT16), str(half))
+    if throughout:
+        fakes.in_half_precision(SHIPPED_MNIST / "classifier.onnx", half)
+    else:
+        onnx.save(fakes.with_input_of(SHIPPED_MNIST / "classifier.onnx", TensorProto.FLOAT16), str(half))
     server, server_url = start_model_server(half, "mnist")
     with server:
-        assert httpx.get(f"{server_url}/v2/models/mnist").json()["inputs"][0]["datatype"] == "FP16"
+        meta = httpx.get(f"{server_url}/v2/models/mnist").json()
+        assert meta["inputs"][0]["datatype"] == "FP16"
+        assert meta["outputs"][0]["datatype"] == ("FP16" if throughout else "FP32")
         env = {"MAGNET_UPSTREAM_BINARY": "true"} if binary else {}
         proc, url = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", server_url, env=env)
         with proc, httpx.Client(base_url=url, timeout=30) as client:
             x = mnist.test.x[:48]
             got = classify(client, {"inputs": x.tolist()})
-            assert "input FP16" in proc.log_text()
-            assert ("binary data: FP16 is refused as JSON" in proc.log_text()) == (not binary)
+            log = proc.log_text()
+    assert "input FP16" in log
+    forced = "input and outputs" if throughout else "input"
+    assert (f"({forced} as binary data: FP16 is refused as JSON)" in log) == (not binary)
+    from service.defense.runtime import CPU, OnnxModel
+
     defense = Defense(SHIPPED_MNIST, device="cpu")
     verdict = defense.inspect(x)
-    labels = defense.classifier(verdict.reformed.astype(np.float16).astype(np.float32)).argmax(1)
+    labels = OnnxModel(half, [CPU])(verdict.reformed).argmax(1)  # the served model, on FP16-cast rows
     assert [(r["rejected"], r["label"]) for r in got] == [
         (False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]

@@ -304,3 +304,32 @@ def test_a_datatype_the_gateway_cannot_send_is_named_in_the_log(caplog):
         asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
                                         lambda u: u.infer(np.zeros((1, 1, 2, 2), np.float32))))
     assert seen == ["FP32"] and "its input is INT64, which the gateway does not send" in caplog.text
+
+
+def test_an_fp16_output_is_asked_as_binary_data(caplog):
+    """The metadata says the output is FP16 (the input FP32): the request stays JSON but asks binary
+    outputs, since Triton and KServe refuse FP16 as JSON; the two-byte answer is read as float32."""
+    import logging
+
+    asked = []
+
+    async def infer(request):
+        body = json.loads(await request.read())
+        asked.append(body.get("parameters", {}).get("binary_data_output"))
+        rows = body["inputs"][0]["shape"][0]
+        raw = np.tile(np.array([0.5, -1.25], np.float16), rows).tobytes()
+        header = json.dumps({"outputs": [{"name": "logits", "datatype": "FP16", "shape": [rows, 2],
+                                          "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        return web.Response(body=header + raw, content_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(len(header))})
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 2, 2]}],
+                                  "outputs": [{"name": "logits", "datatype": "FP16", "shape": [-1, 2]}]})
+
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    with caplog.at_level(logging.INFO, logger="magnet"):
+        out = asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
+                                              lambda u: u.infer(np.zeros((3, 1, 2, 2), np.float32))))
+    assert asked == [True] and out.dtype == np.float32 and out.tolist() == [[0.5, -1.25]] * 3
+    assert "(outputs as binary data: FP16 is refused as JSON)" in caplog.text
