@@ -141,7 +141,9 @@ def probe_feeds(session: ort.InferenceSession, rows: int) -> dict[str, np.ndarra
         if i.type not in INPUT_DTYPES or not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return None
         n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else rows
-        feeds[i.name] = (255 * np.random.default_rng(0).uniform(size=(n, *shape[1:]))).astype(INPUT_DTYPES[i.type])
+        dtype = INPUT_DTYPES[i.type]
+        scale = 255 if dtype == np.uint8 else 1  # pixels as the graph takes them
+        feeds[i.name] = (scale * np.random.default_rng(0).uniform(size=(n, *shape[1:]))).astype(dtype)
     return feeds
 
 
