@@ -135,6 +135,13 @@ def test_auto_optimization_is_all_on_a_gpu_and_when_the_input_cannot_be_probed(m
 
     assert runtime.probe_feeds(Fake(Input(["N", 3, "H", "W"])), 1) is None  # symbolic image size
     assert runtime.probe_feeds(Fake(Input(["N", 4], "tensor(int64)")), 1) is None
+    # image inputs of other types: half-precision values in [0, 1], 8-bit pixels in 0..255
+    import numpy as np
+
+    half = runtime.probe_feeds(Fake(Input(["N", 1, 4, 4], "tensor(float16)")), 2)["x"]
+    assert half.dtype == np.float16 and half.shape == (2, 1, 4, 4) and 0 <= half.min() and half.max() <= 1
+    u8 = runtime.probe_feeds(Fake(Input(["N", 1, 4, 4], "tensor(uint8)")), 2)["x"]
+    assert u8.dtype == np.uint8 and u8.max() > 1
 
 
 def _fixed_batch_graph(path, batch: int | str) -> None:
