@@ -188,7 +188,7 @@ def test_error_messages_are_bounded(toy_bundle):
     with c:
         r = c.get("/v2/models/" + "n" * 5000)
         assert r.status_code == 404 and len(r.json()["error"]) < 200
-        v2 = {"inputs": [{"name": "x" * 5000, "datatype": "FP64", "shape": [1, 1, 4, 4], "data": [0.5] * 16}]}
+        v2 = {"inputs": [{"name": "x" * 5000, "datatype": "INT32", "shape": [1, 1, 4, 4], "data": [0.5] * 16}]}
         r = c.post("/v2/models/toy/infer", json=v2)
         assert r.status_code == 400 and len(r.json()["error"]) < 200
         r = c.post("/v2/models/toy/infer", json={**v2, "id": "i" * 5000})

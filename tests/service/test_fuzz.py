@@ -79,7 +79,7 @@ def test_classify_valid_inputs_get_200(client, images):
 
 @BUDGET
 @given(tensor=st.fixed_dictionaries({"name": st.text(max_size=8) | json_values,
-                                     "datatype": st.sampled_from(["FP32", "FP64", "INT8", "BYTES", 3]),
+                                     "datatype": st.sampled_from(["FP32", "FP64", "FP16", "UINT8", "INT8", "BYTES", 3]),
                                      "shape": st.lists(st.integers(-2, 5), max_size=5) | json_values,
                                      "data": st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False) | st.integers(-9, 9), max_size=40)
                                      | json_values}),
