@@ -208,7 +208,7 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
     name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
     if not isinstance(name, str):
         raise BadInput('the input tensor\'s "name" must be a string')
-    if datatype not in FRONT_DTYPES:
+    if datatype not in IMAGE_DTYPES:
         raise BadInput(f"input tensor {shown(name)} has datatype {shown(datatype, 24)}; expected FP32 (or FP16, "
                        "FP64, or UINT8 for 8-bit pixels)")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -224,7 +224,7 @@ def decode_v2_tensor(tensor: object, spec: InputSpec, binary: "BinaryReader | No
         if binary is None:
             raise BadInput(f"input tensor {shown(name)} gives binary_data_size but the request has no "
                            "Inference-Header-Content-Length header")
-        values = binary.take(name, size, FRONT_DTYPES[datatype])
+        values = binary.take(name, size, IMAGE_DTYPES[datatype])
     elif "data" in tensor:
         values = as_numbers(tensor["data"], f"input tensor {shown(name)} data")
     else:
@@ -344,9 +344,9 @@ def encode_v2_response(content: dict, tensors: list[tuple[str, str, np.ndarray]]
     return header + b"".join(chunks), len(header)
 
 
-# the input datatypes the v2 front takes -> their little-endian numpy types (all read into float32; UINT8 is
-# 8-bit pixels, scaled onto the bundle's range)
-FRONT_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
+# the OIP v2 datatypes an image tensor may have -> their little-endian numpy types: what the v2 front takes
+# (read into float32; UINT8 is 8-bit pixels, scaled onto the bundle's range) and the upstreams send
+IMAGE_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
 
 # OIP v2 datatypes -> little-endian numpy types of the binary data extension (BOOL: one byte each)
 BINARY_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}

@@ -58,7 +58,7 @@ from service.defense.domain import jpeg_round_trip
 from training.attacks.pgd import fgsm, pgd_linf
 from training.data import Split
 from training.domain_sim import jpeg_preimage
-from training.loops import augment, duration, native_bf16, predict_logits
+from training.loops import augment, duration, native_bf16, predict_logits, settings_changed
 
 PREIMAGE_ATTACKS = ("fgsm_pre", "pgd_pre")
 ORIGINAL_KINDS = ("original", "fgsm_orig", "pgd_orig")  # start from a real uncompressed original
@@ -289,18 +289,14 @@ PROBE_ROWS = 64  # training images whose cached classifier outputs are checked a
 
 
 def _check_resume(path: Path, old: dict, new: dict, log=print) -> None:
-    """Resume only a run of the same training settings: any other change is refused with what changed. A
-    setting the checkpoint's run did not have yet (an older version) counts as its default."""
-    defaults = asdict(ReformerConfig(bf16=False))
-    old = {**{k: v for k, v in defaults.items() if k in new}, **old}
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
-    refused = [k for k in changed if k not in RESUME_NOTED]
+    """Resume only a run of the same training settings: any other change is refused with what changed
+    (``training.loops.settings_changed``: a setting the checkpoint's run did not record is not compared)."""
+    refused = settings_changed(old, new, free=RESUME_FREE | RESUME_NOTED)
     if refused:
-        said = "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
-        raise SystemExit(f"{path} was trained with other settings ({said}): give --fresh to retrain, or another "
-                         "--work-dir (or the same settings to resume)")
-    for k in changed:
-        log(f"reformer: resuming with {k} {new.get(k)!r} (the checkpoint's run had {old.get(k)!r})")
+        raise SystemExit(f"{path} was trained with other settings ({'; '.join(refused)}): give --fresh to retrain, "
+                         "or another --work-dir (or the same settings to resume)")
+    for change in settings_changed({k: v for k, v in old.items() if k in RESUME_NOTED}, new, free=set()):
+        log(f"reformer: resuming with {change} (the schedule stretches from where it stands)")
 
 
 def _cached_logits(work: Path, classifier: nn.Module, train: Split, moving: bool, resuming: bool,

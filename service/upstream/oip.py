@@ -8,9 +8,9 @@ import numpy as np
 import orjson
 
 from service.defense.contract import ClassifierInput, Layout, prepare
-from service.codecs import BINARY_DTYPES
+from service.codecs import BINARY_DTYPES, IMAGE_DTYPES
 from service.errors import UpstreamError
-from service.upstream.pooled import SENT_DTYPES, PooledHttp, log
+from service.upstream.pooled import PooledHttp, log
 
 
 class OipUpstream(PooledHttp):
@@ -100,7 +100,7 @@ class OipUpstream(PooledHttp):
         """The request with the binary data extension: a JSON header, then the input's little-endian bytes in
         its datatype; the outputs are asked as binary data too when ``binary`` is set."""
         x = self.as_sent(prepare(x, self.contract))
-        raw = np.ascontiguousarray(x, dtype=SENT_DTYPES[self.datatype or "FP32"]).tobytes()
+        raw = np.ascontiguousarray(x, dtype=IMAGE_DTYPES[self.datatype or "FP32"]).tobytes()
         header = orjson.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape),
                                            "datatype": self.datatype or "FP32",
                                            "parameters": {"binary_data_size": len(raw)}}],

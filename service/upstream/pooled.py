@@ -14,14 +14,13 @@ import logging
 
 import numpy as np
 
+from service.codecs import IMAGE_DTYPES
 from service.defense.runtime import parts_of
 from service.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from service.upstream import http1
 
 log = logging.getLogger("magnet")
 
-# the input datatypes the gateway can send (OIP v2 names) -> little-endian numpy types
-SENT_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
 
 
 class PooledHttp:
@@ -38,7 +37,7 @@ class PooledHttp:
         self._client: http1.Http1Client | None = None
         # rows per call: (limit, fixed) once known; fixed: exactly that many (the last call padded)
         self.batch_limit: tuple[int, bool] | None = (max_batch, False) if max_batch else None
-        self.datatype = datatype  # of the input: one of SENT_DTYPES; None until set or asked
+        self.datatype = datatype  # of the input: one of IMAGE_DTYPES; None until set or asked
         self._discovered = False
 
     async def discover(self) -> bool:
@@ -52,7 +51,7 @@ class PooledHttp:
         datatype) when the gateway can send it, else None (FP32; logged when the server said something else)."""
         if datatype or said is None:
             return datatype
-        if said not in SENT_DTYPES:
+        if said not in IMAGE_DTYPES:
             log.warning("upstream %s: its input is %s, which the gateway does not send; it sends FP32, which the "
                         "model may refuse", self.describe(), said)
             return None
@@ -62,7 +61,7 @@ class PooledHttp:
         """The prepared batch in the input's datatype: UINT8 takes 8-bit pixels, rounded; FP16 and FP64 the
         values cast."""
         if self.datatype in ("FP16", "FP64"):
-            return x.astype(SENT_DTYPES[self.datatype])
+            return x.astype(IMAGE_DTYPES[self.datatype])
         if self.datatype != "UINT8":
             return x
         if not self.contract.gives_8bit_pixels:
@@ -71,7 +70,7 @@ class PooledHttp:
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
     def how_sent(self) -> str:
-        """How the input goes, when the settled datatype decides it (for the log line); '' otherwise."""
+        """How the request goes when the model's datatypes decide it (for the log line); '' otherwise."""
         return ""
 
     async def call(self, x: np.ndarray) -> np.ndarray:

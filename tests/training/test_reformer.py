@@ -454,7 +454,7 @@ def test_a_checkpoint_resumes_only_with_its_settings_and_its_classifier(tmp_path
     train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, cfg, tmp_path)
     same = ReformerConfig(**{**cfg.__dict__, "steps": 3, "max_minutes": 5.0, "val_every": 1})
     assert train_reformer(GuidedReformer(3, 8, 1), classifier, train, val, same, tmp_path)["rows"][-1]["step"] == 3
-    assert "resuming with steps 3 (the checkpoint's run had 2)" in capsys.readouterr().out
+    assert "resuming with steps 2 -> 3" in capsys.readouterr().out
     other = ReformerConfig(**{**same.__dict__, "kl_weight": 2.0, "mix": {"fgsm": 1}})
     with pytest.raises(SystemExit, match=r"trained with other settings \(kl_weight 1.0 -> 2.0; mix \{'noise': 1\} -> "
                                          r"\{'fgsm': 1\}\): give --fresh"):
