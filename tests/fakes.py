@@ -48,14 +48,15 @@ def affine_autoencoder(path: Path, scale: float, shift: float) -> Path:
 
 def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, mean: float = 0.0,
                           std: float = 1.0, probabilities: bool = False, input_name: str = "input",
-                          batch: int | str = "N", elem_type: int = TensorProto.FLOAT) -> Path:
+                          batch: int | str = "N", elem_type: int = TensorProto.FLOAT, head: bool = False) -> Path:
     """Three classes; logits = [sum(x), 8 - sum(x), 0] for x in [0, 1]: bright images -> 0, dark -> 1.
 
     The other arguments give the same classifier behind another input contract: it takes
     ``(x * scale - mean) / std`` in ``layout`` (tensor ``input_name``) and, with ``probabilities``,
     ends in a softmax. ``batch``: its first axis, named (dynamic) or a fixed size (an export without
     dynamic axes). ``elem_type``: its input's element type (cast to float inside); FLOAT16 and DOUBLE give
-    outputs of that type too, as a half- or double-precision export does."""
+    outputs of that type too, as a half- or double-precision export does. ``head``: the scores come out as
+    N x 3 x 1 x 1, as a 1x1-convolution head without a flatten gives them."""
     k = std / scale  # undo the contract inside the model: x = (v * std + mean) / scale
     w = np.zeros((PIXELS, 3), np.float32)
     w[:, 0], w[:, 1] = k, -k
@@ -72,11 +73,15 @@ def brightness_classifier(path: Path, layout: str = "NCHW", scale: float = 1.0, 
               helper.make_node("Add", ["xw", "b"], ["scores" if probabilities else "logits_f"])]
     if probabilities:
         nodes.append(helper.make_node("Softmax", ["scores"], ["logits_f"], axis=1))
-    nodes.append(helper.make_node("Cast", ["logits_f"], [out_name], to=out_type))
+    nodes.append(helper.make_node("Cast", ["logits_f"], ["scores_flat" if head else out_name], to=out_type))
+    if head:
+        inits.append(numpy_helper.from_array(np.array([-1, 3, 1, 1], np.int64), "head_shape"))
+        nodes.append(helper.make_node("Reshape", ["scores_flat", "head_shape"], [out_name]))
     shape = [SHAPE[1], SHAPE[2], SHAPE[0]] if layout == "NHWC" else list(SHAPE)
     graph = helper.make_graph(
         nodes, path.stem, [helper.make_tensor_value_info(input_name, elem_type, [batch, *shape])],
-        [helper.make_tensor_value_info(out_name, out_type, [batch, 3])], initializer=inits)
+        [helper.make_tensor_value_info(out_name, out_type, [batch, 3, 1, 1] if head else [batch, 3])],
+        initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -129,9 +134,26 @@ def with_input_of(model_file: Path, elem_type: int, scale: float | None = None) 
     return model
 
 
+def with_spatial_head(model_file: Path) -> onnx.ModelProto:
+    """The classifier with its scores reshaped to N x K x 1 x 1 at the end, as a 1x1-convolution head
+    without a flatten gives them."""
+    model = onnx.load(str(model_file))
+    graph = model.graph
+    out = graph.output[0]
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    for node in graph.node:
+        node.output[:] = ["flat_scores" if o == out.name else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, dims[1], 1, 1], np.int64), "head_shape"))
+    graph.node.append(helper.make_node("Reshape", ["flat_scores", "head_shape"], [out.name]))
+    graph.output.remove(out)
+    graph.output.insert(0, helper.make_tensor_value_info(out.name, out.type.tensor_type.elem_type, [dims[0], dims[1], 1, 1]))
+    return model
+
+
 def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: str = "half.onnx",
                 members: int = 1, thresholds: list[float] | None = None, contract: dict | None = None,
-                classifier_batch: int | str = "N", classifier_type: int = TensorProto.FLOAT) -> Path:
+                classifier_batch: int | str = "N", classifier_type: int = TensorProto.FLOAT,
+                classifier_head: bool = False) -> Path:
     """A bundle whose 'half' autoencoder is ae(x) = 0.5 x + 0.25 and 'steep' is ae(x) = 2 x - 0.5.
 
     The default detector 'R' (reconstruction, p=1, threshold 0.1) accepts x = 0.5 everywhere (score 0)
@@ -150,7 +172,7 @@ def make_bundle(directory: Path, detectors: list[dict] | None = None, reformer: 
                           scale=contract.get("scale", 1.0), mean=(contract.get("mean") or [0.0])[0],
                           std=(contract.get("std") or [1.0])[0], probabilities=output == "probabilities",
                           input_name=contract.get("name") or "input", batch=classifier_batch,
-                          elem_type=classifier_type)
+                          elem_type=classifier_type, head=classifier_head)
     if detectors is None:
         detectors = [{"name": "R", "kind": "reconstruction", "autoencoder": "half.onnx", "p": 1,
                       "fpr": 0.01, "threshold": 0.1}]

@@ -20,6 +20,7 @@ from torch import nn
 
 from service.defense.contract import ClassifierInput, prepare
 from service.defense.runtime import CPU, OnnxModel
+from service.defense.scores import as_scores
 from training.onnx_torch import OnnxModule, OnnxTwinError
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ class ContractTwin(nn.Module):
         x = (x * self.contract.scale - self.mean) / self.std
         if self.contract.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)
-        return self.inner(x)
+        out = self.inner(x)
+        # N x K x 1 x 1 (a 1x1-convolution head) as N x K, as service.defense.scores.as_scores reads it
+        return out.flatten(1) if out.dim() > 2 and sum(d != 1 for d in out.shape[1:]) <= 1 else out
 
 
 def _logits_before_softmax(path: Path, output_name: str | None) -> tuple[str | None, bool]:
@@ -145,7 +148,7 @@ def generic_twin(path: Path, input_shape: tuple[int, int, int], contract: Classi
     with torch.no_grad():
         ours = twin(torch.from_numpy(x))
         ours = (torch.softmax(ours, 1) if before_softmax else ours.exp() if as_log else ours).numpy()
-    diff = float(np.abs(ours - model(prepare(x, contract))).max())
+    diff = float(np.abs(ours - as_scores(model(prepare(x, contract)))).max())
     # a half-precision graph differs from the float32 twin by its own rounding, relative to its outputs' size
     tolerance += 4 * graph.rounding * max(1.0, float(np.abs(ours).max()))
     if diff > tolerance:

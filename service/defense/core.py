@@ -19,7 +19,7 @@ import numpy as np
 from service.defense import detectors as D
 from service.defense.contract import ClassifierInput, prepare
 from service.defense.domain import jpeg_round_trip
-from service.defense.scores import logits_from_probabilities
+from service.defense.scores import as_scores, logits_from_probabilities
 from service.defense.bundle import BundleError, Manifest, MemberSpec, read_manifest, verify_files
 from service.defense.fused import TOLERANCE, FusedMember, FusionError, fuse_member
 from service.defense.runtime import CUDA, Device, OnnxModel, Optimization, choose_providers, make_session
@@ -111,7 +111,7 @@ class Classifier:
         return self.model.providers
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.model(prepare(x, self.contract))
+        return as_scores(self.model(prepare(x, self.contract)))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         out = self(x)

@@ -108,7 +108,11 @@ def fuse_member(autoencoders: list[Path], reformer: Path, classifier: Path | Non
             nodes.append(helper.make_node("Concat", ["x", "reformed"], ["fused_both"], axis=0))
             source = "fused_both"
         source = _contract_nodes(contract or ClassifierInput(), source, nodes, inits, helper, numpy_helper)
-        output(take("c_", parts[-1][1], source, classifier_output), "logits", rows="logit_rows")
+        scores = take("c_", parts[-1][1], source, classifier_output)
+        rank = len(scores.type.tensor_type.shape.dim)
+        if rank not in (0, 2):  # the fused graph's logits are N x K (0: a shape the graph does not say)
+            raise FusionError(f"the classifier {classifier.name} outputs rank-{rank} scores, not N x K")
+        output(scores, "logits", rows="logit_rows")
     graph = helper.make_graph(nodes, "magnet_member", [x_info], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=list(first.opset_import),
                               ir_version=max(m.ir_version for _, m in parts), producer_name="magnet-gateway")

@@ -12,6 +12,15 @@ import numpy as np
 from service.defense import detectors as D
 
 
+def as_scores(out: np.ndarray) -> np.ndarray:
+    """A classifier's output as N x K: an output whose axes past the first are all 1 but one (N x K x 1 x 1,
+    as a 1x1-convolution head without a flatten gives) is reshaped; any other shape is returned as it is,
+    for the caller's shape check to name."""
+    if out.ndim > 2 and sum(d != 1 for d in out.shape[1:]) <= 1:
+        return out.reshape(len(out), -1)
+    return out
+
+
 def reconstruction_error(x: np.ndarray, reconstruction: np.ndarray, p: int) -> np.ndarray:
     """Mean over pixels of ``|x - ae(x)|**p``, per row.
 

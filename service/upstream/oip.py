@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 
 from service.defense.contract import ClassifierInput, Layout, prepare
+from service.defense.scores import as_scores
 from service.codecs import BINARY_DTYPES, IMAGE_DTYPES
 from service.errors import UpstreamError
 from service.upstream.pooled import PooledHttp, log
@@ -123,7 +124,7 @@ class OipUpstream(PooledHttp):
                 scores = np.frombuffer(body[offset:offset + size], dtype=BINARY_DTYPES[out["datatype"]])
             else:
                 raise ValueError(f"binary output {out['name']!r} of {out['datatype']} and {size} bytes does not fit")
-            scores = scores.astype(np.float32).reshape(out["shape"])
+            scores = as_scores(scores.astype(np.float32).reshape(out["shape"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as e:
             raise UpstreamError("the model server's answer is not an OIP v2 inference response with the "
                                 "expected output", f"output {self.output_name or '(first)'}: {e!r}")

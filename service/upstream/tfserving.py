@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from service.defense.contract import ClassifierInput, Layout, prepare
+from service.defense.scores import as_scores
 from service.errors import UpstreamError
 from service.upstream.pooled import PooledHttp
 
@@ -89,7 +90,7 @@ class TfServingUpstream(PooledHttp):
             answer = orjson.loads(body)
             if isinstance(answer, dict) and "error" in answer:
                 raise UpstreamError("the model server answered an error", str(answer["error"])[:500])
-            scores = np.asarray(self._rows(answer["predictions"]), dtype=np.float32)
+            scores = as_scores(np.asarray(self._rows(answer["predictions"]), dtype=np.float32))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UpstreamError("the model server's answer is not a TF Serving predict response with the "
                                 "expected output", f"output {self.output_name or '(only)'}: {e!r}")

@@ -187,3 +187,25 @@ def test_a_half_or_double_classifier_keeps_separate_sessions_and_judges_alike(tm
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, plain.classifier(x), atol=2e-2 if name == "FLOAT16" else 1e-5)
     np.testing.assert_array_equal(typed.inspect(x).accepted, plain.inspect(x).accepted)
+
+
+def test_a_classifier_with_a_1x1_convolution_head_judges_as_a_flat_one(tmp_path, monkeypatch, caplog):
+    """Scores that come out as N x K x 1 x 1 (a 1x1-convolution head without a flatten, as ONNX model zoo
+    classifiers have) are read as N x K: the same decisions and scores as the flat classifier; the fused graph,
+    whose logits are N x K, is not built for it (asked for: an error; on 'auto': logged)."""
+    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_head=True)
+    with pytest.raises(FusionError, match="outputs rank-4 scores, not N x K"):
+        Defense(bundle, device="cpu", fused=True, embed_classifier=True)
+    import service.defense.core as C
+
+    monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
+    headed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
+    assert not headed.fused and "rank-4 scores" in caplog.text
+    flat = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
+    x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
+    assert headed.classifier(x).shape == (7, 3)
+    np.testing.assert_array_equal(headed.classifier(x), flat.classifier(x))
+    a, b = headed.inspect(x), flat.inspect(x)
+    np.testing.assert_array_equal(a.accepted, b.accepted)
+    for name in b.scores:
+        np.testing.assert_allclose(a.scores[name], b.scores[name], rtol=1e-6)

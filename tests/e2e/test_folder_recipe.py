@@ -242,23 +242,26 @@ def test_a_work_dir_trained_through_another_classifier_is_refused_until_fresh(tm
     assert (tmp_path / "b2" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["half", "uint8"])
-def test_a_half_precision_or_uint8_classifier_builds_and_serves(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["half", "uint8", "head"])
+def test_a_half_precision_uint8_or_headed_classifier_builds_and_serves(tmp_path, kind):
     """The user's classifier exported in half precision throughout (input, weights and output FLOAT16, as a
-    float16 conversion gives), or taking UINT8 pixels (a Cast inside): the recipe trains through its float32
-    twin, and a gateway serves the bundle with it embedded, agreeing with the core on every image."""
+    float16 conversion gives), taking UINT8 pixels (a Cast inside), or giving its scores as N x K x 1 x 1 (a
+    1x1-convolution head): the recipe trains through its twin, and a gateway serves the bundle with it
+    embedded, agreeing with the core on every image."""
     import onnx
 
     from service.defense import Defense
-    from tests.fakes import in_half_precision, with_input_of
+    from tests.fakes import in_half_precision, with_input_of, with_spatial_head
 
     data = write_folder(tmp_path / "rgb", 16, 3, n_train=120, n_test=40)
     user = user_classifier(tmp_path / "user.onnx", 16, 3)
     half = tmp_path / f"{kind}.onnx"
     if kind == "half":
         in_half_precision(user, half)
-    else:
+    elif kind == "uint8":
         onnx.save(with_input_of(user, onnx.TensorProto.UINT8), str(half))
+    else:
+        onnx.save(with_spatial_head(user), str(half))
     out = tmp_path / "bundle"
     magnet("train", "folder", "--data", str(data), "--classifier", str(half), "--out", str(out), "--work-dir",
            str(tmp_path / "work"), "--steps", "3", "--attack-examples", "5", "--attack-free", *CONTRACT)

@@ -333,3 +333,25 @@ def test_an_fp16_output_is_asked_as_binary_data(caplog):
                                               lambda u: u.infer(np.zeros((3, 1, 2, 2), np.float32))))
     assert asked == [True] and out.dtype == np.float32 and out.tolist() == [[0.5, -1.25]] * 3
     assert "(outputs as binary data: FP16 is refused as JSON)" in caplog.text
+
+
+def test_scores_of_a_1x1_convolution_head_are_read_as_n_by_k():
+    """A model whose scores come out as N x K x 1 x 1 (a 1x1-convolution head without a flatten): read as
+    N x K; an output of another shape is still a clear upstream error."""
+    shapes = []
+
+    async def infer(request):
+        rows = json.loads(await request.read())["inputs"][0]["shape"][0]
+        shape = shapes[-1](rows)
+        return web.json_response({"outputs": [{"name": "logits", "shape": shape, "datatype": "FP32",
+                                               "data": np.arange(np.prod(shape), dtype=float).tolist()}]})
+
+    routes = [("POST", "/v2/models/m/infer", infer)]
+    make = lambda url: OipUpstream(url + "/", "m", timeout_s=2.0, max_batch=8, datatype="FP32")  # noqa: E731
+    x = np.zeros((3, 1, 2, 2), np.float32)
+    shapes.append(lambda n: [n, 2, 1, 1])
+    out = asyncio.run(against_fake_server(routes, make, lambda u: u.infer(x)))
+    assert out.tolist() == [[0, 1], [2, 3], [4, 5]]
+    shapes.append(lambda n: [n, 2, 2])
+    with pytest.raises(UpstreamError, match=r"returned shape \[3, 2, 2\] for 3 inputs"):
+        asyncio.run(against_fake_server(routes, make, lambda u: u.infer(x)))

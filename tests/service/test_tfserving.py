@@ -264,3 +264,14 @@ def test_tf_serving_half_and_double_inputs_are_named_and_sent_so(dtype, datatype
     as_sent = {"FP16": np.float16, "FP64": np.float64, "FP32": np.float32}[datatype]
     assert sent[0].astype(as_sent).tolist() == x.astype(as_sent).tolist()
     assert (abs(sent[0].flat[0] - 0.1) > 1e-5) == (datatype == "FP16")  # FP16: 0.099975586 on the wire
+
+
+def test_tf_serving_scores_of_a_1x1_convolution_head_are_read_as_n_by_k():
+    async def predict(request):
+        rows = (await request.json())["instances"]
+        return web.json_response({"predictions": [[[[float(k)]], [[0.5]]] for k in range(len(rows))]})
+
+    routes = [("POST", "/v1/models/m:predict", predict)]
+    out = asyncio.run(against_fake_server(routes, lambda url: TfServingUpstream(
+        url + "/", "m", timeout_s=2.0, max_batch=8, datatype="FP32"), lambda u: u.infer(np.zeros((3, 1, 2, 2), np.float32))))
+    assert out.tolist() == [[0.0, 0.5], [1.0, 0.5], [2.0, 0.5]]

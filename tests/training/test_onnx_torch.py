@@ -178,3 +178,19 @@ def test_a_uint8_input_is_rounded_by_the_twin_with_a_straight_through_gradient(t
     z = torch.from_numpy(x).requires_grad_(True)
     twin(z)[0, 3].backward()
     assert z.grad[0].abs().sum() > 0 and z.grad[1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("contract", [{}, {"output": "probabilities"}])
+def test_a_1x1_convolution_head_gets_a_twin_with_n_by_k_logits(tmp_path, contract):
+    """Scores as N x K x 1 x 1 (behind a softmax or not): the generic twin returns N x K logits, which pass its
+    check against onnxruntime, and equal the flat classifier's twin."""
+    from training.from_onnx import generic_twin
+
+    headed = fakes.make_bundle(tmp_path / "h", contract=dict(contract), classifier_head=True) / "classifier.onnx"
+    flat = fakes.make_bundle(tmp_path / "f", contract=dict(contract)) / "classifier.onnx"
+    output = contract.get("output", "logits")
+    x = torch.from_numpy(RNG.uniform(size=(5, *fakes.SHAPE)).astype(np.float32))
+    with torch.no_grad():
+        a, b = generic_twin(headed, fakes.SHAPE, output=output)(x), generic_twin(flat, fakes.SHAPE, output=output)(x)
+    assert a.shape == (5, 3)
+    torch.testing.assert_close(a, b)
