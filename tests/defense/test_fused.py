@@ -149,63 +149,34 @@ def test_a_graph_that_disagrees_is_not_used(tmp_path, monkeypatch, caplog):
     assert not defense.fused and "separate sessions" in caplog.text
 
 
-def test_a_classifier_with_a_fixed_batch_size_keeps_separate_sessions(tmp_path, monkeypatch, caplog):
-    """The fused graph would feed the classifier N or 2N rows in one call: a classifier exported with a fixed
-    batch size is not fused (asked for: an error; on 'auto': logged) and the separate sessions judge alike."""
-    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_batch=1)
-    with pytest.raises(FusionError, match="takes a fixed batch of 1"):
+# classifiers the fused graph cannot take: (make_bundle's arguments, why, how close they judge to the plain one)
+UNFUSABLE = {
+    "fixed batch": ({"classifier_batch": 1}, "takes a fixed batch of 1", 0.0),  # it would feed it N or 2N rows
+    "float16": ({"classifier_type": 10}, "takes FLOAT16, not FLOAT", 2e-2),  # a half-precision export
+    "double": ({"classifier_type": 11}, "takes DOUBLE, not FLOAT", 1e-5),
+    "1x1 head": ({"classifier_head": True}, "outputs rank-4 scores, not N x K", 0.0),  # N x K x 1 x 1 scores
+}
+
+
+@pytest.mark.parametrize("variant", UNFUSABLE)
+def test_a_classifier_the_fused_graph_cannot_take_keeps_separate_sessions_and_judges_alike(tmp_path, monkeypatch,
+                                                                                           caplog, variant):
+    """A classifier with a fixed batch size, in half or double precision (input and output of that type), or
+    with its scores as N x K x 1 x 1 (a 1x1-convolution head without a flatten) is not fused (asked for: an
+    error that says why; on 'auto': logged). The separate sessions cast the rows to its type, read its scores
+    as N x K float32, and judge as they do with the plain float32 N x K classifier."""
+    kwargs, why, atol = UNFUSABLE[variant]
+    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", **kwargs)
+    with pytest.raises(FusionError, match=why):
         Defense(bundle, device="cpu", fused=True, embed_classifier=True)
     import service.defense.core as C
 
     monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
-    fixed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
-    assert not fixed.fused and "takes a fixed batch of 1" in caplog.text
-    dynamic = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
-    x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
-    np.testing.assert_array_equal(fixed.inspect(x).accepted, dynamic.inspect(x).accepted)
-    np.testing.assert_allclose(fixed.classifier(x), dynamic.classifier(x), rtol=1e-6)
-
-
-
-@pytest.mark.parametrize("elem_type, name", [(10, "FLOAT16"), (11, "DOUBLE")])
-def test_a_half_or_double_classifier_keeps_separate_sessions_and_judges_alike(tmp_path, monkeypatch, caplog,
-                                                                             elem_type, name):
-    """A classifier exported in half or double precision (input and output of that type) serves: the
-    separate sessions cast the reformed rows to its type and its outputs back to float32; it is not fused
-    (asked for: an error; on 'auto': logged), and it judges as the float32 one does."""
-    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_type=elem_type)
-    with pytest.raises(FusionError, match=f"takes {name}, not FLOAT"):
-        Defense(bundle, device="cpu", fused=True, embed_classifier=True)
-    import service.defense.core as C
-
-    monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
-    typed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
-    assert not typed.fused and f"takes {name}" in caplog.text
+    unfused = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
+    assert not unfused.fused and why in caplog.text
     plain = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
     x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
-    out = typed.classifier(x)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, plain.classifier(x), atol=2e-2 if name == "FLOAT16" else 1e-5)
-    np.testing.assert_array_equal(typed.inspect(x).accepted, plain.inspect(x).accepted)
-
-
-def test_a_classifier_with_a_1x1_convolution_head_judges_as_a_flat_one(tmp_path, monkeypatch, caplog):
-    """Scores that come out as N x K x 1 x 1 (a 1x1-convolution head without a flatten, as ONNX model zoo
-    classifiers have) are read as N x K: the same decisions and scores as the flat classifier; the fused graph,
-    whose logits are N x K, is not built for it (asked for: an error; on 'auto': logged)."""
-    bundle = fakes.make_bundle(tmp_path / "b", detectors=[RECON, JSD], reformer="steep.onnx", classifier_head=True)
-    with pytest.raises(FusionError, match="outputs rank-4 scores, not N x K"):
-        Defense(bundle, device="cpu", fused=True, embed_classifier=True)
-    import service.defense.core as C
-
-    monkeypatch.setattr(C, "CUDA", "CPUExecutionProvider")  # make 'auto' try it here
-    headed = Defense(bundle, device="cpu", fused=None, embed_classifier=True)
-    assert not headed.fused and "rank-4 scores" in caplog.text
-    flat = Defense(fakes.make_bundle(tmp_path / "d", detectors=[RECON, JSD], reformer="steep.onnx"), device="cpu")
-    x = np.random.default_rng(0).uniform(size=(7, *fakes.SHAPE)).astype(np.float32)
-    assert headed.classifier(x).shape == (7, 3)
-    np.testing.assert_array_equal(headed.classifier(x), flat.classifier(x))
-    a, b = headed.inspect(x), flat.inspect(x)
-    np.testing.assert_array_equal(a.accepted, b.accepted)
-    for name in b.scores:
-        np.testing.assert_allclose(a.scores[name], b.scores[name], rtol=1e-6)
+    out = unfused.classifier(x)
+    assert out.dtype == np.float32 and out.shape == (7, 3)
+    np.testing.assert_allclose(out, plain.classifier(x), rtol=1e-6, atol=atol)
+    np.testing.assert_array_equal(unfused.inspect(x).accepted, plain.inspect(x).accepted)
