@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.defense.bundle import sha256_of
 from service.defense.contract import ClassifierInput
 from service.defense.core import Classifier, Defense
 from service.defense.runtime import CPU, OnnxModel
@@ -144,7 +145,7 @@ def work_inputs(args, ds: Dataset, family: str, contract: ClassifierInput) -> di
     inputs = {"train images sha256": hashlib.sha256(np.ascontiguousarray(ds.train.x).tobytes()).hexdigest(),
               "classes": list(ds.classes), "seed": args.seed, "pool": args.pool}
     if family == "rgb":
-        inputs.update({"classifier sha256": hashlib.sha256(Path(args.classifier).read_bytes()).hexdigest(),
+        inputs.update({"classifier sha256": sha256_of(Path(args.classifier)),
                        "contract": contract.model_dump(), "outputs": args.outputs, "output name": args.output_name,
                        "attack-free": bool(args.attack_free)})
     return inputs
@@ -152,7 +153,8 @@ def work_inputs(args, ds: Dataset, family: str, contract: ClassifierInput) -> di
 
 def guard_work(work: Path, inputs: dict, fresh: bool) -> None:
     """Resume only what was trained from the same inputs: a work dir from other inputs (a re-exported
-    classifier, other images) is refused unless ``--fresh``, which also drops the cached classifier outputs."""
+    classifier, other images) is refused unless ``--fresh`` (``train_reformer`` then drops its checkpoint and
+    cached classifier outputs)."""
     path = work / "inputs.json"
     if path.exists() and not fresh:
         old = json.loads(path.read_text())
@@ -160,9 +162,6 @@ def guard_work(work: Path, inputs: dict, fresh: bool) -> None:
         if changed:
             raise SystemExit(f"{work} holds weights trained from other inputs ({', '.join(changed)} changed): give "
                              "--fresh to retrain there, or another --work-dir")
-    if fresh:
-        for name in ("reformer.ckpt", "train_logits.npy"):
-            (work / name).unlink(missing_ok=True)
     path.write_text(json.dumps(inputs, indent=1) + "\n")
 
 
@@ -206,7 +205,7 @@ def train_rgb(args, ds: Dataset, work: Path, twin) -> tuple[dict, dict] | None:
     reformers = [GuidedReformer(ds.train.x.shape[1], 32, 2) for _ in range(args.pool)]
     alpha = 1.0 if args.alpha is None else args.alpha
     history = train_reformer(reformers if args.pool > 1 else reformers[0], twin, ds.train, ds.val, cfg, work,
-                             alpha=alpha if args.pool > 1 else 0.0)
+                             alpha=alpha if args.pool > 1 else 0.0, fresh=args.fresh)
     if not history["finished"]:
         return None
     names = ["reformer.onnx"] if args.pool == 1 else [f"reformer_{k}.onnx" for k in range(args.pool)]

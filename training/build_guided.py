@@ -185,13 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from is not None:
         args.init_from = init_checkpoint(args.init_from, args.work_dir)
     if args.kind == "guided":
-        if args.fresh:  # retrain: the checkpoint and the cached classifier outputs go
-            for name in ("reformer.ckpt", "train_logits.npy"):
-                (args.work_dir / name).unlink(missing_ok=True)
         reformers = [GuidedReformer(3, args.width, args.depth) for _ in range(args.members)]
         history = train_reformer(reformers if args.members > 1 else reformers[0], classifier, train, ds.val, cfg,
                                  args.work_dir, alpha=args.alpha, init_from=args.init_from,
-                                 init_spread=args.init_spread, originals=training_originals(args.originals, ds))
+                                 init_spread=args.init_spread, originals=training_originals(args.originals, ds),
+                                 fresh=args.fresh)
     else:
         if args.members > 1:
             raise SystemExit("--members > 1 needs --kind guided (magnet32 pools: magnet train pool)")

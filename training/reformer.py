@@ -331,10 +331,10 @@ def _cached_logits(work: Path, classifier: nn.Module, train: Split, moving: bool
 def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, train: Split, val: Split,
                    cfg: ReformerConfig, work: Path, log=print, alpha: float = 0.0,
                    init_from: Path | None = None, init_spread: float = 0.0,
-                   originals: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                   originals: tuple[np.ndarray, np.ndarray] | None = None, fresh: bool = False) -> dict:
     """Train ``model`` (in place) as the reformer for the frozen ``classifier``; returns the history.
     ``work`` keeps ``reformer.ckpt`` (resume) and ``train_logits.npy`` (f on the clean training images;
-    not with augmentation, whose targets are f on each moved image).
+    not with augmentation, whose targets are f on each moved image); ``fresh`` drops both first (retrain).
 
     A list of models trains a diverse pool (MagNet section 4.3): each member's loss, averaged, minus
     ``alpha`` times the mean squared distance of each member's output from the members' mean.
@@ -347,6 +347,9 @@ def train_reformer(model: nn.Module | list[nn.Module], classifier: nn.Module, tr
     kinds ``original``, ``fgsm_orig`` and ``pgd_orig`` start from."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    if fresh:  # retrain: this run's checkpoint and cached classifier outputs go
+        for name in ("reformer.ckpt", "train_logits.npy"):
+            (work / name).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     classifier = classifier.to(device, memory_format=torch.channels_last).eval()

@@ -98,7 +98,7 @@ class Classifier:
 
     def __init__(self, model: OnnxModel, contract: ClassifierInput, output: str = "logits") -> None:
         self.model, self.contract, self.output = model, contract, output
-        if getattr(model, "input_dtype", None) == np.uint8 and not contract.gives_8bit_pixels:
+        if model.input_dtype == np.uint8 and not contract.gives_8bit_pixels:
             raise ValueError(f"{model.path.name} takes uint8 pixels: its input contract needs scale 255 and no "
                              f"mean/std (it has scale {contract.scale:g}, mean {contract.mean}, std {contract.std})")
 

@@ -22,7 +22,6 @@ from service.upstream import http1
 log = logging.getLogger("magnet")
 
 
-
 class PooledHttp:
     """Base of the HTTP adapters: ``start``/``close`` the pool, ``post`` and ``get`` with error mapping."""
 
