@@ -25,6 +25,8 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	@# checkov (tests/deploy/test_checkov.py) in a virtual environment of its own: it pins dependencies
 	@# that clash with the project's. A failure here is ignored (that test then skips and says why).
 	-[ -x .venv-checkov/bin/checkov ] || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov; } || true
+	@# MLServer (tests/e2e/test_mlserver_upstream.py, a real upstream) likewise: it pins fastapi<0.116.
+	-[ -x .venv-mlserver/bin/mlserver ] || { $(PYTHON) -m venv .venv-mlserver && .venv-mlserver/bin/pip install -q 'mlserver>=1.6,<2' onnxruntime; } || true
 	-command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || true
 	touch $@
 
@@ -39,4 +41,4 @@ rebuild-mnist: $(VENV)/.dev
 	$(VENV)/bin/magnet train mnist --data-dir $(DATA) --out models/mnist --work-dir runs/mnist --fresh
 
 clean:
-	rm -rf $(VENV) .venv-checkov runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov .venv-mlserver runs .pytest_cache

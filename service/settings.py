@@ -46,8 +46,11 @@ class Settings(BaseSettings):
         None, description="Name of the upstream output tensor to read; unset: the first output.")
     upstream_outputs: Literal["logits", "probabilities"] | None = Field(
         None, description="Whether the upstream returns logits or probabilities (softmax outputs).")
-    upstream_binary: bool = Field(False, description="OIP v2 upstream: send the input and ask for the outputs "
-                                  "as binary data (the binary data extension; Triton, KServe >= 0.11).")
+    upstream_binary: bool | None = Field(
+        None, description="OIP v2 upstream: true sends the input and asks for the outputs as binary data (the "
+        "binary data extension; Triton, KServe >= 0.11); false never does, FP16 included (MLServer, which has no "
+        "binary data extension, takes FP16 as JSON; Triton and KServe refuse it). Unset: JSON, except an FP16 "
+        "input or output, which goes as binary data unless the server's metadata (GET /v2) names MLServer.")
     upstream_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one upstream call, seconds.")
     upstream_max_response_bytes: int = Field(
         32 * 2**20, ge=1024, description="Largest upstream answer read; a larger one is dropped unread and "
@@ -57,8 +60,9 @@ class Settings(BaseSettings):
         None, description="Datatype of the upstream model's input: FP32, FP16 or FP64 (the values cast), or UINT8 "
         "(8-bit pixels, rounded; needs MAGNET_UPSTREAM_SCALE=255 and no mean/std), as models with their own "
         "preprocessing often take. Unset: what the model's metadata says (OIP v2, or TF Serving's signature), "
-        "asked once at the first call. An OIP v2 FP16 input always goes as binary data, and an FP16 output (from "
-        "the metadata) is asked as binary data (Triton and KServe refuse FP16 in JSON).")
+        "asked once at the first call. An OIP v2 FP16 input goes as binary data, and an FP16 output (from the "
+        "metadata) is asked as binary data (Triton and KServe refuse FP16 in JSON), unless the server is MLServer "
+        "or MAGNET_UPSTREAM_BINARY=false (see there).")
     upstream_max_batch: int = Field(
         0, ge=0, description="Most rows per upstream call: a larger batch goes as several calls at once, its "
         "answers joined in order (a model server that caps its batch, as Triton's max_batch_size does). 0: from "

@@ -190,3 +190,32 @@ def start_gateway(*args: str, ready_path: str = "/readyz", timeout: float = 60.0
     else:
         proc.operator_url = url_of(int(args[list(args).index("--operator-port") + 1]))
     return proc, base
+
+
+# MLServer pins dependencies of its own (fastapi<0.116): ``make test`` installs it in .venv-mlserver
+MLSERVER = Path(os.environ.get("MLSERVER") or REPO / ".venv-mlserver" / "bin" / "mlserver")
+MLSERVER_RUNTIME = REPO / "docker" / "mlserver"
+
+
+def start_mlserver(models: Mapping[str, Union[str, os.PathLike[str]]], repository: Path, timeout: float = 90.0,
+                   **kwargs) -> tuple[ManagedProcess, str]:
+    """MLServer serving each ``name -> model file`` of ``models`` with docker/mlserver/onnx_runtime.py (its
+    metadata from the graphs), from a model repository it writes under ``repository``; gRPC and metrics on
+    free ports, no worker pool (``parallel_workers`` 0). Returns (process, base URL of the v2 REST API)."""
+    import json
+    import shutil
+
+    for name, model_file in models.items():
+        folder = repository / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, folder / "model.onnx")
+        (folder / "model-settings.json").write_text(json.dumps(
+            {"name": name, "implementation": "onnx_runtime.OnnxClassifier", "parameters": {"uri": "./model.onnx"}}))
+
+    def command(port: int) -> list[str]:
+        (repository / "settings.json").write_text(json.dumps(
+            {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0}))
+        return [str(MLSERVER), "start", str(repository)]
+
+    env = {"PYTHONPATH": str(MLSERVER_RUNTIME), **(kwargs.pop("env", None) or {})}
+    return start_on_free_port(command, "/v2/health/ready", timeout, env=env, **kwargs)

@@ -18,11 +18,15 @@ class OipUpstream(PooledHttp):
     def __init__(self, url: str, model: str, input_name: str = "input", output_name: str | None = None,
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
-                 contract: ClassifierInput | None = None, binary: bool = False,
+                 contract: ClassifierInput | None = None, binary: bool | None = None,
                  max_response_bytes: int = 32 * 2**20, max_batch: int = 0, datatype: str | None = None) -> None:
         super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch, datatype)
-        self.binary = binary  # the OIP binary data extension for the input and the outputs
+        # the OIP binary data extension for the input and the outputs: True always, False never (FP16 as JSON
+        # numbers too), None (unset) only for FP16, which Triton and KServe refuse as JSON, unless the server
+        # is one without the extension (``json_only``)
+        self.binary = binary
         self.half_output = False  # the read output is FP16 (metadata): asked as binary data, as JSON is refused
+        self.json_only = False  # the server metadata names MLServer, which has no binary data extension
         self.model = model
         self.input_name = input_name
         self.output_name = output_name
@@ -44,9 +48,18 @@ class OipUpstream(PooledHttp):
         asked as binary data); else Triton's model config (``GET
         /v2/models/{m}/config``, absent elsewhere) may cap the batch (``max_batch_size``). False while the
         server cannot be reached (asked again next call)."""
+        server = await self.get(f"{self.base}/v2")
         answer = await self.get(f"{self.base}/v2/models/{self.model}")
-        if answer is None:
+        if server is None or answer is None:
             return False
+        try:
+            name = orjson.loads(server[1]).get("name") if server[0] == 200 else None
+        except (orjson.JSONDecodeError, AttributeError):
+            name = None
+        self.json_only = isinstance(name, str) and name.lower() == "mlserver"
+        if self.json_only and self.binary:
+            log.warning("upstream %s: the server is MLServer, which has no binary data extension and answers 500 "
+                        "to it: unset MAGNET_UPSTREAM_BINARY", self.describe())
         try:
             model = orjson.loads(answer[1]) if answer[0] == 200 else {}
             inputs = model["inputs"] if model else []
@@ -75,25 +88,38 @@ class OipUpstream(PooledHttp):
         return True
 
     @property
+    def _half_as_binary(self) -> bool:
+        """Unset MAGNET_UPSTREAM_BINARY: FP16 goes as binary data (Triton and KServe refuse it as JSON
+        numbers), except to MLServer, which takes it as JSON and has no binary data extension."""
+        return self.binary is None and not self.json_only
+
+    @property
     def binary_input(self) -> bool:
-        """Whether the input goes as binary data: when asked, and always for FP16, which Triton and KServe
-        refuse as JSON numbers."""
-        return self.binary or self.datatype == "FP16"
+        """Whether the input goes as binary data: when asked, and, unless told not to, for FP16."""
+        return bool(self.binary) or (self.datatype == "FP16" and self._half_as_binary)
 
     @property
     def binary_output(self) -> bool:
-        """Whether the outputs are asked as binary data: when asked, and always for an FP16 output (refused
-        as JSON too)."""
-        return self.binary or self.half_output
+        """Whether the outputs are asked as binary data: when asked, and, unless told not to, for an FP16
+        output."""
+        return bool(self.binary) or (self.half_output and self._half_as_binary)
 
     def how_sent(self) -> str:
-        forced = [what for what, on in (("input", self.binary_input), ("outputs", self.binary_output)) if on]
-        return f" ({' and '.join(forced)} as binary data: FP16 is refused as JSON)" if forced and not self.binary else ""
+        half = [what for what, on in (("input", self.datatype == "FP16"), ("outputs", self.half_output)) if on]
+        if self.binary or not half:
+            return ""
+        if self._half_as_binary:
+            return f" ({' and '.join(half)} as binary data: FP16 is refused as JSON)"
+        if self.json_only:
+            return f" ({' and '.join(half)} as JSON: MLServer has no binary data extension)"
+        return (f" ({' and '.join(half)} as JSON, as MAGNET_UPSTREAM_BINARY=false asks: Triton and KServe refuse "
+                "FP16 as JSON)")
 
     def encode(self, x: np.ndarray) -> bytes:
         x = self.as_sent(prepare(x, self.contract))
-        tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": self.datatype or "FP32",
-                  "data": x.ravel()}
+        # orjson writes no float16: FP16 values, exactly, as float32 numbers
+        data = x.ravel().astype(np.float32) if x.dtype == np.float16 else x.ravel()
+        tensor = {"name": self.input_name, "shape": list(x.shape), "datatype": self.datatype or "FP32", "data": data}
         request = {"inputs": [tensor], **({"parameters": {"binary_data_output": True}} if self.binary_output else {})}
         return orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
 

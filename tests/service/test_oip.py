@@ -241,12 +241,24 @@ def test_a_model_whose_input_has_another_name_is_named_in_the_log(caplog):
     assert "has no input named 'input' (its inputs: 'images'): set MAGNET_UPSTREAM_INPUT" in caplog.text
 
 
-@pytest.mark.parametrize("binary", [False, True])
+def server_metadata(name):
+    """``GET /v2`` of a server called ``name`` (as MLServer 1.7 answers it); None: a 404, as a fake says nothing."""
+    async def handler(request):
+        if name is None:
+            return web.Response(status=404)
+        return web.json_response({"name": name, "version": "1.7.1", "extensions": []})
+    return ("GET", "/v2", handler)
+
+
+@pytest.mark.parametrize("binary, server", [(None, None), (False, None), (True, None), (None, "mlserver"),
+                                            (True, "mlserver"), (None, "kserve")])
 @pytest.mark.parametrize("datatype", ["FP16", "FP64"])
-def test_a_half_or_double_model_gets_its_own_datatype(datatype, binary, caplog):
+def test_a_half_or_double_model_gets_its_own_datatype(datatype, binary, server, caplog):
     """The metadata says FP16 or FP64: the batch goes in that datatype, declared so (JSON numbers, or 2 or 8
-    bytes each). FP16 goes as binary data even when binary data is not asked (Triton and KServe refuse it as
-    JSON numbers); the outputs are then asked as JSON."""
+    bytes each). Unless MAGNET_UPSTREAM_BINARY says otherwise, FP16 goes as binary data (Triton and KServe
+    refuse it as JSON numbers; the outputs are then asked as JSON), except to MLServer (its ``GET /v2``
+    says so), which has no binary data extension and takes FP16 as JSON. Binary data asked of MLServer is
+    logged as a mistake."""
     import logging
 
     seen = []
@@ -259,7 +271,7 @@ def test_a_half_or_double_model_gets_its_own_datatype(datatype, binary, caplog):
             header = json.loads(body[:n])
             tensor = header["inputs"][0]
             assert tensor["parameters"]["binary_data_size"] == len(body) - n
-            assert header["parameters"]["binary_data_output"] == binary
+            assert header["parameters"]["binary_data_output"] == bool(binary)
             values = np.frombuffer(body[n:], dtype)
         else:
             tensor = json.loads(body)["inputs"][0]
@@ -272,15 +284,19 @@ def test_a_half_or_double_model_gets_its_own_datatype(datatype, binary, caplog):
     async def metadata(request):
         return web.json_response({"inputs": [{"name": "input", "datatype": datatype, "shape": [-1, 1, 2, 2]}]})
 
-    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata), server_metadata(server)]
     x = np.array([0.0, 0.1, 1 / 3, 1.0] * 3, np.float32).reshape(3, 1, 2, 2)
     with caplog.at_level(logging.INFO, logger="magnet"):
         asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0, binary=binary),
                                         lambda u: u.infer(x)))
     sent, values, as_binary = seen[0]
     assert sent == datatype and f"input {datatype}" in caplog.text
-    assert as_binary == (binary or datatype == "FP16")
-    assert ("binary data: FP16 is refused as JSON" in caplog.text) == (datatype == "FP16" and not binary)
+    half, mlserver = datatype == "FP16", server == "mlserver"
+    assert as_binary == (binary is True or (binary is None and half and not mlserver))
+    assert ("(input as binary data: FP16 is refused as JSON)" in caplog.text) == (binary is None and half and not mlserver)
+    assert ("(input as JSON: MLServer has no binary data extension)" in caplog.text) == (binary is None and half and mlserver)
+    assert ("(input as JSON, as MAGNET_UPSTREAM_BINARY=false asks" in caplog.text) == (binary is False and half)
+    assert ("MLServer, which has no binary data extension" in caplog.text) == (binary is True and mlserver)
     # the values as that datatype holds them: FP16 rounds 0.1 to 0.0999755..., FP64 keeps FP32's value exactly
     assert values.dtype == dtype and values.tolist() == x.ravel().astype(dtype).tolist()
 
@@ -306,9 +322,11 @@ def test_a_datatype_the_gateway_cannot_send_is_named_in_the_log(caplog):
     assert seen == ["FP32"] and "its input is INT64, which the gateway does not send" in caplog.text
 
 
-def test_an_fp16_output_is_asked_as_binary_data(caplog):
+@pytest.mark.parametrize("server", [None, "mlserver"])
+def test_an_fp16_output_is_asked_as_binary_data(server, caplog):
     """The metadata says the output is FP16 (the input FP32): the request stays JSON but asks binary
-    outputs, since Triton and KServe refuse FP16 as JSON; the two-byte answer is read as float32."""
+    outputs, since Triton and KServe refuse FP16 as JSON; the two-byte answer is read as float32. MLServer
+    is asked nothing of the kind, and its JSON FP16 output is read."""
     import logging
 
     asked = []
@@ -317,6 +335,9 @@ def test_an_fp16_output_is_asked_as_binary_data(caplog):
         body = json.loads(await request.read())
         asked.append(body.get("parameters", {}).get("binary_data_output"))
         rows = body["inputs"][0]["shape"][0]
+        if not asked[-1]:
+            return web.json_response({"outputs": [{"name": "logits", "datatype": "FP16", "shape": [rows, 2],
+                                                   "data": [0.5, -1.25] * rows}]})
         raw = np.tile(np.array([0.5, -1.25], np.float16), rows).tobytes()
         header = json.dumps({"outputs": [{"name": "logits", "datatype": "FP16", "shape": [rows, 2],
                                           "parameters": {"binary_data_size": len(raw)}}]}).encode()
@@ -327,12 +348,13 @@ def test_an_fp16_output_is_asked_as_binary_data(caplog):
         return web.json_response({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 2, 2]}],
                                   "outputs": [{"name": "logits", "datatype": "FP16", "shape": [-1, 2]}]})
 
-    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata)]
+    routes = [("POST", "/v2/models/m/infer", infer), ("GET", "/v2/models/m", metadata), server_metadata(server)]
     with caplog.at_level(logging.INFO, logger="magnet"):
         out = asyncio.run(against_fake_server(routes, lambda url: OipUpstream(url + "/", "m", timeout_s=2.0),
                                               lambda u: u.infer(np.zeros((3, 1, 2, 2), np.float32))))
-    assert asked == [True] and out.dtype == np.float32 and out.tolist() == [[0.5, -1.25]] * 3
-    assert "(outputs as binary data: FP16 is refused as JSON)" in caplog.text
+    assert asked == ([None] if server else [True]) and out.dtype == np.float32 and out.tolist() == [[0.5, -1.25]] * 3
+    assert ("(outputs as binary data: FP16 is refused as JSON)" in caplog.text) == (server is None)
+    assert ("(outputs as JSON: MLServer has no binary data extension)" in caplog.text) == (server == "mlserver")
 
 
 def test_scores_of_a_1x1_convolution_head_are_read_as_n_by_k():
