@@ -27,6 +27,8 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	-[ -x .venv-checkov/bin/checkov ] || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov; } || true
 	@# MLServer (tests/e2e/test_mlserver_upstream.py, a real upstream) likewise: it pins fastapi<0.116.
 	-[ -x .venv-mlserver/bin/mlserver ] || { $(PYTHON) -m venv .venv-mlserver && .venv-mlserver/bin/pip install -q 'mlserver>=1.6,<2' onnxruntime; } || true
+	@# A real Triton (the server nvidia-pytriton ships, CPU) and tritonclient, tests/e2e/test_triton.py: likewise.
+	-[ -x .venv-triton/bin/python ] && .venv-triton/bin/python -c 'import pytriton, onnxruntime' 2>/dev/null || { $(PYTHON) -m venv .venv-triton && .venv-triton/bin/pip install -q 'nvidia-pytriton>=0.5' onnxruntime; } || true
 	-command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || true
 	touch $@
 
@@ -41,4 +43,4 @@ rebuild-mnist: $(VENV)/.dev
 	$(VENV)/bin/magnet train mnist --data-dir $(DATA) --out models/mnist --work-dir runs/mnist --fresh
 
 clean:
-	rm -rf $(VENV) .venv-checkov .venv-mlserver runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov .venv-mlserver .venv-triton runs .pytest_cache

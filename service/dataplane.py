@@ -90,8 +90,12 @@ JSON_TYPES = ("application/json",)
 
 def require_json(request: Request) -> None:
     """415 unless the body is declared JSON (``application/json`` or ``application/<x>+json``): a browser
-    page can post text/plain across origins without asking, but not JSON."""
+    page can post text/plain across origins without asking, but not JSON. A body with no type at all is
+    taken as JSON when the request has no ``Origin``: tritonclient sends its JSON requests so, and a browser
+    puts ``Origin`` on every POST (a page may post an untyped body across origins without asking too)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not kind and "origin" not in request.headers:
+        return
     if kind not in JSON_TYPES and not (kind.startswith("application/") and kind.endswith("+json")):
         raise UnsupportedMediaType(f"Content-Type must be application/json; got {shown(kind or 'none', 48)}")
 

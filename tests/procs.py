@@ -219,3 +219,28 @@ def start_mlserver(models: Mapping[str, Union[str, os.PathLike[str]]], repositor
 
     env = {"PYTHONPATH": str(MLSERVER_RUNTIME), **(kwargs.pop("env", None) or {})}
     return start_on_free_port(command, "/v2/health/ready", timeout, env=env, **kwargs)
+
+
+# Triton (the server nvidia-pytriton ships, with tritonclient) in an environment of its own: ``make test``
+# makes .venv-triton
+TRITON_PYTHON = Path(os.environ.get("TRITON_PYTHON") or REPO / ".venv-triton" / "bin" / "python")
+
+
+def triton_env() -> dict[str, str]:
+    """Triton's Python backend stub loads ``libpython3.X.so`` by name: put the one of .venv-triton's own
+    interpreter first, lest another build of the same version (the system's) meet its standard library."""
+    libdir = subprocess.run([str(TRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
+
+
+def start_triton(models: Mapping[str, Union[str, os.PathLike[str]]], max_batch: int = 64, timeout: float = 120.0,
+                 **kwargs) -> tuple[ManagedProcess, str]:
+    """A real Triton serving each ``name -> ONNX file`` of ``models`` (tests/pytriton_serve.py) with
+    ``max_batch_size`` ``max_batch``; gRPC and metrics on free ports. Returns (process, base URL)."""
+    script = REPO / "tests" / "pytriton_serve.py"
+    env = {**triton_env(), **(kwargs.pop("env", None) or {})}
+    return start_on_free_port(lambda port: [str(TRITON_PYTHON), str(script), "--http-port", str(port), "--grpc-port",
+                                            str(free_port()), "--metrics-port", str(free_port()), "--max-batch",
+                                            str(max_batch), *(f"{n}={p}" for n, p in models.items())],
+                              f"/v2/models/{list(models)[-1]}/ready", timeout, env=env, **kwargs)  # bound in order

@@ -162,12 +162,20 @@ def test_json_routes_need_a_json_content_type(toy_bundle):
         body = fakes.json_bytes(GREY)
         plain = c.post("/classify", content=body, headers={"Content-Type": "text/plain"})
         assert plain.status_code == 415 and "application/json" in plain.json()["error"]
-        assert c.post("/classify", content=body).status_code == 415  # none declared
+        # none declared: JSON from a client that is not a browser page (tritonclient sends JSON so); a page's
+        # POST always carries Origin, and it may send an untyped body across origins without a preflight
+        assert c.post("/classify", content=body).status_code == 200
+        untyped = c.post("/classify", content=body, headers={"Origin": "https://evil.example"})
+        assert untyped.status_code == 415 and "got 'none'" in untyped.json()["error"]
+        assert c.post("/classify", content=b"{not json").status_code == 400
         for kind in ("application/json; charset=utf-8", "application/vnd.example+json"):
             assert c.post("/classify", content=body, headers={"Content-Type": kind}).status_code == 200, kind
         v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [0.5] * 16}]}
         assert c.post("/v2/models/toy/infer", content=fakes.json_bytes(v2),
                       headers={"Content-Type": "text/plain"}).status_code == 415
+        assert c.post("/v2/models/toy/infer", content=fakes.json_bytes(v2)).status_code == 200
+        assert c.post("/v2/models/toy/infer", content=fakes.json_bytes(v2),
+                      headers={"Origin": "null"}).status_code == 415
 
 
 def test_cors_is_off_unless_origins_are_configured(toy_bundle):

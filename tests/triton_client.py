@@ -1,0 +1,54 @@
+"""NVIDIA's tritonclient (HTTP) asking the gateway's v2 front, as an application that talks to Triton would.
+
+Run with the interpreter of .venv-triton (tritonclient comes with nvidia-pytriton):
+
+    python tests/triton_client.py HOST:PORT MODEL rows.npy {json,binary} {FP32,FP16} [--outputs a,b]
+
+Prints one JSON line: the server's readiness and metadata, then ``label``, ``rejected``,
+``probabilities`` (those asked) and the answer's ``parameters``; or ``error`` and ``status`` when the
+server refused the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("model")
+    parser.add_argument("rows")
+    parser.add_argument("wire", choices=["json", "binary"])
+    parser.add_argument("datatype", choices=["FP32", "FP16"])
+    parser.add_argument("--outputs", default="", help="comma-separated output names to ask (default: all)")
+    args = parser.parse_args()
+    x = np.load(args.rows).astype({"FP32": np.float32, "FP16": np.float16}[args.datatype])
+    binary = args.wire == "binary"
+    client = http.InferenceServerClient(args.url)
+    tensor = http.InferInput("x", list(x.shape), args.datatype)
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    names = [n for n in args.outputs.split(",") if n]
+    asked = [http.InferRequestedOutput(n, binary_data=binary) for n in names] or None
+    report = {"ready": client.is_server_ready() and client.is_model_ready(args.model),
+              "metadata": client.get_model_metadata(args.model)}
+    try:
+        answer = client.infer(args.model, [tensor], outputs=asked)
+    except InferenceServerException as e:
+        report |= {"error": e.message(), "status": e.status()}
+    else:
+        response = answer.get_response()
+        report["parameters"] = response.get("parameters")
+        report["outputs"] = [o["name"] for o in response["outputs"]]
+        for o in response["outputs"]:
+            report[o["name"]] = answer.as_numpy(o["name"]).tolist()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
