@@ -11,13 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from service.dataplane import Gateway
 from service.defense.bundle import MANIFEST, manifest_version, sha256_of
 from service.defense.core import Defense
 from service.defense.fused import FusionError
-from service.errors import MagnetError, error_response, handle_magnet_error
+from service.errors import MagnetError, error_response, handle_magnet_error, shown
 from service.metrics import Metrics
 from service import protocol
 from service.access import AccessGuard, ApiKeys, ConfigError, Limits
@@ -127,15 +128,29 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
     app.include_router(v2_router)
     hot_routes(app)
     app.add_exception_handler(MagnetError, handle_magnet_error)
+    app.add_exception_handler(StarletteHTTPException, _no_route)
     app.add_exception_handler(Exception, _unexpected)
     return app
 
 
+def allowed(headers: dict[str, str] | None) -> str:
+    return next((v for k, v in (headers or {}).items() if k.lower() == "allow"), "")
+
+
+async def _no_route(request: Request, exc: StarletteHTTPException) -> Response:
+    """Routing's own 404 and 405 (and any other HTTPException) as ``{"error": ...}``, like every other error."""
+    where = f"{request.method} {shown(request.url.path)}"
+    message = {404: f"no route {where}", 405: f"{where}: method not allowed (allowed: {allowed(exc.headers)})"
+               }.get(exc.status_code, f"{where}: {exc.detail}")
+    return error_response(exc.status_code, message, exc.headers)
+
+
 async def _v2_infer(request: Request) -> Response:
-    return await infer(request.path_params["name"], request)
+    return await infer(request.path_params["name"], request, request.path_params.get("version"))
 
 
-HOT_ROUTES = {"/classify": classify, "/v2/models/{name}/infer": _v2_infer}
+HOT_ROUTES = {"/classify": classify, "/v2/models/{name}/infer": _v2_infer,
+              "/v2/models/{name}/versions/{version}/infer": _v2_infer}
 
 
 def hot_routes(app: FastAPI) -> None:

@@ -23,6 +23,8 @@ request that names ``outputs`` gets those only, in its order.
 from __future__ import annotations
 
 import numpy as np
+from importlib.metadata import PackageNotFoundError, version as metadata_of_package
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -39,11 +41,18 @@ REJECTED_LABEL = -1
 UNSCORED = -1.0
 
 
-def _gateway_serving(request: Request, name: str) -> Gateway:
-    """The gateway, if it serves model ``name`` (``MAGNET_MODEL_NAME``, else the bundle's name); else 404."""
+VERSION = "1"  # the one version of the served model: /v2/models/{name}/versions/1/... as the plain routes
+
+
+def _gateway_serving(request: Request, name: str, version: str | None = None) -> Gateway:
+    """The gateway, if it serves model ``name`` (``MAGNET_MODEL_NAME``, else the bundle's name) and, when
+    asked, ``version`` (only VERSION); else 404."""
     gw = request.app.state.gateway
     if name != served_name(gw):
         raise UnknownModel(f"model {shown(name)} is not served here; this gateway serves {served_name(gw)!r}")
+    if version is not None and version != VERSION:
+        raise UnknownModel(f"version {shown(version)} of model {name!r} is not served here; this gateway serves "
+                           f"version {VERSION!r} (or use /v2/models/{name}/infer, without a version)")
     return gw
 
 
@@ -64,7 +73,7 @@ def model_metadata(gw: Gateway) -> dict:
                 {"name": "rejected", "datatype": "BOOL", "shape": [-1]}]
     if gw.settings.explain:
         outputs += [{"name": f"scores_{d}", "datatype": "FP64", "shape": [-1]} for d in detector_names(gw)]
-    return {"name": served_name(gw), "platform": PLATFORM,
+    return {"name": served_name(gw), "versions": [VERSION], "platform": PLATFORM,
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *manifest.input.shape]}],
             "outputs": outputs}
 
@@ -106,6 +115,19 @@ def chosen(tensors: list[Tensor], wanted: tuple[str, ...] | None) -> list[Tensor
     return [by_name[name] for name in wanted]
 
 
+def server_version() -> str:
+    try:
+        return metadata_of_package("magnet-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+@router.get("")
+async def server_metadata() -> Response:
+    """OIP v2 server metadata: the binary data extension is the one the front speaks."""
+    return json_response({"name": PLATFORM, "version": server_version(), "extensions": ["binary_tensor_data"]})
+
+
 @router.get("/health/live")
 async def live() -> Response:
     return json_response({"live": True})
@@ -118,26 +140,29 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/models/{name}")
-async def metadata(name: str, request: Request) -> Response:
-    return json_response(model_metadata(_gateway_serving(request, name)))
+@router.get("/models/{name}/versions/{version}")
+async def metadata(name: str, request: Request, version: str | None = None) -> Response:
+    return json_response(model_metadata(_gateway_serving(request, name, version)))
 
 
 @router.get("/models/{name}/ready")
-async def model_ready(name: str, request: Request) -> Response:
-    upstream_ready = await _gateway_serving(request, name).upstream.ready()
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
+    upstream_ready = await _gateway_serving(request, name, version).upstream.ready()
     return json_response({"name": name, "ready": upstream_ready}, 200 if upstream_ready else 503)
 
 
 @router.post("/models/{name}/infer")
-async def infer(name: str, request: Request) -> Response:
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Defend and classify one FP32 input tensor; outputs as in the module's docstring."""
-    gw = _gateway_serving(request, name)
+    gw = _gateway_serving(request, name, version)
     header_length = request.headers.get("inference-header-content-length")
     defended = await defend(request, lambda body, g: decode_v2_infer_request(
         body, g.defense.manifest.input, g.settings.max_batch, header_length, output_names(g)),
         json_body=header_length is None)  # the binary extension has its own content type
     asked: V2Request = defended.extra
-    content: dict = {"model_name": name}
+    content: dict = {"model_name": name, "model_version": VERSION}
     if asked.id is not None:
         content["id"] = asked.id
     content["parameters"] = {"rejected_count": int(defended.outcome.rejected.sum())}

@@ -2,9 +2,9 @@
 
 Run with the interpreter of .venv-triton (tritonclient comes with nvidia-pytriton):
 
-    python tests/triton_client.py HOST:PORT MODEL rows.npy {json,binary} {FP32,FP16} [--outputs a,b]
+    python tests/triton_client.py HOST:PORT MODEL rows.npy {json,binary} {FP32,FP16} [--outputs a,b] [--version 1]
 
-Prints one JSON line: the server's readiness and metadata, then ``label``, ``rejected``,
+Prints one JSON line: the server's readiness, its metadata and the model's, then ``label``, ``rejected``,
 ``probabilities`` (those asked) and the answer's ``parameters``; or ``error`` and ``status`` when the
 server refused the request.
 """
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("wire", choices=["json", "binary"])
     parser.add_argument("datatype", choices=["FP32", "FP16"])
     parser.add_argument("--outputs", default="", help="comma-separated output names to ask (default: all)")
+    parser.add_argument("--version", default="", help="the model version to ask (default: none)")
     args = parser.parse_args()
     x = np.load(args.rows).astype({"FP32": np.float32, "FP16": np.float16}[args.datatype])
     binary = args.wire == "binary"
@@ -35,15 +36,17 @@ def main() -> None:
     tensor.set_data_from_numpy(x, binary_data=binary)
     names = [n for n in args.outputs.split(",") if n]
     asked = [http.InferRequestedOutput(n, binary_data=binary) for n in names] or None
-    report = {"ready": client.is_server_ready() and client.is_model_ready(args.model),
-              "metadata": client.get_model_metadata(args.model)}
+    report = {"ready": client.is_server_ready() and client.is_model_ready(args.model, args.version),
+              "server": client.get_server_metadata(),
+              "metadata": client.get_model_metadata(args.model, args.version)}
     try:
-        answer = client.infer(args.model, [tensor], outputs=asked)
+        answer = client.infer(args.model, [tensor], model_version=args.version, outputs=asked)
     except InferenceServerException as e:
         report |= {"error": e.message(), "status": e.status()}
     else:
         response = answer.get_response()
         report["parameters"] = response.get("parameters")
+        report["model_version"] = response.get("model_version")
         report["outputs"] = [o["name"] for o in response["outputs"]]
         for o in response["outputs"]:
             report[o["name"]] = answer.as_numpy(o["name"]).tolist()

@@ -38,12 +38,41 @@ def test_model_metadata(client):
     r = client.get("/v2/models/toy")
     assert r.status_code == 200
     assert r.json() == {
-        "name": "toy", "platform": "magnet-gateway",
+        "name": "toy", "versions": ["1"], "platform": "magnet-gateway",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 4, 4]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
                     {"name": "label", "datatype": "INT64", "shape": [-1]},
                     {"name": "rejected", "datatype": "BOOL", "shape": [-1]}],
     }
+    assert client.get("/v2/models/toy/versions/1").json() == r.json()
+
+
+def test_server_metadata_and_versioned_routes(client):
+    """OIP v2's server metadata (``GET /v2``), and the model's routes under ``/versions/1`` (tritonclient
+    with ``model_version="1"``): the same answers; another version is a 404 that names the one served."""
+    server = client.get("/v2").json()
+    assert server["name"] == "magnet-gateway" and server["extensions"] == ["binary_tensor_data"]
+    assert isinstance(server["version"], str) and server["version"]
+    assert client.get("/v2/models/toy/versions/1/ready").json() == {"name": "toy", "ready": True}
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 1, 4, 4], "data": [0.5] * 32}]}
+    plain, versioned = (client.post(path, json=body) for path in ("/v2/models/toy/infer",
+                                                                     "/v2/models/toy/versions/1/infer"))
+    assert plain.status_code == versioned.status_code == 200
+    assert versioned.json() == plain.json() and plain.json()["model_version"] == "1"
+    for other in (client.post("/v2/models/toy/versions/2/infer", json=body), client.get("/v2/models/toy/versions/2"),
+                  client.get("/v2/models/toy/versions/2/ready")):
+        assert other.status_code == 404 and "serves version '1'" in other.json()["error"]
+
+
+def test_routes_that_do_not_exist_answer_json_errors(client):
+    """Routing's own 404 and 405 answer ``{"error": ...}`` as every other error does; a 405 keeps Allow."""
+    missing = client.get("/v2/models/toy/stats")
+    assert missing.status_code == 404 and missing.json() == {"error": "no route GET '/v2/models/toy/stats'"}
+    for method, path, allow in [("PUT", "/classify", "POST"), ("DELETE", "/v2/models/toy", "GET"),
+                                ("GET", "/v2/models/toy/versions/1/infer", "POST")]:
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path)
+        assert r.json() == {"error": f"{method} {path!r}: method not allowed (allowed: {allow})"}
 
 
 def test_live_and_ready(client):
@@ -99,7 +128,7 @@ def test_infer_matches_classify_row_by_row(client):
 
 def test_infer_response_without_request_id_has_none(client):
     body = infer(client, tensor(fakes.images(0.5))).json()
-    assert "id" not in body and set(body) == {"model_name", "parameters", "outputs"}
+    assert "id" not in body and set(body) == {"model_name", "model_version", "parameters", "outputs"}
 
 
 @pytest.mark.parametrize("name", ["input", "INPUT__0", "x", "images:0"])
