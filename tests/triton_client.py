@@ -3,6 +3,7 @@
 Run with the interpreter of .venv-triton (tritonclient comes with nvidia-pytriton):
 
     python tests/triton_client.py HOST:PORT MODEL rows.npy {json,binary} {FP32,FP16} [--outputs a,b] [--version 1]
+        [--compression gzip]
 
 Prints one JSON line: the server's readiness, its metadata and the model's, then ``label``, ``rejected``,
 ``probabilities`` (those asked) and the answer's ``parameters``; or ``error`` and ``status`` when the
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("datatype", choices=["FP32", "FP16"])
     parser.add_argument("--outputs", default="", help="comma-separated output names to ask (default: all)")
     parser.add_argument("--version", default="", help="the model version to ask (default: none)")
+    parser.add_argument("--compression", default=None, choices=["gzip", "deflate"],
+                        help="compress the request body (and accept a compressed answer)")
     args = parser.parse_args()
     x = np.load(args.rows).astype({"FP32": np.float32, "FP16": np.float16}[args.datatype])
     binary = args.wire == "binary"
@@ -40,7 +43,9 @@ def main() -> None:
               "server": client.get_server_metadata(),
               "metadata": client.get_model_metadata(args.model, args.version)}
     try:
-        answer = client.infer(args.model, [tensor], model_version=args.version, outputs=asked)
+        answer = client.infer(args.model, [tensor], model_version=args.version, outputs=asked,
+                              request_compression_algorithm=args.compression,
+                              response_compression_algorithm=args.compression)
     except InferenceServerException as e:
         report |= {"error": e.message(), "status": e.status()}
     else:

@@ -91,9 +91,11 @@ def test_the_gateway_in_front_of_triton_decides_as_the_core(triton, mnist, model
     assert sum(r for r, _ in got) < len(got)
 
 
-def tritonclient(gateway: str, rows: Path, wire: str, datatype: str, outputs: str = "", version: str = "") -> dict:
+def tritonclient(gateway: str, rows: Path, wire: str, datatype: str, outputs: str = "", version: str = "",
+                 compression: str | None = None) -> dict:
     out = subprocess.run([str(TRITON_PYTHON), str(REPO / "tests" / "triton_client.py"), gateway.split("//", 1)[1],
-                          "mnist", str(rows), wire, datatype, "--outputs", outputs, "--version", version],
+                          "mnist", str(rows), wire, datatype, "--outputs", outputs, "--version", version,
+                          *(("--compression", compression) if compression else ())],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,7 +104,7 @@ def tritonclient(gateway: str, rows: Path, wire: str, datatype: str, outputs: st
 def test_tritonclient_in_front_of_the_gateway(tmp_path, mnist):
     """tritonclient against the gateway's v2 front (embedded classifier): JSON requests (sent with no
     Content-Type) and binary ones, FP32 and FP16 inputs, all outputs or some, with and without a model
-    version; the answers equal ``/classify``'s, and a bad shape is its 400 with the reason."""
+    version, with the body gzipped or deflated; the answers equal ``/classify``'s, and a bad shape is its 400 with the reason."""
     x = np.concatenate([mnist.test.x[:12], np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32)])
     rows = tmp_path / "rows.npy"
     np.save(rows, x)
@@ -114,6 +116,7 @@ def test_tritonclient_in_front_of_the_gateway(tmp_path, mnist):
                    for dt in ("FP32", "FP16")}
         some = tritonclient(gateway, rows, "json", "FP32", "rejected,label")
         versioned = tritonclient(gateway, rows, "binary", "FP32", version="1")
+        compressed = {c: tritonclient(gateway, rows, "json", "FP32", compression=c) for c in ("gzip", "deflate")}
         bad = tmp_path / "bad.npy"
         np.save(bad, np.zeros((1, 3, 28, 28), np.float32))
         refused = tritonclient(gateway, bad, "binary", "FP32")
@@ -129,6 +132,8 @@ def test_tritonclient_in_front_of_the_gateway(tmp_path, mnist):
         assert got["parameters"]["rejected_count"] == sum(r["rejected"] for r in expected)
     assert any(r["rejected"] for r in want) and not all(r["rejected"] for r in want)  # noise rows rejected
     assert some["outputs"] == ["rejected", "label"] and some["label"] == answers["json", "FP32"]["label"]
+    for coding, got in compressed.items():
+        assert "error" not in got and got["label"] == answers["json", "FP32"]["label"], (coding, got)
     assert versioned["model_version"] == "1" and versioned["label"] == answers["json", "FP32"]["label"]
     assert versioned["server"]["name"] == "magnet-gateway" and "binary_tensor_data" in versioned["server"]["extensions"]
     assert refused["status"] == "400" and "expected [N, 1, 28, 28]" in refused["error"]
