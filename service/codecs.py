@@ -136,6 +136,14 @@ def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
 
 
+def pixels_as_served(image: Image.Image, channels: int) -> np.ndarray:
+    """What ``decode_image`` makes of an opened image, for training on a folder of them: its EXIF
+    orientation applied, then H x W (grey) or H x W x 3 (RGB) float32 in [0, 1] by the same rules."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return _pixels(image, channels)
+
+
 def _pixels(image: Image.Image, channels: int) -> np.ndarray:
     """H x W (grey) or H x W x 3 (RGB) float32 in [0, 1] by the rules of ``decode_image``."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNG

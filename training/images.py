@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.codecs import pixels_as_served
 from service.defense.domain import jpeg_quality_of
 from training.data import DataError, Dataset, Split
 
@@ -183,6 +184,15 @@ def _kind(image: Image.Image) -> str:
     return "grey" if image.mode in GREY_MODES else "RGB"
 
 
+def _resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H x W [x C] float32 pixels resized (bilinear, each channel as a float image) to ``size`` = (H, W)."""
+    def one(channel: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(channel).resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+    if pixels.ndim == 2:
+        return np.clip(one(pixels), 0.0, 1.0)
+    return np.clip(np.stack([one(np.ascontiguousarray(pixels[..., c])) for c in range(pixels.shape[2])], 2), 0.0, 1.0)
+
+
 def load_folder(data: Path, size: tuple[int, int] | None = None, validation: float = 0.1, test: float = 0.1,
                 seed: int = 0, name: str | None = None) -> Dataset:
     """A user's image folder as a Dataset: ``DATA/train/<class>/*`` and, optionally, ``DATA/test/<class>/*``
@@ -192,6 +202,10 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
       of ``train``; a folder not listed there is an error.
     - Size and channels are read from the data: every image must have the same size and be all grey or
       all colour, else the error names one offending file (``size`` = (H, W) resizes everything instead).
+    - Pixels are read as the gateway reads an uploaded image (``service.codecs.pixels_as_served``): EXIF
+      orientation applied, 16-bit grey scaled by 1/65535, alpha as the drawing or composited over black;
+      so a bundle is trained on what it will be served.
+    - Files of other types under ``<class>/`` are skipped, and counted in a printed note.
     - ``validation`` of the training images (seeded) become the validation split; without a ``test``
       folder, ``test`` of them become the test split too (and the dataset says so in its name).
     """
@@ -201,6 +215,12 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
     listed = data / "classes.txt"
     splits = [s for s in ("train", "test") if (data / s).is_dir()]
     files = {s: sorted(p for p in (data / s).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES) for s in splits}
+    skipped = sorted(p for s in splits for p in (data / s).glob("*/*")
+                     if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "(none)" for p in skipped})
+        print(f"note: {len(skipped)} file(s) under {data} are not PNG or JPEG ({', '.join(kinds[:8])}) and are "
+              f"skipped, e.g. {skipped[0]}", flush=True)
     if not files["train"]:
         raise DataError(f"{data}/train holds no <class>/*.png|jpg images")
     folders = sorted({p.parent.name for s in splits for p in files[s]})
@@ -220,26 +240,27 @@ def load_folder(data: Path, size: tuple[int, int] | None = None, validation: flo
             try:
                 image = Image.open(path)
                 image.load()
-            except OSError as e:
+                kind = _kind(image)
+                jpeg.see(image)
+                pixels = pixels_as_served(image, 1 if kind == "grey" else 3)  # H x W [x 3], as displayed
+            except (OSError, ValueError, SyntaxError) as e:
                 raise DataError(f"cannot decode {path}: {e}") from e
-            kind = _kind(image)
-            jpeg.see(image)
+            shown_size = pixels.shape[1::-1]  # W x H
             if first is None:
-                first, first_kind, first_size = path, kind, image.size
+                first, first_kind, first_size = path, kind, shown_size
             if kind != first_kind:
                 raise DataError(f"{path} is {kind} ({image.mode}) but {first} is {first_kind}: "
                                 "a data set must be all grey or all colour")
-            if size is None and image.size != first_size:
-                raise DataError(f"{path} is {image.size[0]}x{image.size[1]} (W x H) but {first} is "
+            if size is None and shown_size != first_size:
+                raise DataError(f"{path} is {shown_size[0]}x{shown_size[1]} (W x H, as displayed) but {first} is "
                                 f"{first_size[0]}x{first_size[1]}: give --size H W to resize every image")
-            image = image.convert("L" if kind == "grey" else "RGB")
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            arrays[s][0].append(np.asarray(image, dtype=np.uint8))
+            if size is not None and pixels.shape[:2] != tuple(size):
+                pixels = _resized(pixels, size)
+            arrays[s][0].append(pixels)
             arrays[s][1].append(index[path.parent.name])
 
     def to_split(s: str) -> Split:
-        x = np.stack(arrays[s][0]).astype(np.float32) / 255.0
+        x = np.stack(arrays[s][0])
         x = x[:, None] if first_kind == "grey" else x.transpose(0, 3, 1, 2)
         return Split(np.ascontiguousarray(x), np.array(arrays[s][1], dtype=np.int64))
 

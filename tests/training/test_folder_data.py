@@ -69,3 +69,47 @@ def test_missing_train_and_too_few_images_are_clear(tmp_path):
         load_folder(tmp_path)
     with pytest.raises(DataError, match="too few"):
         load_folder(_tree(tmp_path / "d", n=1, test=False), validation=0.5, test=0.5)
+
+
+def test_pixels_are_read_as_the_gateway_reads_an_upload(tmp_path, capsys):
+    """16-bit grey PNGs, drawings in an alpha channel, RGBA over black and EXIF-rotated images: each training
+    row equals what the gateway's ``decode_image`` makes of the same file, so the bundle is trained on what it
+    is served (before, these were clipped to 8 bits, lost their drawing, or kept their stored orientation).
+    Files of other types are skipped with a note."""
+    import base64
+
+    from service.codecs import decode_image
+    from service.defense.bundle import InputSpec
+
+    rng = np.random.default_rng(0)
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    made = {grey: [], colour: []}
+
+    def save(root, cls, name, image, **kw):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name, **kw)
+        made[root].append(folder / name)
+
+    for k in range(5):
+        save(grey, "a", f"{k}.png", Image.fromarray((rng.uniform(size=(6, 8)) * 65535).astype(np.uint16)))
+        drawing = np.zeros((6, 8, 2), np.uint8)
+        drawing[..., 1] = rng.integers(0, 256, (6, 8))
+        save(grey, "b", f"{k}.png", Image.fromarray(drawing))  # LA: the digit in the alpha channel alone
+        turned = Image.fromarray(np.tril(np.full((8, 6), 255, np.uint8)))  # stored 6 x 8, displayed 8 x 6
+        exif = turned.getexif()
+        exif[0x0112] = 6
+        save(grey, "c", f"{k}.png", turned, exif=exif)
+        save(colour, "a", f"{k}.png", Image.fromarray(rng.integers(0, 256, (6, 8, 4), dtype=np.uint8)))  # RGBA
+        save(colour, "b", f"{k}.jpg", Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)), quality=90)
+    (grey / "train" / "a" / "notes.txt").write_text("not an image")
+    (grey / "train" / "b" / "scan.webp").write_bytes(b"RIFF")
+    for root, channels in ((grey, 1), (colour, 3)):
+        ds = load_folder(root, validation=0.1, test=0.1)
+        rows = np.concatenate([ds.train.x, ds.val.x, ds.test.x])
+        rows = rows.reshape(len(rows), -1)
+        spec = InputSpec(shape=(channels, 6, 8))
+        for path in made[root]:
+            served = decode_image(base64.b64encode(path.read_bytes()).decode(), 0, spec).ravel()
+            assert np.abs(rows - served).max(1).min() == 0.0, path
+    assert "2 file(s) under" in capsys.readouterr().out
