@@ -29,7 +29,7 @@ from service.settings import Settings
 log = logging.getLogger("magnet.access")
 
 OPERATOR_PATHS = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
+OPEN_PATHS = ("/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 MIN_KEY_CHARS = 16
 
 

@@ -28,6 +28,7 @@ from service.routes import classify, router
 from service.sessions import make_selector
 from service.settings import Settings
 from service.upstream import Upstream, make_upstream
+from service.v1_front import router as v1_router
 from service.v2_front import infer, router as v2_router
 
 log = logging.getLogger("magnet")
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None, *, defense: Defense | None = No
                                           "Inference-Header-Content-Length"])
     app.include_router(router)
     app.include_router(v2_router)
+    app.include_router(v1_router)
     hot_routes(app)
     app.add_exception_handler(MagnetError, handle_magnet_error)
     app.add_exception_handler(StarletteHTTPException, _no_route)

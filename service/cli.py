@@ -20,7 +20,8 @@ SERVE_FLAGS = {
     "--bundle": ("bundle", str, "bundle directory to serve (default: the shipped MNIST bundle)"),
     "--upstream": ("upstream", str, "base URL of an OIP v2 model server; absent: embedded classifier"),
     "--upstream-model": ("upstream_model", str, "model name on the upstream (default: the bundle's name)"),
-    "--upstream-protocol": ("upstream_protocol", str, "v2 (Triton, KServe, MLServer) or tfserving"),
+    "--upstream-protocol": ("upstream_protocol", str, "v2 (Triton, KServe, MLServer), tfserving or v1 (KServe v1: "
+                                                      "TF Serving's REST predict API)"),
     "--host": ("host", str, "interface to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
     "--operator-port": ("operator_port", int, "port of /metrics (default 8002; equal to --port: one port)"),
@@ -47,10 +48,11 @@ def serve(argv: list[str]) -> int:
     kserve.add_argument("--http_port", type=int, dest="kserve_port", help="port to listen on")
     kserve.add_argument("--predictor_use_ssl", action="store_true", default=None, help="https to the predictor")
     kserve.add_argument("--predictor_protocol", "--protocol", dest="predictor_protocol",
-                        help="v2 only: the gateway speaks the Open Inference Protocol to the predictor")
+                        help="v2 (the Open Inference Protocol) or v1 (KServe v1, TF Serving's REST predict API), "
+                        "over REST; clients then use the gateway's v2 or v1 front")
     args = p.parse_args(argv)
-    if args.predictor_protocol not in (None, "v2"):
-        p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v2 over REST to the predictor")
+    if args.predictor_protocol not in (None, "v1", "v2"):
+        p.error(f"--predictor_protocol {args.predictor_protocol}: the gateway speaks v1 or v2 over REST to the predictor")
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
     flags = {dest: flag for flag, (dest, _, _) in SERVE_FLAGS.items() if dest in overrides}
     if "explain" in overrides:
@@ -87,7 +89,7 @@ def serve(argv: list[str]) -> int:
 
 # settings field -> the KServe argument it comes from (kserve_overrides)
 KSERVE_FLAGS = {"model_name": "--model_name", "upstream_model": "--model_name", "upstream": "--predictor_host",
-                "port": "--http_port"}
+                "port": "--http_port", "upstream_protocol": "--predictor_protocol"}
 
 
 def settings_errors(error: ValidationError, flags: dict[str, str]) -> str:
@@ -117,6 +119,8 @@ def kserve_overrides(args: argparse.Namespace, overrides: dict) -> dict:
         out["upstream"] = f"{scheme}://{args.predictor_host}"
     if args.kserve_port and "port" not in overrides:
         out["port"] = args.kserve_port
+    if args.predictor_protocol and "upstream_protocol" not in overrides:
+        out["upstream_protocol"] = args.predictor_protocol
     return out
 
 

@@ -358,3 +358,61 @@ IMAGE_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1"}
 
 # OIP v2 datatypes -> little-endian numpy types of the binary data extension (BOOL: one byte each)
 BINARY_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "?"}
+
+
+def _v1_image(value: object, what: str, spec: InputSpec) -> np.ndarray:
+    """One image of a TF Serving / KServe v1 request -> C x H x W float32: nested numbers, channels last
+    (TF's convention: H x W x C, or H x W for one channel) or first (C x H x W), or ``{"b64": "<base64 PNG
+    or JPEG>"}`` (TF Serving's form for binary values)."""
+    c, h, w = spec.shape
+    if isinstance(value, dict):
+        if set(value) != {"b64"}:
+            raise BadInput(f'{what} is an object; expected {{"b64": "<base64 PNG or JPEG>"}} or nested numbers')
+        try:
+            return decode_image(value["b64"], 0, spec)
+        except BadInput as e:  # its message names images[0]: name this one
+            raise BadInput(str(e).replace("images[0]", what)) from None
+    array = as_numbers(value, what)
+    if array.shape == (c, h, w):
+        return array
+    if array.shape == (h, w, c):
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+    if c == 1 and array.shape == (h, w):
+        return array[None]
+    raise BadInput(f"{what} has shape {list(array.shape)}; expected {h}x{w}x{c} (channels last), {c}x{h}x{w}"
+                   + (f" or {h}x{w}" if c == 1 else "") + ', or {"b64": ...}')
+
+
+def _named(value: object, what: str) -> object:
+    """TF's named form of a model with one input, ``{"<input name>": value}``, unwrapped (a ``b64`` object
+    is a value, not a name)."""
+    if isinstance(value, dict) and len(value) == 1 and "b64" not in value:
+        return next(iter(value.values()))
+    if isinstance(value, dict) and "b64" not in value:
+        raise BadInput(f"{what} names {len(value)} inputs; the model takes one")
+    return value
+
+
+def decode_v1_predict_request(body: bytes, spec: InputSpec, max_batch: int) -> tuple[np.ndarray, bool]:
+    """A TF Serving / KServe v1 predict request -> (N x C x H x W float32, whether it was columnar).
+
+    Row format ``{"instances": [image, ...]}``, each image as ``_v1_image`` reads it (or ``{"<input>":
+    image}``); columnar ``{"inputs": batch}`` (or ``{"inputs": {"<input>": batch}}``), the batch a list of
+    such images. ``signature_name`` may be given (the gateway's model has one signature)."""
+    payload = _load_json(body)
+    if not isinstance(payload, dict) or len({"instances", "inputs"} & payload.keys()) != 1:
+        raise BadInput('body must be a JSON object with exactly one of "instances" (a list of images) or '
+                       '"inputs" (the batch), as TF Serving and KServe v1 take')
+    unknown = set(payload) - {"instances", "inputs", "signature_name"}
+    if unknown:
+        raise BadInput(f"unknown field(s) {shown(sorted(unknown))}; expected instances or inputs, and signature_name")
+    columnar = "inputs" in payload
+    rows = _named(payload["inputs"], "inputs") if columnar else payload["instances"]
+    key = "inputs" if columnar else "instances"
+    if not isinstance(rows, list) or not rows:
+        raise BadInput(f'"{key}" must be a non-empty list of images')
+    if len(rows) > max_batch:
+        raise PayloadTooLarge(f"{len(rows)} inputs in one request; at most {max_batch} are accepted")
+    batch = np.stack([_v1_image(_named(r, f"{key}[{i}]"), f"{key}[{i}]", spec) for i, r in enumerate(rows)])
+    check_values(batch, spec)
+    return _sized(batch, max_batch), columnar

@@ -27,6 +27,12 @@ async def healthz() -> Response:
     return json_response({"status": "live"})
 
 
+@router.get("/")
+async def alive() -> Response:
+    """KServe v1's liveness (its clients' ``is_server_live``)."""
+    return json_response({"status": "alive"})
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
     gw = request.app.state.gateway

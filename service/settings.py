@@ -23,9 +23,10 @@ class Settings(BaseSettings):
     upstream: str | None = Field(
         None, description="Base URL of the classifier's model server (e.g. http://triton:8000). "
                           "Unset: the bundle's own classifier runs in-process (the embedded default).")
-    upstream_protocol: Literal["v2", "tfserving"] = Field(
+    upstream_protocol: Literal["v2", "tfserving", "v1"] = Field(
         "v2", description="Protocol the upstream speaks: 'v2' is the Open Inference Protocol "
-                          "(Triton, KServe, MLServer); 'tfserving' is TensorFlow Serving's REST predict API.")
+                          "(Triton, KServe, MLServer); 'tfserving' is TensorFlow Serving's REST predict API, and "
+                          "'v1' the same for KServe's v1 protocol, which is that API.")
     # The upstream classifier's input contract: unset fields take the bundle manifest's
     # ``classifier.input`` / ``output`` / ``output_name`` (whose defaults are NCHW, [0, 1], input
     # "input", logits, first output); the gateway logs which applies at start. Without

@@ -3,7 +3,8 @@
 The model is run with onnxruntime on the CPU. It must have exactly one input tensor, batch
 axis first (MNIST: "input" [N,1,28,28] FP32 -> "logits" [N,10] FP32). Routes (from KServe):
 GET /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready and
-POST /v2/models/{name}/infer. A request whose single input has the wrong datatype, shape or
+POST /v2/models/{name}/infer; and KServe v1's GET /v1/models/{name} and POST /v1/models/{name}:predict
+(``{"instances": [...]}`` -> ``{"predictions": [...]}``, the first output). A request whose single input has the wrong datatype, shape or
 element count is answered 400 with {"error": ...}; the input's name is not checked.
 
     python docker/kserve/serve_onnx.py --model-file models/mnist/classifier.onnx \
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -84,11 +85,13 @@ class OnnxModel(Model):
         except ValueError as exc:
             raise InvalidInput(f"cannot decode input: {exc}") from exc
 
-    async def predict(self, payload: InferRequest, headers: Optional[Dict[str, str]] = None,
-                      response_headers: Optional[Dict[str, str]] = None) -> InferResponse:
-        if not isinstance(payload, InferRequest):
-            raise InvalidInput("only Open Inference Protocol v2 requests are supported")
+    async def predict(self, payload: Union[InferRequest, Dict[str, Any]], headers: Optional[Dict[str, str]] = None,
+                      response_headers: Optional[Dict[str, str]] = None) -> Union[InferResponse, Dict[str, Any]]:
         assert self.session is not None
+        if isinstance(payload, dict):  # KServe v1 (TF Serving's REST API): {"instances": [...]}
+            return await self._predict_v1(payload)
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("expected an Open Inference Protocol v2 or a KServe v1 request")
         feed = {self.inputs[0]["name"]: self._decode(payload)}
         # Run off the event loop so health probes keep answering during inference.
         results = await asyncio.to_thread(self.session.run, None, feed)
@@ -101,6 +104,23 @@ class OnnxModel(Model):
             outputs.append(out)
         return InferResponse(response_id=payload.id or generate_uuid(), model_name=self.name,
                              infer_outputs=outputs, use_binary_outputs=binary)
+
+
+    async def _predict_v1(self, payload: Dict[str, Any]) -> Dict[str, Any]:
+        """``{"instances": [row, ...]}`` -> ``{"predictions": [the first output's row, ...]}``."""
+        instances = payload.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput('a v1 request needs "instances": a non-empty list')
+        want = self.inputs[0]
+        try:
+            x = np.asarray(instances, dtype={"FP32": np.float32, "FP16": np.float16, "FP64": np.float64,
+                                            "UINT8": np.uint8}.get(want["datatype"], np.float32))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"cannot decode instances: {exc}") from exc
+        if x.ndim != len(want["shape"]) or any(w >= 0 and s != w for s, w in zip(x.shape[1:], want["shape"][1:])):
+            raise InvalidInput(f"instances shape {list(x.shape)} does not fit model input shape {want['shape']}")
+        results = await asyncio.to_thread(self.session.run, None, {want["name"]: x})
+        return {"predictions": results[0].astype(np.float32).tolist()}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

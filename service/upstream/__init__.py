@@ -58,7 +58,8 @@ def make_upstream(settings: Settings, defense: Defense, executor: Executor) -> U
         raise ConfigError("MAGNET_UPSTREAM_DATATYPE=UINT8 takes 8-bit pixels: set MAGNET_UPSTREAM_SCALE=255 and no "
                           f"MAGNET_UPSTREAM_MEAN / _STD (the contract now: scale {contract.scale:g}, mean "
                           f"{contract.mean}, std {contract.std})")
-    if settings.upstream_protocol == "tfserving":
-        return TfServingUpstream(settings.upstream, model, **common)
+    if settings.upstream_protocol in ("tfserving", "v1"):
+        return TfServingUpstream(settings.upstream, model, server="KServe v1" if settings.upstream_protocol == "v1"
+                                 else "TF Serving", **common)
     return OipUpstream(settings.upstream, model, input_name=values["input name"], binary=settings.upstream_binary,
                        **common)

@@ -1,7 +1,8 @@
 """TensorFlow Serving REST upstream: ``POST {url}/v1/models/{name}:predict`` in the row ("instances") format.
 
 TF models usually take N x H x W x C: with ``layout="NHWC"`` the batch is transposed before it is sent.
-Readiness is ``GET {url}/v1/models/{name}`` listing a version whose state is ``AVAILABLE``. The input's
+Readiness is ``GET {url}/v1/models/{name}`` listing a version whose state is ``AVAILABLE`` (or, from
+KServe's v1 protocol, which is this API, saying ``"ready": true``). The input's
 datatype and a fixed batch size are read once from the model's signature (``/metadata``).
 """
 
@@ -28,8 +29,9 @@ class TfServingUpstream(PooledHttp):
                  outputs: Literal["logits", "probabilities"] = "logits", timeout_s: float = 10.0,
                  max_connections: int = 64, layout: Layout = "NCHW",
                  contract: ClassifierInput | None = None, max_response_bytes: int = 32 * 2**20,
-                 max_batch: int = 0, datatype: str | None = None) -> None:
+                 max_batch: int = 0, datatype: str | None = None, server: str = "TF Serving") -> None:
         super().__init__(url, timeout_s, max_connections, max_response_bytes, max_batch, datatype)
+        self.server = server  # who speaks the API: TF Serving, or KServe v1 (the same REST predict API)
         self.model = model
         self.output_name = output_name
         self.outputs = outputs
@@ -38,15 +40,17 @@ class TfServingUpstream(PooledHttp):
         self.layout = self.contract.layout
 
     def describe(self) -> str:
-        return f"TF Serving model {self.model!r} ({self.layout}) at {self.base}"
+        return f"{self.server} model {self.model!r} ({self.layout}) at {self.base}"
 
     async def ready(self) -> bool:
         answer = await self.get(f"{self.base}/v1/models/{self.model}")
         if answer is None or answer[0] != 200:
             return False
         try:
-            versions = orjson.loads(answer[1])["model_version_status"]
-            return any(v.get("state") == "AVAILABLE" for v in versions)
+            status = orjson.loads(answer[1])
+            if isinstance(status.get("ready"), bool):  # KServe v1: {"name": ..., "ready": true}
+                return status["ready"]
+            return any(v.get("state") == "AVAILABLE" for v in status["model_version_status"])
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return False
 

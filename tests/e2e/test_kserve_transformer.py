@@ -59,3 +59,48 @@ def test_kserve_client_through_the_transformer_gets_the_cores_decisions(transfor
     accepted = ~rejected
     assert (labels[accepted] == mnist.test.y[:24][accepted[:24]]).mean() >= 0.9
     assert (labels[rejected] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def transformer_v1():
+    """The same, for an InferenceService whose predictor speaks KServe's v1 protocol (its default), which
+    the controller passes on as ``--predictor_protocol v1``."""
+    predictor, predictor_url = start_model_server(SHIPPED_MNIST / "classifier.onnx", ISVC)
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(SHIPPED_MNIST), "--model_name", ISVC,
+           "--predictor_host", predictor_url.removeprefix("http://"), "--http_port", str(port),
+           "--predictor_protocol", "v1", "--workers", "1"]
+    url = url_of(port)
+    proc = start_process(cmd, f"{url}/v1/models/{ISVC}", timeout=60, cwd=REPO,
+                         env={"MAGNET_OPERATOR_PORT": str(free_port())})
+    yield url, proc
+    proc.stop()
+    predictor.stop()
+
+
+def test_kserve_v1_client_through_a_v1_transformer_gets_the_cores_decisions(transformer_v1, mnist):
+    """KServe's v1 REST client (liveness, readiness, ``{"instances": ...}`` channels last, as TF clients
+    send) against the gateway's v1 front, which asks the predictor in v1 too: rejected rows and labels are
+    the core's."""
+    from kserve import InferenceRESTClient, RESTConfig
+
+    url, proc = transformer_v1
+    x = np.concatenate([mnist.test.x[:24], np.random.default_rng(1).uniform(size=(8, 1, 28, 28))]).astype(np.float32)
+
+    async def ask():
+        client = InferenceRESTClient(RESTConfig(protocol="v1"))
+        try:
+            return (await client.is_server_live(url), await client.is_model_ready(url, ISVC),
+                    await client.infer(url, {"instances": x.transpose(0, 2, 3, 1).tolist()}, model_name=ISVC))
+        finally:
+            await client.close()
+
+    live, ready, response = asyncio.run(ask())
+    assert live and ready
+    defense = Defense(SHIPPED_MNIST, device="cpu")
+    verdict = defense.inspect(x)
+    labels = defense.classifier(verdict.reformed).argmax(1)
+    assert response["rejected"] == verdict.rejected.tolist() and all(response["rejected"][24:])
+    assert response["labels"] == [-1 if r else int(l) for r, l in zip(verdict.rejected, labels)]
+    assert len(response["predictions"]) == len(x) and all(len(p) == 10 for p in response["predictions"])
+    assert "upstream: KServe v1 model 'digits'" in proc.log_text()

@@ -65,6 +65,8 @@ def test_named_outputs_of_a_multi_output_model():
     ({"model_version_status": [{"version": "1", "state": "LOADING"}]}, False),
     ({"model_version_status": []}, False),
     ({"error": "Could not find any versions of model m"}, False),
+    ({"name": "m", "ready": True}, True),  # KServe's v1 protocol
+    ({"name": "m", "ready": False}, False),
 ])
 def test_readiness_from_model_status(status, ready):
     assert run(recording({}), lambda u: u.ready(), status=status) is ready
