@@ -1,4 +1,5 @@
-"""Property-based fuzzing of ``/classify`` and ``/v2/models/{name}/infer`` (Hypothesis, fixed budget).
+"""Property-based fuzzing of ``/classify``, ``/v2/models/{name}/infer`` and ``/v1/models/{name}:predict``
+(Hypothesis, fixed budget).
 
 Whatever arrives, the answer is a 200 or a 4xx with a JSON ``{"error": "..."}`` body, never a 500, and
 the gateway keeps serving; well-formed inputs must get 200, so a gateway that refused everything would
@@ -145,3 +146,23 @@ images = st.one_of(
 def test_classify_any_images(client, batch):
     r = client.post("/classify", json={"images": batch})
     check(r, valid=False)
+
+
+v1_images = (st.lists(st.lists(st.lists(pixels, min_size=1, max_size=1), min_size=4, max_size=4), min_size=4, max_size=4)
+             | st.lists(st.lists(pixels, min_size=4, max_size=4), min_size=4, max_size=4))  # H x W x 1, or H x W
+
+
+@BUDGET
+@given(body=st.dictionaries(st.sampled_from(["instances", "inputs", "signature_name", "x"]),
+                            json_values | st.lists(st.fixed_dictionaries({"b64": json_values}), max_size=3)
+                            | st.dictionaries(st.text(max_size=6), json_values, max_size=2), max_size=3))
+def test_v1_any_request(client, body):
+    check(client.post("/v1/models/toy:predict", json=body), valid=False)
+
+
+@BUDGET
+@given(images=st.lists(v1_images, min_size=1, max_size=4), columnar=st.booleans())
+def test_v1_valid_requests_get_200(client, images, columnar):
+    r = client.post("/v1/models/toy:predict", json={"inputs" if columnar else "instances": images})
+    check(r, valid=True)
+    assert len(r.json()["outputs" if columnar else "predictions"]) == len(images) == len(r.json()["rejected"])
