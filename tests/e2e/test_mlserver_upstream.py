@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.defense import Defense
 from service.defense.runtime import CPU, OnnxModel
 from tests import fakes
 from tests.conftest import SHIPPED_MNIST
+from tests.e2e.upstreams import core_decisions, gateway_decisions
 from tests.procs import MLSERVER, start_gateway, start_mlserver
 
 pytestmark = [
@@ -41,17 +41,6 @@ def mlserver(tmp_path_factory):
     proc.half = half
     yield proc, url
     proc.stop()
-
-
-def decisions(results):
-    return [(r["rejected"], r["label"]) for r in results]
-
-
-def core_decisions(x, served_model):
-    defense = Defense(SHIPPED_MNIST, device="cpu")
-    verdict = defense.inspect(x)
-    labels = served_model(verdict.reformed).argmax(1)
-    return [(False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
 
 
 def test_the_runtime_serves_the_graphs_metadata_and_refuses_what_does_not_fit(mlserver):
@@ -83,19 +72,14 @@ def test_the_gateway_in_front_of_mlserver_decides_as_the_core(mlserver, mnist, m
     takes them so; the gateway found it from ``GET /v2``): decisions on 100 test digits equal the core's,
     with the served model on the rows as sent."""
     server, url = mlserver
-    proc, gateway = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", url, "--upstream-model", model)
     x = mnist.test.x[:100]
-    with proc, httpx.Client(base_url=gateway, timeout=60) as client:
-        answer = client.post("/classify", json={"inputs": x.tolist()})
-        assert answer.status_code == 200, answer.text
-        log = proc.log_text()
-    got = decisions(answer.json()["results"])
+    got, log = gateway_decisions(url, model, x)
+    served = None  # the bundle's classifier
     if model == "half":
         assert "input FP16 (input and outputs as JSON: MLServer has no binary data extension)" in log
         served = OnnxModel(server.half, [CPU])  # casts the rows to FP16, as the JSON numbers were
     else:
         assert "input FP32, any number of row(s) per call" in log
-        served = Defense(SHIPPED_MNIST, device="cpu").classifier
     assert got == core_decisions(x, served)
     assert sum(r for r, _ in got) < len(got)  # most clean digits are accepted and labelled
 

@@ -17,10 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.defense import Defense
 from service.defense.runtime import CPU, OnnxModel
 from tests import fakes
 from tests.conftest import SHIPPED_MNIST
+from tests.e2e.upstreams import core_decisions, gateway_decisions
 from tests.procs import REPO, TRITON_PYTHON, start_gateway, start_triton
 
 pytestmark = [
@@ -46,12 +46,6 @@ def triton(tmp_path_factory):
     proc.stop()
 
 
-def core_decisions(x, served_model):
-    verdict = Defense(SHIPPED_MNIST, device="cpu").inspect(x)
-    labels = served_model(verdict.reformed).argmax(1)
-    return [(False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
-
-
 def test_triton_itself_refuses_what_the_gateway_must_avoid(triton):
     """The server's own rules, which the gateway's discovery is there for: more rows than max_batch_size
     and FP16 as JSON numbers are refused; its metadata names it triton, with the binary data extension."""
@@ -74,18 +68,12 @@ def test_the_gateway_in_front_of_triton_decides_as_the_core(triton, mnist, model
     from its model config) and, for the half-precision model, FP16 as binary data both ways; decisions equal
     the core's with the served model on the rows as sent."""
     server, url = triton
-    proc, gateway = start_gateway("--bundle", str(SHIPPED_MNIST), "--upstream", url, "--upstream-model", model)
     x = mnist.test.x[:100]
-    with proc, httpx.Client(base_url=gateway, timeout=60) as client:
-        answer = client.post("/classify", json={"inputs": x.tolist()})
-        assert answer.status_code == 200, answer.text
-        log = proc.log_text()
-    got = [(r["rejected"], r["label"]) for r in answer.json()["results"]]
+    got, log = gateway_decisions(url, model, x)
+    served = None  # the bundle's classifier
     if model == "half":
         assert "input FP16 (input and outputs as binary data: FP16 is refused as JSON)" in log
         served = OnnxModel(server.half, [CPU])  # casts the rows to FP16, as they were sent
-    else:
-        served = Defense(SHIPPED_MNIST, device="cpu").classifier
     assert f"at most {MAX_BATCH} row(s) per call" in log
     assert got == core_decisions(x, served)
     assert sum(r for r, _ in got) < len(got)

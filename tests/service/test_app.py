@@ -12,14 +12,6 @@ from tests import fakes
 from tests.fakes import make_client
 
 
-@pytest.fixture
-def client(toy_bundle):
-    c, upstream = make_client(toy_bundle)
-    with c:
-        c.upstream = upstream
-        yield c
-
-
 JSON = {"Content-Type": "application/json"}
 
 

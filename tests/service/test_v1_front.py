@@ -14,14 +14,6 @@ from tests import fakes
 from tests.fakes import make_client
 
 
-@pytest.fixture
-def client(toy_bundle):
-    c, upstream = make_client(toy_bundle)
-    with c:
-        c.upstream = upstream
-        yield c
-
-
 def predict(client, body, model="toy"):
     return client.post(f"/v1/models/{model}:predict", json=body)
 

@@ -12,14 +12,6 @@ from tests import fakes
 from tests.fakes import make_client
 
 
-@pytest.fixture
-def client(toy_bundle):
-    c, upstream = make_client(toy_bundle)
-    with c:
-        c.upstream = upstream
-        yield c
-
-
 def tensor(x, name="input", datatype="FP32", shape=None, data=None):
     x = np.asarray(x)
     return {"name": name, "datatype": datatype, "shape": list(x.shape) if shape is None else shape,
