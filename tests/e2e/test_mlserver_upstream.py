@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from service.defense.runtime import CPU, OnnxModel
-from tests import fakes
 from tests.conftest import SHIPPED_MNIST
-from tests.e2e.upstreams import core_decisions, gateway_decisions
+from tests.e2e.upstreams import core_decisions, gateway_decisions, serve_mnist_and_half
 from tests.procs import MLSERVER, start_gateway, start_mlserver
 
 pytestmark = [
@@ -32,13 +31,7 @@ def mlserver(tmp_path_factory):
     """MLServer with two models: ``mnist`` (the shipped classifier) and ``half`` (it in half precision
     throughout: FP16 input, weights and output)."""
     folder = tmp_path_factory.mktemp("mlserver")
-    half = folder / "half.onnx"
-    fakes.in_half_precision(SHIPPED_MNIST / "classifier.onnx", half)
-    try:
-        proc, url = start_mlserver({"mnist": SHIPPED_MNIST / "classifier.onnx", "half": half}, folder / "repository")
-    except RuntimeError as e:  # the third-party server cannot run here (nothing of the gateway's is involved yet)
-        pytest.skip(f"MLServer did not start: {str(e)[-1500:]}")
-    proc.half = half
+    proc, url = serve_mnist_and_half(folder, lambda models: start_mlserver(models, folder / "repository"), "MLServer")
     yield proc, url
     proc.stop()
 

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from service.defense.runtime import CPU, OnnxModel
-from tests import fakes
 from tests.conftest import SHIPPED_MNIST
-from tests.e2e.upstreams import core_decisions, gateway_decisions
+from tests.e2e.upstreams import core_decisions, gateway_decisions, serve_mnist_and_half
 from tests.procs import REPO, TRITON_PYTHON, start_gateway, start_triton
 
 pytestmark = [
@@ -35,13 +34,8 @@ MAX_BATCH = 8
 def triton(tmp_path_factory):
     """Triton with ``mnist`` (the shipped classifier) and ``half`` (it in half precision throughout), each
     with ``max_batch_size`` 8."""
-    half = tmp_path_factory.mktemp("triton") / "half.onnx"
-    fakes.in_half_precision(SHIPPED_MNIST / "classifier.onnx", half)
-    try:
-        proc, url = start_triton({"mnist": SHIPPED_MNIST / "classifier.onnx", "half": half}, max_batch=MAX_BATCH)
-    except RuntimeError as e:  # the third-party server cannot run here (nothing of the gateway's is involved yet)
-        pytest.skip(f"Triton did not start in .venv-triton: {str(e)[-1500:]}")
-    proc.half = half
+    proc, url = serve_mnist_and_half(tmp_path_factory.mktemp("triton"),
+                                     lambda models: start_triton(models, max_batch=MAX_BATCH), "Triton (.venv-triton)")
     yield proc, url
     proc.stop()
 

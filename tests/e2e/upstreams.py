@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import httpx
 import numpy as np
+import pytest
 
 from service.defense import Defense
+from tests import fakes
 from tests.conftest import SHIPPED_MNIST
 from tests.procs import start_gateway
 
@@ -28,3 +33,17 @@ def core_decisions(x: np.ndarray, served_model=None) -> list[tuple[bool, int | N
     verdict = defense.inspect(x)
     labels = (served_model or defense.classifier)(verdict.reformed).argmax(1)
     return [(False, int(l)) if ok else (True, None) for ok, l in zip(verdict.accepted, labels)]
+
+
+def serve_mnist_and_half(folder: Path, start: Callable[[dict], tuple], server: str):
+    """``start({"mnist": the shipped classifier, "half": it in half precision throughout})``, the half
+    file written under ``folder`` (``proc.half``); (process, URL). The test skips, with the server's log,
+    when that third-party server cannot start (nothing of the gateway's is involved yet)."""
+    half = folder / "half.onnx"
+    fakes.in_half_precision(SHIPPED_MNIST / "classifier.onnx", half)
+    try:
+        proc, url = start({"mnist": SHIPPED_MNIST / "classifier.onnx", "half": half})
+    except RuntimeError as e:
+        pytest.skip(f"{server} did not start: {str(e)[-1500:]}")
+    proc.half = half
+    return proc, url
