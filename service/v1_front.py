@@ -8,7 +8,9 @@ JPEG>"}``. The answer, per input row and in input order:
 - ``predictions`` (``outputs`` for a columnar request): the classifier's probabilities, K numbers per row,
   **all 0.0** for a rejected row, as the v2 front answers; where the gateway returns no probabilities (a
   pool, by default) the label instead, **-1** for a rejected row;
-- ``labels``: the argmax, -1 for a rejected row; ``rejected``: booleans.
+- ``labels``: the argmax, -1 for a rejected row; ``rejected``: booleans;
+- with ``explain`` on, ``scores``: per detector, its score per row (-1 where it did not score the row),
+  and in shadow mode ``would_reject``.
 
 ``GET /v1/models/{name}`` answers readiness in both servers' forms: KServe's ``ready`` and TF Serving's
 ``model_version_status`` (503 while the upstream is not ready). ``GET /`` is KServe v1's liveness.
@@ -22,7 +24,8 @@ from fastapi.responses import Response
 
 from service.codecs import decode_v1_predict_request
 from service.dataplane import answer, defend, json_response
-from service.v2_front import REJECTED_LABEL, REJECTED_PROBABILITY, VERSION, _gateway_serving
+from service.v2_front import (REJECTED_LABEL, REJECTED_PROBABILITY, VERSION, _gateway_serving, detector_names,
+                               score_outputs)
 
 router = APIRouter(prefix="/v1")
 
@@ -55,4 +58,9 @@ async def predict(name: str, request: Request) -> Response:
         rows = labels.tolist()
     content = {"outputs" if columnar else "predictions": rows, "labels": labels.tolist(),
                "rejected": rejected.tolist()}
+    if gw.settings.explain:  # as the v2 front's scores_<detector>: -1 where a detector did not score the row
+        content["scores"] = {name[len("scores_"):]: values.tolist()
+                             for name, _, values in score_outputs(outcome, detector_names(gw))}
+        if outcome.shadow:
+            content["would_reject"] = outcome.verdict.rejected.tolist()
     return answer(request, defended, content)

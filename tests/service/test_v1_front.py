@@ -115,3 +115,16 @@ def test_api_keys_guard_predict_but_not_liveness(toy_bundle):
         r = c.post("/v1/models/toy:predict", json={"instances": fakes.images(0.5).tolist()},
                    headers={"X-API-Key": "0123456789abcdef0123"})
         assert r.status_code == 200
+
+
+def test_explain_adds_scores_and_shadow_would_reject(toy_bundle):
+    """With MAGNET_EXPLAIN, each detector's score per row, as the v2 front's scores_<detector>; in shadow mode
+    nothing is rejected and ``would_reject`` says what enforcing would have answered."""
+    c, _ = make_client(toy_bundle, explain=True, mode="shadow")
+    with c:
+        body = predict(c, {"instances": fakes.images(0.5, 0.0).tolist()}).json()
+    np.testing.assert_allclose(body["scores"]["R"], [0.0, 0.25], atol=1e-7)
+    assert body["rejected"] == [False, False] and body["would_reject"] == [False, True]
+    c, _ = make_client(toy_bundle)
+    with c:
+        assert set(predict(c, {"instances": fakes.images(0.5).tolist()}).json()) == {"predictions", "labels", "rejected"}
