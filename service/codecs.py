@@ -92,47 +92,48 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's RGB -> L
 
 
-def decode_image(text: object, index: int, spec: InputSpec) -> np.ndarray:
+def decode_image(text: object, index: int | str, spec: InputSpec) -> np.ndarray:
     """One base64 PNG or JPEG -> C x H x W float32 in [0, 1].
 
     The size in the file's header is checked before any pixel is decoded (an image of the wrong size,
     however large it claims to be, costs a header read). EXIF orientation is applied. 16-bit grey
     images are scaled by 1/65535. Images with an alpha channel: when their colour channels are uniform
     (a drawing that lives in the alpha channel alone), the alpha channel is the image; otherwise they are
-    composited over black, the background of MNIST and the convention of the shipped bundles.
+    composited over black, the background of MNIST and the convention of the shipped bundles. Errors name
+    the image ``images[index]``, or ``index`` itself when it is a string.
     """
     c, h, w = spec.shape
+    where = index if isinstance(index, str) else f"images[{index}]"
     if not isinstance(text, str):
-        raise BadInput(f"images[{index}] must be a base64 string")
+        raise BadInput(f"{where} must be a base64 string")
     if text.startswith("data:"):  # a data URL, as a browser's FileReader or canvas.toDataURL() gives
         head, comma, text = text.partition(",")
         if not comma or not head.endswith(";base64"):
-            raise BadInput(f"images[{index}] is a data URL without ';base64,'; expected "
+            raise BadInput(f"{where} is a data URL without ';base64,'; expected "
                            "data:image/png;base64,... or plain base64")
     try:
         blob = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise BadInput(f"images[{index}] is not valid base64")
+        raise BadInput(f"{where} is not valid base64")
     try:
         image = Image.open(io.BytesIO(blob))  # reads the header only
         if image.format not in IMAGE_FORMATS:
-            raise BadInput(f"images[{index}] is {image.format}; expected PNG or JPEG")
+            raise BadInput(f"{where} is {image.format}; expected PNG or JPEG")
         # wrong either way round: refused before getexif(), which decodes a PNG's pixel data to reach an
         # EXIF chunk stored after it (a header claiming 12000 x 12000 pixels would be decoded)
         if image.size not in ((w, h), (h, w)):
-            raise BadInput(f"images[{index}] is {image.size[0]}x{image.size[1]} pixels; expected {w}x{h}")
+            raise BadInput(f"{where} is {image.size[0]}x{image.size[1]} pixels; expected {w}x{h}")
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         width, height = image.size[::-1] if orientation in SWAPS_AXES else image.size
         if (width, height) != (w, h):
-            raise BadInput(f"images[{index}] is {width}x{height} pixels; expected {w}x{h}")
-        image = ImageOps.exif_transpose(image) if orientation != 1 else image
-        pixels = _pixels(image, c)
+            raise BadInput(f"{where} is {width}x{height} pixels; expected {w}x{h}")
+        pixels = pixels_as_served(image, c)  # getexif() is cached: the orientation is not read twice
     except BadInput:
         raise
     except Image.DecompressionBombError:
-        raise BadInput(f"images[{index}] claims more pixels than a decoder should read; expected {w}x{h}")
+        raise BadInput(f"{where} claims more pixels than a decoder should read; expected {w}x{h}")
     except Exception:  # noqa: BLE001 - truncated, corrupt, a decompression bomb: all the client's input
-        raise BadInput(f"images[{index}] could not be decoded as a PNG or JPEG image")
+        raise BadInput(f"{where} could not be decoded as a PNG or JPEG image")
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -368,10 +369,7 @@ def _v1_image(value: object, what: str, spec: InputSpec) -> np.ndarray:
     if isinstance(value, dict):
         if set(value) != {"b64"}:
             raise BadInput(f'{what} is an object; expected {{"b64": "<base64 PNG or JPEG>"}} or nested numbers')
-        try:
-            return decode_image(value["b64"], 0, spec)
-        except BadInput as e:  # its message names images[0]: name this one
-            raise BadInput(str(e).replace("images[0]", what)) from None
+        return decode_image(value["b64"], what, spec)
     array = as_numbers(value, what)
     if array.shape == (c, h, w):
         return array

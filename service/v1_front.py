@@ -18,14 +18,12 @@ JPEG>"}``. The answer, per input row and in input order:
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.codecs import decode_v1_predict_request
 from service.dataplane import answer, defend, json_response
-from service.v2_front import (REJECTED_LABEL, REJECTED_PROBABILITY, VERSION, _gateway_serving, detector_names,
-                               score_outputs)
+from service.v2_front import VERSION, _gateway_serving, detector_names, encode_outputs, score_outputs
 
 router = APIRouter(prefix="/v1")
 
@@ -50,14 +48,10 @@ async def predict(name: str, request: Request) -> Response:
     defended = await defend(request, lambda body, g: decode_v1_predict_request(
         body, g.defense.manifest.input, g.settings.max_batch))
     outcome, columnar = defended.outcome, defended.extra
-    rejected = outcome.rejected
-    labels = np.where(rejected, REJECTED_LABEL, outcome.probabilities.argmax(axis=1)).astype(np.int64)
-    if gw.probabilities:
-        rows = np.where(rejected[:, None], REJECTED_PROBABILITY, outcome.probabilities).tolist()
-    else:
-        rows = labels.tolist()
-    content = {"outputs" if columnar else "predictions": rows, "labels": labels.tolist(),
-               "rejected": rejected.tolist()}
+    # the v2 front's tensors: probabilities (when returned; 0.0 rows where rejected), label (-1), rejected
+    tensors = {name: values.tolist() for name, _, values in encode_outputs(outcome, gw.probabilities)}
+    content = {"outputs" if columnar else "predictions": tensors.get("probabilities", tensors["label"]),
+               "labels": tensors["label"], "rejected": tensors["rejected"]}
     if gw.settings.explain:  # as the v2 front's scores_<detector>: -1 where a detector did not score the row
         content["scores"] = {name[len("scores_"):]: values.tolist()
                              for name, _, values in score_outputs(outcome, detector_names(gw))}

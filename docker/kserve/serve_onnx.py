@@ -105,7 +105,6 @@ class OnnxModel(Model):
         return InferResponse(response_id=payload.id or generate_uuid(), model_name=self.name,
                              infer_outputs=outputs, use_binary_outputs=binary)
 
-
     async def _predict_v1(self, payload: Dict[str, Any]) -> Dict[str, Any]:
         """``{"instances": [row, ...]}`` -> ``{"predictions": [the first output's row, ...]}``."""
         instances = payload.get("instances")
